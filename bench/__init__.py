@@ -1,0 +1,1 @@
+"""The benchmarks every stage runs, with the same CLIs: throughput, serving, HF baseline."""

@@ -1,0 +1,45 @@
+"""The model's HF config, device and dtype, found exactly the way the engine finds them.
+
+The benchmarks need the config (for the vocabulary size, and to build the HF baseline) without
+building the engine, so they call the engine's own resolvers rather than keep a second copy.
+"""
+
+import torch
+from transformers import PretrainedConfig
+
+from serve.config import EngineConfig
+from serve.models.loader import load_config, resolve_model_path
+
+
+def resolve_config_path(model: str) -> str:
+    """A local dir as given, a shipped name ("qwen3-0.6b") to its .json, a hub id downloaded."""
+    return resolve_model_path(model)
+
+
+def load_hf_config(model: str) -> PretrainedConfig:
+    return load_config(resolve_config_path(model))
+
+
+def vocab_size_of(model: str) -> int:
+    # get_text_config() is the config itself for text-only models, the language part otherwise.
+    return load_hf_config(model).get_text_config().vocab_size
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means cuda when there is a GPU, else cpu."""
+    return str(EngineConfig(model="", device=device).torch_device())
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' means bf16 on a GPU and fp32 on a CPU."""
+    return EngineConfig(model="", dtype=dtype, device=device).torch_dtype()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a clock read after it measures the work, not the launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -1,0 +1,101 @@
+"""Result files: the environment every number was measured in, reading, writing and comparing."""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command in the repo, or None where it fails (no commits, no tag, no git)."""
+    try:
+        result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_info() -> dict:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    # A copy of the tree without .git (the GPU machine gets one) names its commit in the env.
+    return {
+        "git_commit": commit or os.environ.get("BENCH_GIT_COMMIT"),
+        "git_tag": _git("describe", "--tags", "--exact-match") or os.environ.get("BENCH_GIT_TAG"),
+        # Changes to tracked files only (like `git describe --dirty`): result files written into
+        # the tree must not mark the run as dirty. None when there is no commit to differ from.
+        "git_dirty": None if commit is None or status is None else bool(status),
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for a cuda device, the CPU model otherwise."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_name()
+
+
+def environment(device: str = "auto") -> dict:
+    """What a result was measured with. No hostname: result files are committed and shared."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        **git_info(),
+        "device": device,
+        "device_name": device_name(device),
+        "num_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # allow_nan=False: a NaN or inf slipping into a metric should fail here, not in a plot script
+    # that reads strict JSON later.
+    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+
+
+def read_result(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or None when either is missing or the denominator is 0."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def metric_ratio(result: dict, baseline: dict, metric: str = "output_tokens_per_s") -> float | None:
+    """How many times `baseline`'s value of a throughput metric (higher is better) `result` has."""
+    return ratio(result["metrics"].get(metric), baseline["metrics"].get(metric))
+
+
+def speedups(results: list[dict], metric: str = "output_tokens_per_s") -> list[float | None]:
+    """Each result's metric relative to the first one (a stage-by-stage plot's y values)."""
+    return [metric_ratio(result, results[0], metric) for result in results]

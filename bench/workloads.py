@@ -1,0 +1,103 @@
+"""Named benchmark workloads, and the deterministic random requests each one stands for."""
+
+import argparse
+import random
+from dataclasses import asdict, dataclass, replace
+
+from serve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How many requests, how long their prompts and outputs are, and how they sample."""
+
+    name: str
+    num_prompts: int
+    input_len: tuple[int, int]  # inclusive range of prompt lengths, in tokens
+    output_len: tuple[int, int]  # inclusive range of output lengths, in tokens
+    temperature: float = 0.6
+    ignore_eos: bool = True  # every request produces exactly its output length
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        for field_name in ("input_len", "output_len"):
+            low, high = getattr(self, field_name)
+            if not 1 <= low <= high:
+                raise ValueError(f"{field_name} must satisfy 1 <= low <= high, got {low}:{high}")
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest prompt plus the longest output: what max_model_len must hold."""
+        return self.input_len[1] + self.output_len[1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+WORKLOADS = {
+    # Small enough for the stage-0 engine (one request at a time) to finish in about three
+    # minutes: it decoded 27 tok/s at batch size 1 for a Qwen3-0.6B-shaped model in bf16 on an
+    # H100 (2026-11-25; per-token Python overhead, not the GPU, sets that pace), and this
+    # workload asks for 4847 output tokens (seed 0) ≈ 180 s. 64 prompts still leave a batching
+    # engine a batch worth having, and are exactly one HF static batch of 64 (no stragglers).
+    "course": Workload("course", num_prompts=64, input_len=(64, 256), output_len=(32, 128)),
+    # nano-vllm's bench.py workload, so our numbers can be set beside its published ones.
+    "nano-vllm": Workload("nano-vllm", num_prompts=256, input_len=(100, 1024),
+                          output_len=(100, 1024)),
+}
+
+
+def make_requests(workload: Workload, vocab_size: int) -> list[tuple[list[int], SamplingParams]]:
+    """Random prompts and their sampling params; the same workload always gives the same list."""
+    rng = random.Random(workload.seed)
+    requests = []
+    for _ in range(workload.num_prompts):
+        input_len = rng.randint(*workload.input_len)
+        output_len = rng.randint(*workload.output_len)
+        prompt = [rng.randrange(vocab_size) for _ in range(input_len)]
+        params = SamplingParams(temperature=workload.temperature, max_tokens=output_len,
+                                ignore_eos=workload.ignore_eos)
+        requests.append((prompt, params))
+    return requests
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B); a single 'N' means exactly N."""
+    low, _, high = text.partition(":")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        message = f"expected a length N or a range A:B, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """--workload NAME, or a custom workload; explicit flags override the named one's fields."""
+    group = parser.add_argument_group("workload")
+    group.add_argument("--workload", choices=sorted(WORKLOADS),
+                       help="a named workload (default: course when no custom lengths are given)")
+    group.add_argument("--num-prompts", type=int)
+    group.add_argument("--input-len", type=parse_range, metavar="A:B")
+    group.add_argument("--output-len", type=parse_range, metavar="C:D")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", default=None,
+                       help="let requests stop at EOS (then output lengths are upper bounds)")
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    overrides = {
+        "num_prompts": args.num_prompts, "input_len": args.input_len,
+        "output_len": args.output_len, "temperature": args.temperature, "seed": args.seed,
+        "ignore_eos": args.ignore_eos,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    named = WORKLOADS[args.workload or "course"]
+    workload = replace(named, **overrides)
+    # A named workload with any field changed is no longer that workload: don't let its results
+    # be plotted beside the real one under the same name.
+    if workload != named:
+        workload = replace(workload, name="custom")
+    return workload

@@ -1,0 +1,5 @@
+"""`python -m serve`: the OpenAI-compatible server."""
+
+from serve.server.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""Incremental detokenization: turn one more token id into the text it adds."""
+
+from transformers import PreTrainedTokenizerBase
+
+CONTEXT_TOKENS = 5  # prompt tokens decoded alongside, so a word's leading space comes out right
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token list without re-decoding all of it every step.
+
+    A token can end in the middle of a UTF-8 character, and some tokenizers change how a token
+    reads depending on what comes before it. So we decode a short window twice (with and without
+    the newest tokens) and emit the difference, holding text back while it ends in a broken
+    character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0  # start of the decoding window
+        self.read_offset = len(self.token_ids)  # tokens before this are already emitted
+
+    def add(self, token_id: int) -> str:
+        """Append one token and return the text that is now final."""
+        self.token_ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.token_ids[self.prefix_offset : self.read_offset],
+                        skip_special_tokens=True)
+        full = decode(self.token_ids[self.prefix_offset :], skip_special_tokens=True)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""  # an unfinished character, or a token with no text (a special token)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return full[len(prefix) :]

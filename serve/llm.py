@@ -1,0 +1,65 @@
+"""The offline API: `LLM(model=...).generate(prompts, params)`, stable across every stage."""
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from serve.config import EngineConfig
+from serve.engine.llm_engine import LLMEngine
+from serve.engine.request import RequestOutput
+from serve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate for a list of prompts in one call; the results come back in the prompts' order."""
+
+    def __init__(self, model: str, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # --8<-- [start:generate]
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+
+        order: dict[str, int] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, prompt, params)
+            order[request_id] = i
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc="generate", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[order[output.request_id]] = output
+                        bar.update(1)
+        return results
+    # --8<-- [end:generate]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or a list of them, as a list."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]
+    return prompts

@@ -1,0 +1,137 @@
+"""The Llama decoder: embeddings, N x (attention + SwiGLU MLP), a final norm and the LM head.
+
+Qwen2 and Qwen3 are the same network with two switches (qkv bias, q/k norm); their files subclass
+this one. Module names follow the Hugging Face checkpoints so weights load by name.
+"""
+
+import torch
+from torch import nn
+
+from serve.layers.activation import silu_and_mul
+from serve.layers.attention import Attention, AttentionMetadata
+from serve.layers.linear import MergedLinear
+from serve.layers.norm import RMSNorm
+from serve.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+# --8<-- [start:llama_attention]
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config, layer_idx: int, rotary: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias
+        )
+        o_bias = getattr(config, "attention_bias", False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        if qk_norm:  # Qwen3 normalizes each head of q and k before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(out.flatten(1))
+# --8<-- [end:llama_attention]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        size, bias = config.intermediate_size, getattr(config, "mlp_bias", False)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+# --8<-- [start:decoder_layer]
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding, **attn_switches) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary, **attn_switches)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pre-norm: the residual stream is carried alongside and added inside the next norm.
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
+# --8<-- [end:decoder_layer]
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, **attn_switches) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(
+            head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary, **attn_switches)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm.add_and_norm(x, residual)
+        return x  # [num_tokens, hidden_size]
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias_default = False  # Llama's q/k/v carry a bias only if the config says so
+    qk_norm = False
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        qkv_bias = getattr(config, "attention_bias", False) or self.qkv_bias_default
+        self.model = LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # small models reuse the embedding matrix as the head
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [num_rows, vocab_size], float32 for sampling
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

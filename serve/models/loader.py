@@ -1,0 +1,138 @@
+"""Find a model (local dir, shipped config, or hub id), build our module, and fill its weights."""
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig
+
+from serve.layers.linear import MergedLinear
+from serve.models import model_class_for
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+
+# checkpoint name -> (our merged module, the part it fills)
+MERGED_PARTS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as is; a shipped config name to its JSON; otherwise a hub download."""
+    if os.path.isdir(model):
+        return model
+    shipped = SHIPPED_CONFIGS / f"{model}.json"
+    if shipped.exists():
+        return str(shipped)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        )
+    except Exception as exc:
+        raise ValueError(
+            f"cannot find model {model!r}: not a local directory, not a shipped config "
+            f"({', '.join(shipped_config_names())}), and the hub download failed: {exc}"
+        ) from exc
+
+
+def load_config(path: str):
+    """The HF config of a model directory or of a shipped config file."""
+    return AutoConfig.from_pretrained(path)
+
+
+def build_model(
+    config, path: str, load_format: str, dtype: torch.dtype, device: torch.device, seed: int
+) -> nn.Module:
+    """Construct the module directly on the device in the target dtype, then load or randomize."""
+    if load_format == "auto":
+        load_format = "dummy" if path.endswith(".json") else "safetensors"
+    if load_format == "safetensors" and path.endswith(".json"):
+        raise ValueError(f"{path} is a shipped config without weights: use --load-format dummy")
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class_for(config)(config)
+    finally:
+        torch.set_default_dtype(old_dtype)
+    if load_format == "dummy":
+        fill_random_weights(model, seed)
+    elif load_format == "safetensors":
+        load_safetensors(model, path)
+    else:
+        raise ValueError(f"unknown load format {load_format!r} (auto, safetensors, dummy)")
+    return model.eval()
+
+
+def fill_random_weights(model: nn.Module, seed: int) -> None:
+    """Random weights for benchmarks: real shapes and dtype, values that stay finite."""
+    device = next(model.parameters()).device
+    # Drawn on the device itself: an 8B model's worth of CPU random numbers takes minutes.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0, 0.02, generator=generator)
+
+
+def load_safetensors(model: nn.Module, path: str) -> None:
+    """Copy each checkpoint tensor into its parameter; q/k/v and gate/up go into merged weights."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    loaded: set[str] = set()
+    tied = _tied_names(model)
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name not in tied:  # a tied head is the embedding, already loaded
+                        loaded.add(_load_one(name, f.get_tensor(name), params, modules))
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint in {path} lacks weights for: {sorted(missing)[:5]} ...")
+
+
+def _load_one(name: str, tensor: torch.Tensor, params: dict, modules: dict) -> str:
+    """Load one checkpoint tensor; return the name of the parameter it went into."""
+    module_path, leaf = name.rsplit(".", 1)  # e.g. model.layers.0.self_attn.q_proj, weight
+    parent, child = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
+    if child in MERGED_PARTS:
+        merged_name, part = MERGED_PARTS[child]
+        target = f"{parent}.{merged_name}.{leaf}"
+        merged: MergedLinear = modules[f"{parent}.{merged_name}"]
+        merged.load_part(params[target], tensor, part)
+        return target  # the merged weight counts as loaded once any part arrives
+    if name not in params:
+        if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store RoPE tables
+            return name
+        raise ValueError(f"unexpected weight {name!r} in checkpoint")
+    params[name].copy_(tensor)
+    return name
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied LM head)."""
+    seen, tied = {}, set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen[id(param)] = name
+    return tied

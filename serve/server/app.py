@@ -1,0 +1,111 @@
+"""The OpenAI-compatible HTTP API: a FastAPI app around one AsyncEngine."""
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+
+from serve.engine.async_engine import AsyncEngine
+from serve.engine.errors import EngineDeadError
+from serve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from serve.server.serving_chat import create_chat_completion
+from serve.server.serving_completions import create_completion
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError"}
+
+
+def error_response(status_code: int, info: ErrorInfo) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=info).model_dump(mode="json"), status_code=status_code)
+
+
+# --8<-- [start:build_app]
+def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
+    """The app serving `engine` under `model_name` (default: the engine's model name).
+
+    The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
+    without its lifespan (an in-process test client) needs `engine.start()` first.
+    """
+    served_name = model_name or engine.model_name
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="nanoserve", lifespan=lifespan)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_healthy else 503)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        card = ModelCard(id=served_name, created=created, max_model_len=engine.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        return await create_completion(request, raw_request, engine, served_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await create_chat_completion(request, raw_request, engine, served_name)
+
+    return app
+
+
+# --8<-- [end:build_app]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return error_response(error.status_code, error.info)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422; OpenAI answers 400 and names the offending field in `param`.
+        first = error.errors()[0]
+        location = [str(part) for part in first.get("loc", ())]
+        names_a_field = len(location) > 1 and first["type"] != "json_invalid"
+        param = location[1] if names_a_field and location[0] == "body" else None
+        message = f"{param}: {first['msg']}" if param else f"request body: {first['msg']}"
+        info = ErrorInfo(message=message, type="BadRequestError", param=param, code="invalid_value")
+        return error_response(400, info)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        error_type = _ERROR_TYPES.get(error.status_code, "APIError")
+        info = ErrorInfo(message=str(error.detail), type=error_type)
+        return error_response(error.status_code, info)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, error: EngineDeadError) -> JSONResponse:
+        return error_response(503, ErrorInfo(message=str(error), type="ServiceUnavailableError"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        # Starlette re-raises the error after this answer, so uvicorn logs its traceback.
+        info = ErrorInfo(message=f"{type(error).__name__}: {error}", type="InternalServerError")
+        return error_response(500, info)

@@ -1,0 +1,156 @@
+"""What both endpoints do with the engine: submit prompts, gather their outputs, frame SSE."""
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import TypeVar
+
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import StreamingResponse
+
+from serve.engine.async_engine import AsyncEngine
+from serve.engine.errors import PromptTooLongError
+from serve.engine.request import RequestOutput
+from serve.sampling_params import SamplingParams
+from serve.server.protocol import APIError, Usage
+
+T = TypeVar("T")
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_event(payload: BaseModel) -> str:
+    """One server-sent event, the framing OpenAI's streaming clients read."""
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def usage_of(outputs: list[RequestOutput]) -> Usage:
+    prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
+    completion_tokens = sum(len(output.token_ids) for output in outputs)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+# --8<-- [start:generation]
+class Generation:
+    """The engine streams behind one HTTP request, one per prompt.
+
+    Whoever starts a Generation closes it; closing aborts every prompt still generating, so a
+    client that goes away stops costing GPU time however far its request had got.
+    """
+
+    def __init__(
+        self, generators: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+    ) -> None:
+        self._generators = generators
+        self._firsts = firsts
+        self._pumps: list[asyncio.Task] = []
+
+    @classmethod
+    async def start(
+        cls,
+        engine: AsyncEngine,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        request_id: str,
+        prompt_field: str,
+    ) -> "Generation":
+        """Submit every prompt and wait for each one's first output.
+
+        Waiting for the first output is what lets a prompt the engine refuses (too long, empty)
+        fail the whole HTTP request with a 400 before a single byte of a stream has been sent.
+        """
+        generators = [
+            engine.generate(prompt, params, f"{request_id}-{i}") for i, prompt in enumerate(prompts)
+        ]
+        firsts = await asyncio.gather(*(anext(g) for g in generators), return_exceptions=True)
+        error = next((first for first in firsts if isinstance(first, BaseException)), None)
+        if error is None:
+            return cls(generators, firsts)
+        await cls(generators, []).close()  # abort the prompts the engine did accept
+        if isinstance(error, PromptTooLongError):
+            raise APIError(str(error), param=prompt_field, code="context_length_exceeded")
+        if isinstance(error, ValueError):
+            raise APIError(str(error), param=prompt_field)
+        raise error
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as each step produces them, the prompts interleaved."""
+        queue: asyncio.Queue = asyncio.Queue()
+        finished = object()
+
+        async def pump(index: int, generator: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for output in generator:
+                    queue.put_nowait((index, output))
+            except Exception as error:
+                queue.put_nowait((index, error))
+            queue.put_nowait((index, finished))
+
+        for index, first in enumerate(self._firsts):
+            yield index, first
+            if not first.finished:
+                generator = self._generators[index]
+                self._pumps.append(asyncio.create_task(pump(index, generator)))
+        remaining = len(self._pumps)
+        while remaining:
+            index, item = await queue.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+
+    async def final_outputs(self) -> list[RequestOutput]:
+        """Run every prompt to the end; each one's last output, in prompt order."""
+        final = {index: output async for index, output in self.outputs()}
+        return [final[i] for i in range(len(self._firsts))]
+
+    async def close(self) -> None:
+        """Abort whatever is still generating. Safe to call twice, and whether or not
+        outputs() ever ran."""
+        for pump in self._pumps:
+            pump.cancel()  # cancelling a pump closes its engine generator, which aborts
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for generator in self._generators:
+            await generator.aclose()  # the ones no pump had started
+
+
+# --8<-- [end:generation]
+
+
+def sse_response(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
+    # If the client hangs up before the first event, Starlette never starts `events`, so its
+    # own cleanup would not run; the background task still does (it runs after a disconnect).
+    return StreamingResponse(
+        events, media_type="text/event-stream", background=BackgroundTask(generation.close)
+    )
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but give up as soon as the client disconnects.
+
+    Without this, a client that times out on a long non-streamed request would leave the engine
+    generating its whole answer for nobody.
+    """
+
+    async def wait_for_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task = asyncio.ensure_future(work)
+    listener = asyncio.create_task(wait_for_disconnect())
+    try:
+        await asyncio.wait({work_task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not work_task.done():
+            work_task.cancel()
+        await asyncio.gather(listener, work_task, return_exceptions=True)
+    if work_task.cancelled():
+        raise ClientDisconnect()
+    return work_task.result()

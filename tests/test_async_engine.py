@@ -1,0 +1,189 @@
+"""AsyncEngine: one engine thread serving many asyncio callers, and every way a request can end.
+
+The engine is the real one on the tiny random Qwen3 from conftest.py (float32, CPU).
+"""
+
+import asyncio
+import threading
+import time
+from contextlib import aclosing
+
+import pytest
+
+from serve.config import EngineConfig
+from serve.engine.async_engine import AsyncEngine
+from serve.engine.errors import EngineDeadError, PromptTooLongError
+from serve.engine.llm_engine import LLMEngine
+from serve.sampling_params import SamplingParams
+
+MAX_MODEL_LEN = 64
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture
+def engine(qwen3_dir):
+    config = EngineConfig(
+        model=str(qwen3_dir), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN
+    )
+    engine = AsyncEngine(LLMEngine(config))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def slow_down_and_record_aborts(engine: AsyncEngine, monkeypatch) -> list[str]:
+    """Make each step take 10 ms, so a 50-token request cannot finish before the test acts."""
+    aborted: list[str] = []
+    step, abort_request = engine.engine.step, engine.engine.abort_request
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    def recording_abort(request_id: str) -> None:
+        aborted.append(request_id)
+        abort_request(request_id)
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    monkeypatch.setattr(engine.engine, "abort_request", recording_abort)
+    return aborted
+
+
+async def run_to_end(engine: AsyncEngine, prompt, params, request_id: str) -> list:
+    return [output async for output in engine.generate(prompt, params, request_id)]
+
+
+async def wait_until_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine still has unfinished requests"
+        await asyncio.sleep(0.01)
+
+
+def test_outputs_stream_until_finished(engine):
+    outputs = asyncio.run(run_to_end(engine, "def main():", GREEDY, "a"))
+    assert [o.finished for o in outputs] == [False] * 7 + [True]
+    assert "".join(o.new_text for o in outputs) == outputs[-1].text
+    assert outputs[-1].finish_reason == "length" and len(outputs[-1].token_ids) == 8
+
+
+def test_concurrent_requests_each_get_their_own_outputs(engine):
+    async def both():
+        alone = await run_to_end(engine, "import os", GREEDY, "alone")
+        together = await asyncio.gather(
+            run_to_end(engine, "import os", GREEDY, "x"),
+            run_to_end(engine, "class A:", GREEDY, "y"),
+        )
+        return alone, together
+
+    alone, (x, y) = asyncio.run(both())
+    assert {o.request_id for o in x} == {"x"} and {o.request_id for o in y} == {"y"}
+    assert x[-1].token_ids == alone[-1].token_ids
+
+
+def test_refused_prompts_raise_before_any_output(engine):
+    async def first_output(prompt, params, request_id):
+        return await anext(engine.generate(prompt, params, request_id))
+
+    with pytest.raises(PromptTooLongError) as too_long:
+        asyncio.run(first_output([1] * 60, SamplingParams(max_tokens=10), "long"))
+    assert too_long.value.num_prompt_tokens == 60 and too_long.value.max_model_len == 64
+    with pytest.raises(ValueError):
+        asyncio.run(first_output([], GREEDY, "empty"))
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_running_request_id_cannot_be_reused(engine):
+    async def twice():
+        first = engine.generate("x", SamplingParams(max_tokens=40, ignore_eos=True), "same")
+        await anext(first)
+        with pytest.raises(ValueError, match="already running"):
+            await anext(engine.generate("y", GREEDY, "same"))
+        await first.aclose()
+
+    asyncio.run(twice())
+
+
+def test_closing_the_generator_aborts_the_request(engine, monkeypatch):
+    aborted = slow_down_and_record_aborts(engine, monkeypatch)
+
+    async def read_two_then_leave():
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        async with aclosing(engine.generate("for i in", params, "leaver")) as outputs:
+            async for output in outputs:
+                if len(output.token_ids) == 2:
+                    break
+        await wait_until_idle(engine)
+
+    asyncio.run(read_two_then_leave())
+    assert aborted == ["leaver"]
+
+
+def test_cancelling_the_consumer_aborts_the_request(engine, monkeypatch):
+    aborted = slow_down_and_record_aborts(engine, monkeypatch)
+
+    async def cancel_mid_stream():
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate("while", params, "cancelled"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()  # what a client disconnect does to the HTTP handler
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until_idle(engine)
+
+    asyncio.run(cancel_mid_stream())
+    assert aborted == ["cancelled"]
+
+
+def test_an_idle_loop_sleeps(engine, monkeypatch):
+    calls = []
+    step = engine.engine.step
+    monkeypatch.setattr(engine.engine, "step", lambda: calls.append(1) or step())
+    time.sleep(0.2)
+    assert calls == []  # no request, no step: the thread waits on its condition
+    asyncio.run(run_to_end(engine, "x", GREEDY, "wake"))
+    assert len(calls) == 8
+
+
+def test_a_failing_step_fails_every_request_and_the_engine(engine, monkeypatch):
+    entered = threading.Event()
+
+    def broken_step():
+        entered.wait(timeout=5)  # fail only once both requests are in
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(engine.engine, "step", broken_step)
+
+    async def two_requests():
+        tasks = [asyncio.create_task(run_to_end(engine, p, GREEDY, p)) for p in ("a", "b")]
+        await asyncio.sleep(0.1)
+        entered.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(asyncio.wait_for(two_requests(), timeout=10))
+    assert all(isinstance(r, EngineDeadError) for r in results)
+    assert isinstance(results[0].__cause__, RuntimeError)
+    assert not engine.is_healthy
+    with pytest.raises(EngineDeadError):
+        asyncio.run(run_to_end(engine, "c", GREEDY, "c"))
+
+
+def test_shutdown_fails_requests_in_flight(engine, monkeypatch):
+    slow_down_and_record_aborts(engine, monkeypatch)
+
+    async def shut_down_mid_stream():
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        outputs = engine.generate("def", params, "orphan")
+        await anext(outputs)
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineDeadError):
+            async for _ in outputs:
+                pass
+
+    asyncio.run(asyncio.wait_for(shut_down_mid_stream(), timeout=10))

@@ -1,0 +1,155 @@
+"""Sampling rules: seeds, top-k/top-p/min-p, and every way a request stops."""
+
+import pytest
+import torch
+
+from serve import LLM, SamplingParams
+from serve.engine.sampler import Sampler
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_dir):
+    return LLM(qwen3_dir, device="cpu", dtype="float32")
+
+
+def generate_one(llm, prompt, **params):
+    return llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0]
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ(llm):
+    params = dict(temperature=1.0, max_tokens=24, ignore_eos=True)
+    first = generate_one(llm, "def main():", seed=7, **params)
+    again = generate_one(llm, "def main():", seed=7, **params)
+    other = generate_one(llm, "def main():", seed=8, **params)
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def test_seeded_request_ignores_what_ran_before(llm):
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(["import os"], params, use_tqdm=False)[0]
+    unseeded = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)
+    llm.generate(["x = 1", "y = 2"], unseeded, use_tqdm=False)  # moves the shared generator
+    after = llm.generate(["import os"], params, use_tqdm=False)[0]
+    assert alone.token_ids == after.token_ids
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llm):
+    greedy = generate_one(llm, "class A:", temperature=0, max_tokens=16, ignore_eos=True)
+    top_k = generate_one(
+        llm, "class A:", temperature=1.5, top_k=1, max_tokens=16, ignore_eos=True, seed=1
+    )
+    top_p = generate_one(
+        llm, "class A:", temperature=1.5, top_p=1e-6, max_tokens=16, ignore_eos=True, seed=2
+    )
+    assert greedy.token_ids == top_k.token_ids == top_p.token_ids
+
+
+def sample_support(logits: list[float], draws: int = 400, **params) -> set[int]:
+    """Which token ids the sampler ever picks for fixed logits."""
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    rows = torch.tensor([logits] * draws)
+    ps = [SamplingParams(temperature=1.0, **params) for _ in range(draws)]
+    gens = [sampler.new_generator(p) for p in ps]
+    return set(sampler(rows, ps, gens).tolist())
+
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
+
+
+@pytest.mark.parametrize(
+    ("params", "support"),
+    [
+        ({}, {0, 1, 2, 3}),
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.7}, {0, 1}),  # 0.5 alone is short of 0.7; 0.5 + 0.3 covers it
+        ({"top_p": 0.85}, {0, 1, 2}),
+        ({"min_p": 0.2}, {0, 1, 2}),  # keeps p >= 0.2 * 0.5 = 0.1
+        ({"min_p": 0.7}, {0}),
+    ],
+)
+def test_filters_keep_exactly_the_allowed_tokens(params, support):
+    assert sample_support(PROBS, **params) == support
+
+
+def test_max_tokens_ends_with_length(llm):
+    out = generate_one(llm, "for i in", temperature=0, max_tokens=7, ignore_eos=True)
+    assert len(out.token_ids) == 7
+    assert out.finish_reason == "length"
+
+
+def test_stop_string_is_cut_from_the_text(llm):
+    full = generate_one(llm, "def f(x):", temperature=0, max_tokens=40, ignore_eos=True)
+    text = full.text
+    assert len(text) > 12, "the tiny model should produce some text"
+    stop = text[8:11]
+    first = text.find(stop)
+    out = generate_one(
+        llm,
+        "def f(x):",
+        temperature=0,
+        max_tokens=40,
+        ignore_eos=True,
+        stop=["never-appears", stop],
+    )
+    assert out.finish_reason == "stop"
+    assert out.text == text[:first]
+    assert stop not in out.text
+
+
+def test_streamed_text_never_shows_a_stop_string(llm):
+    full = generate_one(llm, "while True:", temperature=0, max_tokens=40, ignore_eos=True)
+    stop = full.text[10:14]
+    engine = llm.engine
+    engine.add_request(
+        "s",
+        "while True:",
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]),
+    )
+    pieces, last = [], None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            pieces.append(output.new_text)
+            last = output
+    assert "".join(pieces) == last.text == full.text[: full.text.find(stop)]
+
+
+def test_stop_token_id_ends_the_request(llm):
+    full = generate_one(llm, "if x:", temperature=0, max_tokens=20, ignore_eos=True)
+    stop_id = full.token_ids[4]
+    first = full.token_ids.index(stop_id)
+    out = generate_one(llm, "if x:", temperature=0, max_tokens=20, stop_token_ids=[stop_id])
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(llm):
+    full = generate_one(llm, "return", temperature=0, max_tokens=12, ignore_eos=True)
+    eos = full.token_ids[3]
+    first = full.token_ids.index(eos)
+    processor = llm.engine.output_processor
+    saved, processor.eos_ids = processor.eos_ids, {eos}  # pretend this token is the model's EOS
+    try:
+        stopped = generate_one(llm, "return", temperature=0, max_tokens=12)
+        ignored = generate_one(llm, "return", temperature=0, max_tokens=12, ignore_eos=True)
+    finally:
+        processor.eos_ids = saved
+    assert stopped.token_ids == full.token_ids[: first + 1]
+    assert stopped.finish_reason == "stop"
+    assert ignored.token_ids == full.token_ids and ignored.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -2},
+        {"min_p": 1.5},
+        {"max_tokens": 0},
+        {"stop": [""]},
+    ],
+)
+def test_bad_params_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
