@@ -10,7 +10,7 @@ DOCS_PORT ?= 8001
 export NO_MKDOCS_2_WARNING := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-model serve test lint docs tags
+.PHONY: help venv demo-model serve test lint docs tags bench-stages
 
 help:
 	@echo "make venv        create .venv and install nanoserve with its dev tools"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint        ruff check"
 	@echo "make docs        preview the course site on 127.0.0.1:$(DOCS_PORT)"
 	@echo "make tags        tag every commit that carries a 'Milestone: vX.Y-name' trailer"
+	@echo "make bench-stages  run every stage's own code on the course workload (a GPU)"
 
 venv: .venv/.installed
 
@@ -56,3 +57,7 @@ docs: venv
 
 tags:
 	bash bench/make_tags.sh
+
+# Every milestone tag's own code on the same workload, then the stage table and plot.
+bench-stages: venv
+	$(PY) -m bench.stages

@@ -43,3 +43,24 @@ def synchronize() -> None:
     """Wait for queued GPU work, so a clock read after it measures the work, not the launch."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def parse_engine_args(pairs: list[str]) -> dict:
+    """`--engine-arg KEY=VALUE` flags as LLM(...) keyword arguments (numbers become numbers).
+
+    They carry a later stage's own settings (max_batch_size=128) through a CLI that every
+    stage shares."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--engine-arg wants KEY=VALUE, got {pair!r}")
+        for convert in (int, float):
+            try:
+                parsed[key] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            parsed[key] = value
+    return parsed

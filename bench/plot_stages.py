@@ -41,11 +41,14 @@ def write_table(rows: list[tuple[str, dict, dict | None]]) -> None:
         previous = tok_s
     device = rows[0][1]["env"]["device_name"] if rows else "?"
     workload = rows[0][1]["workload"] if rows else {}
+    engine = rows[0][1]["engine_args"] if rows else {}
     lines.append("")
     lines.append(f"Measured on {device}; workload `{workload.get('name')}`: "
                  f"{workload.get('num_prompts')} requests, prompts of "
                  f"{workload.get('input_len')} tokens, outputs of {workload.get('output_len')} "
-                 "tokens, temperature 0.6, ignore_eos; Qwen3-0.6B shape, random bf16 weights.")
+                 f"tokens, temperature {workload.get('temperature')}, ignore_eos; model "
+                 f"`{engine.get('model')}` ({engine.get('load_format')} weights, "
+                 f"{engine.get('resolved_dtype')}).")
     TABLE.write_text("\n".join(lines) + "\n")
 
 

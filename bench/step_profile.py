@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.model_config import synchronize
+from bench.model_config import parse_engine_args, synchronize
 from bench.results import environment, write_result
 from serve import LLM, SamplingParams
 from serve.models.llama import head_dim_of
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
-    extra = dict(kv.split("=", 1) for kv in args.engine_arg)
-    extra = {k: int(v) if v.isdigit() else v for k, v in extra.items()}
+    extra = parse_engine_args(args.engine_arg)
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.max_model_len, **extra)
     runner = llm.engine.runner

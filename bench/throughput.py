@@ -12,7 +12,14 @@ import time
 import torch
 
 from bench.hf_baseline import Requests, benchmark_hf
-from bench.model_config import dtype_name, resolve_device, resolve_dtype, synchronize, vocab_size_of
+from bench.model_config import (
+    dtype_name,
+    parse_engine_args,
+    resolve_device,
+    resolve_dtype,
+    synchronize,
+    vocab_size_of,
+)
 from bench.results import environment, ratio, write_result
 from bench.workloads import add_workload_args, make_requests, workload_from_args
 from serve import LLM, RequestOutput, SamplingParams
@@ -107,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time transformers' generate on the same requests")
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an LLM(...) argument of a later stage, e.g. max_batch_size=128")
     parser.add_argument("--out", help="write the result JSON here")
     add_workload_args(parser)
     return parser.parse_args(argv)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     engine_args = {"model": args.model, "dtype": args.dtype, "device": args.device,
                    "load_format": args.load_format, "max_model_len": args.max_model_len,
-                   "seed": workload.seed}
+                   "seed": workload.seed, **parse_engine_args(args.engine_arg)}
     llm = LLM(**engine_args)
     metrics = benchmark_engine(llm, requests, args.warmup)
     # Free the engine before the baseline: later stages reserve most of the GPU for KV cache.

@@ -16,6 +16,14 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the config's max_position_embeddings
     seed: int = 0  # seeds random weights and requests that bring no seed of their own
     tokenizer: str | None = None  # defaults to the model's directory
+    max_batch_size: int = 64  # requests that prefill and decode together (stage 1)
+    batch_wait_ms: float = 0.0  # how long a batch waits to fill up before it starts
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

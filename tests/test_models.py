@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM
 from serve import LLM, SamplingParams
 from serve.config import EngineConfig
 from serve.engine.model_runner import ModelRunner
+from serve.engine.request import Request
+from serve.engine.static_batch import StaticBatch
 from serve.models import model_class_for
 from serve.models.loader import load_config
 
@@ -20,22 +22,37 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
 
+def teacher_forced_logits(runner: ModelRunner, prompts: list[list[int]], follow: list[list[int]]):
+    """Prefill the prompts as one left-padded batch, then feed each row its `follow` tokens one
+    decode step at a time; returns each row's logits at every step: [rows, steps, vocab]."""
+    requests = [Request(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
+    max_len = max(len(p) for p in prompts) + len(follow[0])
+    cache = runner.allocate_kv_cache(len(prompts), max_len)
+    batch = StaticBatch(requests, cache, [], max_len, runner.device)
+    steps = [runner.forward(batch)]
+    for step in range(len(follow[0])):
+        for request, tokens in zip(requests, follow, strict=True):
+            request.output_token_ids.append(tokens[step])
+        steps.append(runner.forward(batch))
+    return torch.stack(steps, dim=1)
+
+
 def test_logits_match_transformers_prefill_and_decode(model_dir):
     reference = hf_model(model_dir)
     runner = ModelRunner(EngineConfig(model_dir, device="cpu", dtype="float32"),
                          load_config(model_dir), model_dir)
-    ids = random_prompt(reference.config.vocab_size, 48, seed=1)
-    with torch.no_grad():
-        expected = reference(torch.tensor([ids])).logits[0]  # [48, vocab]
-
-    # Prefill the first 32 tokens, then feed the rest one at a time through the KV cache.
-    cache = runner.allocate_kv_cache(len(ids))
-    got = [runner.forward(ids[:32], 0, cache)[0]]
-    for pos in range(32, len(ids)):
-        got.append(runner.forward([ids[pos]], pos, cache)[0])
-    got = torch.stack(got)
-    want = expected[31:]
-    assert (got - want).abs().max().item() <= 1e-4
+    vocab = reference.config.vocab_size
+    # Two rows of different lengths: the shorter one is left-padded in the batch.
+    full = [random_prompt(vocab, 48, seed=1), random_prompt(vocab, 30, seed=2)]
+    num_decode = 16
+    prompts = [ids[:-num_decode] for ids in full]
+    follow = [ids[-num_decode:] for ids in full]
+    got = teacher_forced_logits(runner, prompts, follow)  # [2, 17, vocab]
+    for row, ids in enumerate(full):
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0]  # [len, vocab]
+        want = expected[len(prompts[row]) - 1 : -1]  # the logits after each fed token
+        assert (got[row, :-1] - want).abs().max().item() <= 1e-4
 
 
 def test_greedy_generation_matches_transformers(model_dir):

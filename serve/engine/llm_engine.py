@@ -1,26 +1,28 @@
-"""Stage 0's engine: one request at a time, from prefill to its last token, then the next.
+"""Stage 1's engine: static batching. A batch of requests runs from prefill to its last token,
+then the next batch starts.
 
 `step()` is the engine's whole interface: each call runs one forward pass and reports what it
-produced. Every later stage keeps this interface and changes what one step does.
+produced. Every stage keeps this interface and changes what one step does.
 """
 
 import logging
-from collections import deque
-
-import torch
+import time
 
 from serve.config import EngineConfig
 from serve.engine.errors import PromptTooLongError
-from serve.engine.kv_cache import ContiguousKVCache
 from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
-from serve.engine.request import Request, RequestOutput, RequestStatus
+from serve.engine.request import Request, RequestOutput
 from serve.engine.sampler import Sampler
+from serve.engine.scheduler import Scheduler
+from serve.engine.static_batch import BatchStats, StaticBatch
 from serve.engine.tokenizer import eos_token_ids, load_tokenizer
 from serve.models.loader import load_config, resolve_model_path
 from serve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+MAX_IDLE_WAIT_S = 0.001  # while a batch fills up, return to the caller this often to take requests
 
 
 class LLMEngine:
@@ -35,10 +37,9 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, config.seed)
         eos_ids = eos_token_ids(self.hf_config, path, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
-        self.waiting: deque[Request] = deque()
-        self.running: Request | None = None  # the one request being generated
-        self.kv_cache: ContiguousKVCache | None = None  # the running request's cache
-        self.generator: torch.Generator | None = None  # the running request's sampling RNG
+        self.scheduler = Scheduler(config.max_batch_size, config.batch_wait_ms)
+        self.batch: StaticBatch | None = None  # the batch being generated
+        self.stats = BatchStats()
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
@@ -49,54 +50,62 @@ class LLMEngine:
             raise PromptTooLongError(len(prompt_ids), num_completion, self.max_model_len)
         request = Request(request_id, prompt_ids, params, prompt=prompt_text)
         self.output_processor.add_request(request)
-        self.waiting.append(request)
+        self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
-        if self.running is not None and self.running.request_id == request_id:
-            self.output_processor.abort(self.running)
-            self._release_running()
-            return
-        for request in [r for r in self.waiting if r.request_id == request_id]:
-            self.waiting.remove(request)
-            self.output_processor.abort(request)  # frees its detokenizer
+        """A waiting request leaves the queue; a running one stops being sampled, but its row
+        stays in the batch until the batch ends (static batching cannot shrink a batch)."""
+        request = self.scheduler.remove(request_id)
+        if request is None and self.batch is not None:
+            request = next((r for r in self.batch.requests
+                            if r.request_id == request_id and not r.finished), None)
+        if request is not None:
+            self.output_processor.abort(request)
+            if self.batch is not None and self.batch.finished:
+                self.batch = None
 
     def has_unfinished_requests(self) -> bool:
-        return self.running is not None or bool(self.waiting)
+        return self.batch is not None or bool(self.scheduler.waiting)
 
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
-        """Prefill the next waiting request, or decode one token of the running one."""
-        if self.running is None:
-            if not self.waiting:
+        """Start a new batch if none is running, else decode one token for every row."""
+        if self.batch is None:
+            wait = self.scheduler.seconds_until_ready()
+            if wait > 0:  # let the batch fill up, but come back soon to take new requests
+                time.sleep(min(wait, MAX_IDLE_WAIT_S))
                 return []
-            request = self._start(self.waiting.popleft())
-            logits = self.runner.forward(request.prompt_token_ids, 0, self.kv_cache)
-        else:
-            request = self.running
-            logits = self.runner.forward(
-                request.output_token_ids[-1:], request.num_tokens - 1, self.kv_cache
-            )
-        token_id = self.sampler(logits, [request.params], [self.generator]).item()  # host sync
-        output = self.output_processor.process_token(request, token_id)
-        if request.finished:
-            self._release_running()
-        return [output]
+            if not self.scheduler.waiting:
+                return []
+            self.batch = self._start_batch(self.scheduler.next_batch())
+        batch = self.batch
+        was_prefill = not batch.is_prefilled
+        idle_rows = sum(r.finished for r in batch.requests)  # rows computed for nothing
+        logits = self.runner.forward(batch)  # [batch, vocab]
+        params = [r.params for r in batch.requests]
+        token_ids = self.sampler(logits, params, batch.generators).tolist()  # host sync
+        outputs = []
+        for request, token_id in zip(batch.requests, token_ids, strict=True):
+            if not request.finished:  # a finished row was computed for nothing
+                outputs.append(self.output_processor.process_token(request, token_id))
+        self.stats.record_step(batch, was_prefill, idle_rows)
+        if batch.finished:
+            self.batch = None
+        return outputs
     # --8<-- [end:step]
 
-    # --8<-- [start:start]
-    def _start(self, request: Request) -> Request:
-        """Make `request` the running one and reserve its whole KV cache up front."""
-        max_tokens = request.params.max_tokens or self.max_model_len
-        max_len = min(request.num_prompt_tokens + max_tokens, self.max_model_len)
-        self.kv_cache = self.runner.allocate_kv_cache(max_len)
-        self.generator = self.sampler.new_generator(request.params)
-        request.status = RequestStatus.RUNNING
-        self.running = request
-        return request
-    # --8<-- [end:start]
-
-    def _release_running(self) -> None:
-        self.running, self.kv_cache, self.generator = None, None, None
+    # --8<-- [start:start_batch]
+    def _start_batch(self, requests: list[Request]) -> StaticBatch:
+        """Reserve one KV block for the batch, sized by its longest prompt and largest output."""
+        max_len = StaticBatch.max_slots(requests, self.max_model_len)
+        kv_cache = self.runner.allocate_kv_cache(len(requests), max_len)
+        generators = [self.sampler.new_generator(r.params) for r in requests]
+        batch = StaticBatch(requests, kv_cache, generators, self.max_model_len,
+                            self.runner.device)
+        logger.debug("batch of %d: %d prompt slots, %d cache slots, %.1f MiB of KV",
+                     batch.size, batch.prompt_len, max_len, kv_cache.num_bytes / 2**20)
+        return batch
+    # --8<-- [end:start_batch]
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -1,6 +1,7 @@
 """A request's state inside the engine, and what the engine reports about it after each step."""
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from serve.sampling_params import SamplingParams
@@ -24,6 +25,7 @@ class Request:
     output_text: str = ""  # detokenized output, cut at a stop string once one is found
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" or "length" (OpenAI's names), "abort"
+    arrival_time: float = field(default_factory=time.monotonic)
 
     @property
     def num_prompt_tokens(self) -> int:

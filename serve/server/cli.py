@@ -55,6 +55,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="the model name clients send and /v1/models reports (default: --model)",
     )
     parser.add_argument(
+        "--max-batch-size", type=int, default=64,
+        help="most requests that prefill and decode together in one batch",
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=0.0,
+        help="how long a new batch waits for more requests before it starts",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return parser
@@ -71,6 +79,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
     )
 
 
