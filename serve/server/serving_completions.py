@@ -43,7 +43,8 @@ async def create_completion(
     generation = await Generation.start(engine, prompts, params, request_id, "prompt")
     head = {"id": request_id, "created": int(time.time()), "model": model_name}
     if request.stream:
-        events = _stream_completion(generation, head, request.include_usage)
+        textless = engine.tokenizer is None
+        events = _stream_completion(generation, head, request.include_usage, textless)
         return sse_response(events, generation)
     try:
         outputs = await cancel_on_disconnect(raw_request, generation.final_outputs())
@@ -59,13 +60,15 @@ async def create_completion(
 
 # --8<-- [start:stream]
 async def _stream_completion(
-    generation: Generation, head: dict, include_usage: bool
+    generation: Generation, head: dict, include_usage: bool, textless: bool
 ) -> AsyncIterator[str]:
+    """SSE chunks of new text. A model without a tokenizer (a dummy benchmark model) has no
+    text: it sends one empty chunk per step instead, so that clients can still time tokens."""
     last: dict[int, RequestOutput] = {}
     try:
         async for index, output in generation.outputs():
             last[index] = output
-            if not (output.new_text or output.finished):
+            if not (output.new_text or output.finished or textless):
                 continue  # a step whose text is held back (it may start a stop string)
             finish_reason = output.finish_reason if output.finished else None
             choice = CompletionChoice(
