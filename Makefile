@@ -10,7 +10,7 @@ DOCS_PORT ?= 8001
 export NO_MKDOCS_2_WARNING := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-model serve test lint docs tags bench-stages
+.PHONY: help venv demo-model serve test lint docs tags bench-stages stage-sources
 
 help:
 	@echo "make venv        create .venv and install nanoserve with its dev tools"
@@ -44,15 +44,21 @@ $(DEMO_MODEL): | venv
 serve: venv $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL))
 	$(PY) -m serve --model $(MODEL) --port $(PORT)
 
-test: venv
+test: venv stage-sources
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	$(PY) -m mkdocs build --strict --site-dir site
 
+# Each chapter quotes the code of its own stage: .stages/<tag>/ holds every milestone's tree,
+# exported from git (the current stage's chapter quotes the working tree itself).
+stage-sources:
+	rm -rf .stages
+	$(PY) -m bench.stages --export-only .stages >/dev/null
+
 lint: venv
 	$(PY) -m ruff check .
 
-docs: venv
+docs: venv stage-sources
 	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 tags:

@@ -6,6 +6,7 @@ from collections import deque
 from serve.engine.request import Request
 
 
+# --8<-- [start:scheduler]
 class Scheduler:
     """Decides which waiting requests form the next batch, and when.
 
@@ -41,3 +42,4 @@ class Scheduler:
         """Pop the requests of the next batch, oldest first."""
         count = min(self.max_batch_size, len(self.waiting))
         return [self.waiting.popleft() for _ in range(count)]
+# --8<-- [end:scheduler]

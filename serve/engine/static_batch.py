@@ -56,6 +56,7 @@ class StaticBatch:
     def finished(self) -> bool:
         return all(r.finished for r in self.requests)
 
+    # --8<-- [start:next_inputs]
     def next_inputs(self) -> tuple[list[int], list[int], int]:
         """Token ids and positions for every row of this step (flattened), and the first slot.
 
@@ -76,6 +77,7 @@ class StaticBatch:
         positions = [min(slot - (self.prompt_len - r.num_prompt_tokens), self.max_position)
                      for r in self.requests]
         return ids, positions, slot
+    # --8<-- [end:next_inputs]
 
 
 class BatchStats:
