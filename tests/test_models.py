@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM
 from serve import LLM, SamplingParams
 from serve.config import EngineConfig
 from serve.engine.model_runner import ModelRunner
+from serve.engine.page_allocator import PageAllocator
 from serve.engine.request import Request
-from serve.engine.static_batch import StaticBatch
+from serve.engine.static_batch import Row
 from serve.models import model_class_for
 from serve.models.loader import load_config
 
@@ -23,24 +24,26 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
 
 
 def teacher_forced_logits(runner: ModelRunner, prompts: list[list[int]], follow: list[list[int]]):
-    """Prefill the prompts as one left-padded batch, then feed each row its `follow` tokens one
-    decode step at a time; returns each row's logits at every step: [rows, steps, vocab]."""
-    requests = [Request(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
-    max_len = max(len(p) for p in prompts) + len(follow[0])
-    cache = runner.allocate_kv_cache(len(prompts), max_len)
-    batch = StaticBatch(requests, cache, [], max_len, runner.device)
-    steps = [runner.forward(batch)]
+    """Prefill the prompts as one ragged batch over the paged pool, then feed each row its
+    `follow` tokens one decode step at a time; returns [rows, steps, vocab] logits."""
+    allocator = PageAllocator(runner.kv_pool.num_pages, runner.page_size)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        request = Request(str(i), prompt, SamplingParams())
+        table = allocator.reserve(len(prompt) + len(follow[i]))
+        rows.append(Row(request, table, None, prompt, 0))
+    steps = [runner.forward(rows)]
     for step in range(len(follow[0])):
-        for request, tokens in zip(requests, follow, strict=True):
-            request.output_token_ids.append(tokens[step])
-        steps.append(runner.forward(batch))
+        rows = [Row(r.request, r.page_table, None, [tokens[step]], r.seq_len)
+                for r, tokens in zip(rows, follow, strict=True)]
+        steps.append(runner.forward(rows))
     return torch.stack(steps, dim=1)
 
 
 def test_logits_match_transformers_prefill_and_decode(model_dir):
     reference = hf_model(model_dir)
-    runner = ModelRunner(EngineConfig(model_dir, device="cpu", dtype="float32"),
-                         load_config(model_dir), model_dir)
+    config = EngineConfig(model_dir, device="cpu", dtype="float32", page_size=4)
+    runner = ModelRunner(config, load_config(model_dir), model_dir, max_model_len=512)
     vocab = reference.config.vocab_size
     # Two rows of different lengths: the shorter one is left-padded in the batch.
     full = [random_prompt(vocab, 48, seed=1), random_prompt(vocab, 30, seed=2)]

@@ -24,8 +24,6 @@ def test_batched_greedy_equals_one_at_a_time(model_dir):
     expected = [o.token_ids for o in alone.generate(PROMPTS, params, use_tqdm=False)]
     got = [o.token_ids for o in together.generate(PROMPTS, params, use_tqdm=False)]
     assert got == expected
-    stats = together.engine.stats
-    assert stats.padding_tokens > 0  # the prompts had different lengths, so some were padded
 
 
 def test_mixed_params_in_one_batch_each_give_their_own_result(qwen3_dir):
@@ -46,8 +44,6 @@ def test_mixed_params_in_one_batch_each_give_their_own_result(qwen3_dir):
         assert have.text == want.text
         assert have.finish_reason == want.finish_reason
     assert [len(o.token_ids) for o in got[:3]] == [20, 12, 30]
-    # the rows that finished early sat idle until the longest row was done
-    assert together.engine.stats.idle_decode_rows > 0
 
 
 def test_batches_hold_at_most_max_batch_size_and_run_one_after_another(qwen3_dir):

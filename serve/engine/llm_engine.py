@@ -1,5 +1,5 @@
-"""Stage 1's engine: static batching. A batch of requests runs from prefill to its last token,
-then the next batch starts.
+"""Stage 2's engine: static batches over a paged KV cache. A batch runs from prefill to its last
+token, then the next batch starts; how many requests a batch holds is decided by free pages.
 
 `step()` is the engine's whole interface: each call runs one forward pass and reports what it
 produced. Every stage keeps this interface and changes what one step does.
@@ -12,10 +12,11 @@ from serve.config import EngineConfig
 from serve.engine.errors import PromptTooLongError
 from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
+from serve.engine.page_allocator import PageAllocator
 from serve.engine.request import Request, RequestOutput
 from serve.engine.sampler import Sampler
 from serve.engine.scheduler import Scheduler
-from serve.engine.static_batch import BatchStats, StaticBatch
+from serve.engine.static_batch import StaticBatch
 from serve.engine.tokenizer import eos_token_ids, load_tokenizer
 from serve.models.loader import load_config, resolve_model_path
 from serve.sampling_params import SamplingParams
@@ -33,13 +34,16 @@ class LLMEngine:
         self.hf_config = load_config(path)
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         self.tokenizer = load_tokenizer(config.tokenizer or path)
-        self.runner = ModelRunner(config, self.hf_config, path)
+        self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
         self.sampler = Sampler(self.runner.device, config.seed)
         eos_ids = eos_token_ids(self.hf_config, path, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
-        self.scheduler = Scheduler(config.max_batch_size, config.batch_wait_ms)
+        self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
+        self.scheduler = Scheduler(
+            self.allocator, self.max_model_len, config.max_batch_size,
+            config.prefill_token_budget(self.max_model_len), config.batch_wait_ms,
+        )
         self.batch: StaticBatch | None = None  # the batch being generated
-        self.stats = BatchStats()
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
@@ -49,27 +53,33 @@ class LLMEngine:
         if len(prompt_ids) + num_completion > self.max_model_len:
             raise PromptTooLongError(len(prompt_ids), num_completion, self.max_model_len)
         request = Request(request_id, prompt_ids, params, prompt=prompt_text)
+        needed = self.allocator.pages_for(self.scheduler.max_tokens_of(request))
+        if needed > self.allocator.num_pages:
+            raise ValueError(f"the request needs {needed} KV pages and the pool has only "
+                             f"{self.allocator.num_pages}: lower max_tokens or grow the pool")
         self.output_processor.add_request(request)
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
-        """A waiting request leaves the queue; a running one stops being sampled, but its row
-        stays in the batch until the batch ends (static batching cannot shrink a batch)."""
+        """A waiting request leaves the queue; a running one stops and gives its pages back."""
         request = self.scheduler.remove(request_id)
         if request is None and self.batch is not None:
             request = next((r for r in self.batch.requests
                             if r.request_id == request_id and not r.finished), None)
         if request is not None:
             self.output_processor.abort(request)
-            if self.batch is not None and self.batch.finished:
-                self.batch = None
+            self._release_finished()
 
     def has_unfinished_requests(self) -> bool:
         return self.batch is not None or bool(self.scheduler.waiting)
 
+    @property
+    def num_running(self) -> int:
+        return 0 if self.batch is None else sum(not r.finished for r in self.batch.requests)
+
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
-        """Start a new batch if none is running, else decode one token for every row."""
+        """Start a new batch if none is running, else decode one token for every running row."""
         if self.batch is None:
             wait = self.scheduler.seconds_until_ready()
             if wait > 0:  # let the batch fill up, but come back soon to take new requests
@@ -77,35 +87,32 @@ class LLMEngine:
                 return []
             if not self.scheduler.waiting:
                 return []
-            self.batch = self._start_batch(self.scheduler.next_batch())
-        batch = self.batch
-        was_prefill = not batch.is_prefilled
-        idle_rows = sum(r.finished for r in batch.requests)  # rows computed for nothing
-        logits = self.runner.forward(batch)  # [batch, vocab]
-        params = [r.params for r in batch.requests]
-        token_ids = self.sampler(logits, params, batch.generators).tolist()  # host sync
-        outputs = []
-        for request, token_id in zip(batch.requests, token_ids, strict=True):
-            if not request.finished:  # a finished row was computed for nothing
-                outputs.append(self.output_processor.process_token(request, token_id))
-        self.stats.record_step(batch, was_prefill, idle_rows)
-        if batch.finished:
-            self.batch = None
+            self.batch = self._start_batch()
+        rows = self.batch.next_rows()
+        logits = self.runner.forward(rows)  # [rows, vocab]
+        params = [row.request.params for row in rows]
+        generators = [row.generator for row in rows]
+        token_ids = self.sampler(logits, params, generators).tolist()  # host sync
+        outputs = [self.output_processor.process_token(row.request, token_id)
+                   for row, token_id in zip(rows, token_ids, strict=True)]
+        self._release_finished()
         return outputs
     # --8<-- [end:step]
 
-    # --8<-- [start:start_batch]
-    def _start_batch(self, requests: list[Request]) -> StaticBatch:
-        """Reserve one KV block for the batch, sized by its longest prompt and largest output."""
-        max_len = StaticBatch.max_slots(requests, self.max_model_len)
-        kv_cache = self.runner.allocate_kv_cache(len(requests), max_len)
+    def _start_batch(self) -> StaticBatch:
+        requests, tables = self.scheduler.next_batch()
         generators = [self.sampler.new_generator(r.params) for r in requests]
-        batch = StaticBatch(requests, kv_cache, generators, self.max_model_len,
-                            self.runner.device)
-        logger.debug("batch of %d: %d prompt slots, %d cache slots, %.1f MiB of KV",
-                     batch.size, batch.prompt_len, max_len, kv_cache.num_bytes / 2**20)
-        return batch
-    # --8<-- [end:start_batch]
+        logger.debug("batch of %d requests; %d of %d pages free", len(requests),
+                     self.allocator.num_available_pages, self.allocator.num_pages)
+        return StaticBatch(requests, tables, generators)
+
+    def _release_finished(self) -> None:
+        """Finished requests give their pages back now, not at the end of the batch."""
+        if self.batch is None:
+            return
+        self.batch.release_finished()
+        if self.batch.finished:
+            self.batch = None
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -1,21 +1,27 @@
-"""Owns the model on its device: loads it, runs a batch's forward pass, returns logits."""
+"""Owns the model on its device: loads it, sizes the KV pool, runs a step's forward pass."""
 
 import logging
 
 import torch
 
+from serve.attention import make_backend
+from serve.attention.metadata import StepMetadata
 from serve.config import EngineConfig
-from serve.engine.kv_cache import ContiguousKVCache
-from serve.engine.static_batch import StaticBatch
-from serve.layers.attention import AttentionMetadata
+from serve.engine.kv_pool import KVPool
+from serve.engine.page_allocator import PageAllocator
+from serve.engine.request import Request
+from serve.engine.static_batch import Row
 from serve.models.llama import head_dim_of
 from serve.models.loader import build_model
+from serve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+CPU_KV_POOL_BYTES = 1 << 30  # on a CPU, without --num-pages: at most 1 GiB of KV pool
+
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_path: str) -> None:
+    def __init__(self, config: EngineConfig, hf_config, model_path: str, max_model_len: int):
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.hf_config = hf_config
@@ -24,24 +30,102 @@ class ModelRunner:
         )
         num_params = sum(p.numel() for p in self.model.parameters())
         logger.info("model: %.1fM parameters, %s on %s", num_params / 1e6, self.dtype, self.device)
+        cfg = hf_config
+        self.page_size = config.page_size
+        self.backend = make_backend(
+            config.attention_backend, cfg.num_attention_heads, cfg.num_key_value_heads,
+            head_dim_of(cfg), self.page_size, self.dtype, self.device,
+        )
+        num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len)
+        self.kv_pool = self._make_pool(num_pages)
 
-    def allocate_kv_cache(self, batch_size: int, max_len: int) -> ContiguousKVCache:
-        """A batch's own cache: every row gets room for max_len tokens."""
+    def _make_pool(self, num_pages: int) -> KVPool:
         cfg = self.hf_config
-        return ContiguousKVCache(
-            cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads,
-            head_dim_of(cfg), self.dtype, self.device,
+        return KVPool(cfg.num_hidden_layers, num_pages, self.page_size, cfg.num_key_value_heads,
+                      head_dim_of(cfg), self.dtype, self.device)
+
+    def _bytes_per_page(self) -> int:
+        cfg = self.hf_config
+        return KVPool.bytes_per_page(cfg.num_hidden_layers, self.page_size,
+                                     cfg.num_key_value_heads, head_dim_of(cfg), self.dtype)
+
+    # --8<-- [start:pool_size]
+    def _num_pages_that_fit(self, config: EngineConfig, max_model_len: int) -> int:
+        """As many pages as the memory left after the weights and the largest step's activations.
+
+        On a GPU we measure: run the biggest prefill the engine will ever run (one long sequence
+        of max_num_batched_tokens tokens) and read the peak allocation; the pool gets what is
+        left of gpu_memory_utilization x the card. On a CPU there is nothing to measure against,
+        so the pool holds a few full-length sequences, within CPU_KV_POOL_BYTES.
+        """
+        pages_per_seq = -(-max_model_len // self.page_size)
+        if self.device.type != "cuda":
+            return max(pages_per_seq, min(4 * pages_per_seq,
+                                          CPU_KV_POOL_BYTES // self._bytes_per_page()))
+        num_tokens = config.prefill_token_budget(max_model_len)
+        scratch = self._make_pool(-(-num_tokens // self.page_size))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.forward([_profile_row(num_tokens, self.page_size)], scratch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - scratch.num_bytes
+        del scratch
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info()
+        budget = config.gpu_memory_utilization * total - peak
+        if budget < pages_per_seq * self._bytes_per_page():
+            raise ValueError(f"after the weights and activations ({peak / 2**30:.1f} GiB) there is "
+                             "no room for one full-length sequence's KV pages: lower "
+                             "--max-model-len or raise --gpu-memory-utilization")
+        return int(budget // self._bytes_per_page())
+    # --8<-- [end:pool_size]
+
+    # --8<-- [start:forward]
+    @torch.inference_mode()
+    def forward(self, rows: list[Row], kv_pool: KVPool | None = None) -> torch.Tensor:
+        """Run one step for these rows; return each row's logits at its last new token."""
+        kv_pool = kv_pool or self.kv_pool
+        token_ids, positions, slots = [], [], []
+        for row in rows:
+            row.page_table.grow_to(row.seq_len)  # take pages as the sequence grows
+            token_ids += row.token_ids
+            positions += range(row.start_pos, row.seq_len)
+            slots += (row.page_table.slot(pos) for pos in range(row.start_pos, row.seq_len))
+        meta = self._metadata(rows, kv_pool, torch.tensor(slots, device=self.device))
+        self.backend.plan(meta)  # once per step, shared by every layer
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden_size]
+        last = meta.qo_indptr[1:].long() - 1  # each row's last new token
+        return self.model.compute_logits(hidden[last])  # [num_rows, vocab_size]
+    # --8<-- [end:forward]
+
+    def _metadata(self, rows: list[Row], kv_pool: KVPool, slots: torch.Tensor) -> StepMetadata:
+        """The page tables in FlashInfer's CSR layout, built once on the host, copied once."""
+        query_lens = [len(row.token_ids) for row in rows]
+        seq_lens = [row.seq_len for row in rows]
+        tables = [row.page_table.pages[: -(-row.seq_len // self.page_size)] for row in rows]
+        qo_indptr, kv_indptr = [0], [0]
+        for query_len, table in zip(query_lens, tables, strict=True):
+            qo_indptr.append(qo_indptr[-1] + query_len)
+            kv_indptr.append(kv_indptr[-1] + len(table))
+        last_page_len = [(n - 1) % self.page_size + 1 for n in seq_lens]
+
+        def int32(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+        return StepMetadata(
+            kv_pool=kv_pool, backend=self.backend, slots=slots,
+            qo_indptr=int32(qo_indptr), kv_indptr=int32(kv_indptr),
+            kv_indices=int32([page for table in tables for page in table]),
+            kv_last_page_len=int32(last_page_len),
+            query_lens=query_lens, seq_lens=seq_lens, page_tables=tables,
         )
 
-    @torch.inference_mode()
-    def forward(self, batch: StaticBatch) -> torch.Tensor:
-        """Run the batch's next step; return each row's logits at its last new token."""
-        ids, positions, start_slot = batch.next_inputs()
-        num_tokens = len(ids) // batch.size  # per row: the padded prompt, or 1
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(positions, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata.for_step(batch.kv_cache, start_slot, num_tokens, batch.pad_lens)
-        hidden = self.model(input_ids, positions, meta)  # [batch * num_tokens, hidden_size]
-        batch.num_slots_used = start_slot + num_tokens
-        last = hidden.view(batch.size, num_tokens, -1)[:, -1]  # [batch, hidden_size]
-        return self.model.compute_logits(last)  # [batch, vocab_size]
+
+def _profile_row(num_tokens: int, page_size: int) -> Row:
+    """A throwaway row of num_tokens tokens over pages 0, 1, 2, ... of a scratch pool."""
+    allocator = PageAllocator(num_pages=-(-num_tokens // page_size), page_size=page_size)
+    table = allocator.reserve(num_tokens)
+    request = Request("profile", [0] * num_tokens, SamplingParams())
+    return Row(request, table, None, request.prompt_token_ids, 0)

@@ -1,16 +1,19 @@
 """The OpenAI-compatible HTTP API: a FastAPI app around one AsyncEngine."""
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
+from serve.server.metrics import log_while_busy, metrics_registry
 from serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -35,15 +38,19 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
     """The app serving `engine` under `model_name` (default: the engine's model name).
 
     The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
-    without its lifespan (an in-process test client) needs `engine.start()` first.
+    without its lifespan (an in-process test client) needs `engine.start()` first. While the
+    engine is busy, the app logs its KV pages and requests every 10 s.
     """
     served_name = model_name or engine.model_name
     created = int(time.time())
+    registry = metrics_registry(engine.engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        state_logger = asyncio.create_task(log_while_busy(engine))
         yield
+        state_logger.cancel()
         engine.shutdown()
 
     app = FastAPI(title="nanoserve", lifespan=lifespan)
@@ -52,6 +59,10 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if engine.is_healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

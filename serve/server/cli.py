@@ -55,8 +55,26 @@ def make_parser() -> argparse.ArgumentParser:
         help="the model name clients send and /v1/models reports (default: --model)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=64,
-        help="most requests that prefill and decode together in one batch",
+        "--max-batch-size", type=int, default=256,
+        help="most requests in one batch (an upper bound: free KV pages decide how many fit)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="most prompt tokens one prefill step may hold (default: max(32768, max model len))",
+    )
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    parser.add_argument(
+        "--num-pages", type=int, default=None,
+        help="KV pool size in pages (default: measured from free GPU memory; on CPU a few "
+        "full-length sequences)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9,
+        help="share of the GPU's memory the engine may use, KV pool included",
+    )
+    parser.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"],
+        help="auto: flashinfer on CUDA when installed, else torch",
     )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=0.0,
@@ -81,6 +99,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
     )
 
 

@@ -1,0 +1,95 @@
+"""The GPU backend: FlashInfer's kernels read K and V straight from the pool's pages.
+
+FlashInfer splits batched attention into two calls. `plan` runs on the host once per step: it
+reads how many query tokens and KV pages each sequence has, decides how to split that work over
+the GPU's SMs (long sequences are cut into chunks whose partial results are merged later, in the
+workspace buffer), and copies the schedule to the GPU. `run` launches the kernel with that
+schedule once per layer: every layer of a step has the same shapes, only its pages differ.
+
+A step where every sequence feeds one token goes to the decode wrapper (a kernel made for one
+query row); any other step, prompts and chunks alike, goes to the prefill wrapper with a causal
+mask. Both take the pool in FlashInfer's NHD layout: [num_pages, page_size, kv_heads, head_dim].
+"""
+
+from itertools import accumulate
+
+import torch
+
+from serve.attention.metadata import StepMetadata
+
+WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended size for the split-KV scratch
+MAX_CUDA_CORE_GROUP_SIZE = 4  # above this, decode runs on tensor cores (see __init__)
+
+
+class FlashInferAttentionBackend:
+    name = "flashinfer"
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        import flashinfer  # here, not at the top: the module must import on a CPU-only machine
+
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.page_size, self.dtype = page_size, dtype
+        # One scratch buffer for both wrappers: a step is either a decode or a prefill, never both.
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+        # FlashInfer's CUDA-core decode kernel is compiled only for 1, 2, 3, 4 or 8 query heads
+        # per KV head (DISPATCH_GQA_GROUP_SIZE); with use_tensor_cores it runs the prefill kernel
+        # on one query row per sequence, which takes any group size and is the faster choice for
+        # large groups anyway. So groups 1-4 use CUDA cores and groups 5-8 use tensor cores.
+        group_size = num_heads // num_kv_heads
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, kv_layout="NHD", use_tensor_cores=group_size > MAX_CUDA_CORE_GROUP_SIZE
+        )
+        self.wrapper = self.prefill  # the wrapper planned for the current step
+
+    # --8<-- [start:plan]
+    def plan(self, meta: StepMetadata) -> None:
+        # FlashInfer's plan builds its schedule on the host, so it calls .to("cpu") on the indptr
+        # and last-page-length tensors: given meta's device tensors, that would wait for the GPU.
+        # We hand it host tensors made from meta's host lists instead (no wait); plan then copies
+        # them and its schedule to the GPU itself (host-to-device, asynchronous). kv_indices is
+        # only read on the GPU, so it gets meta's device tensor as is.
+        qo_indptr = _indptr(meta.query_lens)
+        kv_indptr = _indptr([len(pages) for pages in meta.page_tables])
+        last_page_len = torch.tensor(
+            [(seq_len - 1) % self.page_size + 1 for seq_len in meta.seq_lens], dtype=torch.int32
+        )
+        # sm_scale is left at FlashInfer's default, head_dim**-0.5, as in the torch backend.
+        if meta.is_decode:
+            self.decode.plan(
+                kv_indptr, meta.kv_indices, last_page_len,
+                self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                q_data_type=self.dtype, kv_data_type=self.dtype,
+            )
+            self.wrapper = self.decode
+        else:
+            self.prefill.plan(
+                qo_indptr, kv_indptr, meta.kv_indices, last_page_len,
+                self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                causal=True,  # new token i of a sequence sees the cache up to its own position
+                q_data_type=self.dtype, kv_data_type=self.dtype,
+            )
+            self.wrapper = self.prefill
+    # --8<-- [end:plan]
+
+    # --8<-- [start:forward]
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
+        meta.kv_pool.store(layer, meta.slots, k, v)
+        pages = (meta.kv_pool.k[layer], meta.kv_pool.v[layer])  # each [pages, page_size, kv, dim]
+        return self.wrapper.run(q, pages)  # [num_tokens, num_heads, head_dim]
+    # --8<-- [end:forward]
+
+
+def _indptr(lengths: list[int]) -> torch.Tensor:
+    """[3, 1, 2] -> host int32 [0, 3, 4, 6]: where each sequence's rows start and end."""
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)

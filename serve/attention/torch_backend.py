@@ -1,0 +1,53 @@
+"""The reference backend: gather each sequence's pages into one tensor, then PyTorch's SDPA.
+
+Readable and runs anywhere (CPU and CUDA); one SDPA call per sequence, so it is slow for big
+batches on a GPU. The FlashInfer backend reads the pages in place instead.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from serve.attention.metadata import StepMetadata
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def plan(self, meta: StepMetadata) -> None:
+        pass  # nothing to prepare: the page tables are read per sequence in forward
+
+    # --8<-- [start:forward]
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
+        meta.kv_pool.store(layer, meta.slots, k, v)
+        k_pages, v_pages = meta.kv_pool.k[layer], meta.kv_pool.v[layer]
+        out = torch.empty_like(q)
+        start = 0
+        for query_len, seq_len, pages in zip(
+            meta.query_lens, meta.seq_lens, meta.page_tables, strict=True
+        ):
+            page_ids = torch.tensor(pages, device=q.device)
+            # [pages, page_size, kv_heads, dim] -> [seq_len, kv_heads, dim] -> [heads, seq, dim]
+            keys = k_pages[page_ids].flatten(0, 1)[:seq_len].transpose(0, 1)
+            values = v_pages[page_ids].flatten(0, 1)[:seq_len].transpose(0, 1)
+            queries = q[start : start + query_len].transpose(0, 1)
+            out[start : start + query_len] = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=_causal(query_len, seq_len, q.device),
+                scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            ).transpose(0, 1)
+            start += query_len
+        return out
+    # --8<-- [end:forward]
+
+
+def _causal(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """The new tokens are the last query_len of seq_len; new token i sees keys up to its own."""
+    if query_len == 1:
+        return None
+    query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    return torch.arange(seq_len, device=device)[None, :] <= query_pos

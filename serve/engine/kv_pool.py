@@ -1,0 +1,52 @@
+"""Stage 2's KV cache: one preallocated pool of pages for every layer, shared by all requests."""
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class KVPool:
+    """K and V for every layer: [num_layers, num_pages, page_size, kv_heads, head_dim] each.
+
+    The layout of one layer, [pages, page_size, kv_heads, head_dim], is what FlashInfer calls
+    NHD; the torch backend reads the same tensors.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_pages, self.page_size = num_pages, page_size
+        logger.info(
+            "KV pool: %d pages x %d tokens = %d tokens, %.2f GiB",
+            num_pages, page_size, num_pages * page_size, self.num_bytes / 2**30,
+        )
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @staticmethod
+    def bytes_per_page(
+        num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * element
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's new K and V ([num_tokens, kv_heads, head_dim]) into their slots."""
+        flat_k = self.k[layer].view(-1, *k.shape[1:])  # [num_pages * page_size, kv_heads, dim]
+        flat_v = self.v[layer].view(-1, *v.shape[1:])
+        flat_k.index_copy_(0, slots, k)
+        flat_v.index_copy_(0, slots, v)
