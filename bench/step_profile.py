@@ -69,6 +69,8 @@ def profile_batch(llm: LLM, batch_size: int, input_len: int, output_len: int) ->
     # Decode steps: those that advanced the whole batch by one token each, after the prefill(s).
     decode = [t for t, n in zip(step_times, tokens_per_step, strict=True) if n == batch_size]
     decode = decode[1:] if len(decode) > 1 else decode  # the first full step includes prefill
+    if not decode:  # the engine never ran all rows in one step (e.g. they did not fit one batch)
+        return None
     return {"decode_step_s": statistics.median(decode), "first_token_s": step_times[0],
             "total_s": sum(step_times)}
 
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for batch_size in args.batch_sizes:
         timing = profile_batch(llm, batch_size, args.input_len, args.output_len)
+        if timing is None:
+            print(f"bs={batch_size:4d}  never ran as one batch (memory or prefill budget): skipped")
+            continue
         # mean context length over the decode steps: the prompt plus half the output
         mean_context = args.input_len + args.output_len / 2
         floor_bytes = weights + batch_size * mean_context * kv_per_token

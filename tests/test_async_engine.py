@@ -169,6 +169,7 @@ def test_a_failing_step_fails_every_request_and_the_engine(engine, monkeypatch):
     results = asyncio.run(asyncio.wait_for(two_requests(), timeout=10))
     assert all(isinstance(r, EngineDeadError) for r in results)
     assert isinstance(results[0].__cause__, RuntimeError)
+    engine._thread.join(timeout=5)  # the requests fail before the dead loop thread has exited
     assert not engine.is_healthy
     with pytest.raises(EngineDeadError):
         asyncio.run(run_to_end(engine, "c", GREEDY, "c"))

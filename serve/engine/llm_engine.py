@@ -75,7 +75,8 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return 0 if self.batch is None else sum(not r.finished for r in self.batch.requests)
+        batch = self.batch  # read once: /metrics reads this from another thread
+        return 0 if batch is None else sum(not r.finished for r in batch.requests)
 
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
