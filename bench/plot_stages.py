@@ -28,8 +28,8 @@ def stage_results(device: str) -> list[tuple[str, dict, dict | None]]:
 
 
 def write_table(rows: list[tuple[str, dict, dict | None]]) -> None:
-    lines = ["| stage | code measured | output tok/s | vs previous | vs HF generate "
-             "| p50 TTFT (ms) |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | code measured | run (UTC) | output tok/s | vs previous | vs HF generate "
+             "| p50 TTFT (ms) |", "|---|---|---|---|---|---|---|"]
     previous = None
     for stage, result, serving in rows:
         tok_s = result["metrics"]["output_tokens_per_s"]
@@ -37,11 +37,17 @@ def write_table(rows: list[tuple[str, dict, dict | None]]) -> None:
         vs_hf = f"{result['ratio_vs_hf']:.2f}x" if result.get("ratio_vs_hf") else "—"
         ttft = f"{serving['metrics']['ttft_ms']['p50']:.0f}" if serving else "—"
         commit = (result["env"].get("git_commit") or "?")[:8]
-        lines.append(f"| {int(stage)} | `{commit}` | {tok_s:.1f} | {vs_prev} | {vs_hf} | {ttft} |")
+        run = result["env"].get("timestamp", "?")[:16].replace("T", " ")
+        lines.append(f"| {int(stage)} | `{commit}` | {run} | {tok_s:.1f} | {vs_prev} | {vs_hf} "
+                     f"| {ttft} |")
         previous = tok_s
     device = rows[0][1]["env"]["device_name"] if rows else "?"
     workload = rows[0][1]["workload"] if rows else {}
     engine = rows[0][1]["engine_args"] if rows else {}
+    lines.append("")
+    lines.append("Each row is the latest run of that stage; rows from the same run share the "
+                 "same HF baseline. Different runs land on different machines, whose "
+                 "CPUs (and so these launch-bound engines) differ by up to 1.5x.")
     lines.append("")
     lines.append(f"Measured on {device}; workload `{workload.get('name')}`: "
                  f"{workload.get('num_prompts')} requests, prompts of "

@@ -8,12 +8,17 @@ import torch
 
 from serve import LLM, SamplingParams
 from serve.demo_model import build_model_dir
+from serve.engine.page_allocator import PageAllocator
+from serve.engine.request import Request
+from serve.engine.static_batch import Row
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+BACKENDS = ("torch", "flashinfer")
+TIE = 0.25  # bf16 logits of this size carry about 3 significant digits; attention kernels differ
 PROMPTS = ["def main():", "import os\nimport sys\n", "class A(object):\n    def",
            "for i in range(10):\n    print(i)\n" * 20]
 
@@ -29,17 +34,36 @@ def gpu_model_dir(tmp_path_factory, tokenizer) -> str:
     ))
 
 
+def last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """The engine's logits after prefilling token_ids as one sequence (float32, [vocab])."""
+    runner = llm.engine.runner
+    table = PageAllocator(runner.kv_pool.num_pages, runner.page_size).reserve(len(token_ids))
+    row = Row(Request("probe", token_ids, SamplingParams()), table, None, token_ids, 0)
+    return runner.forward([row])[0]
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_greedy_tokens_agree_between_backends(gpu_model_dir, page_size):
+    """Both backends produce the same greedy tokens, except where bf16 rounding decides a
+    near-tie; from such a point on the two continuations may differ, so we check that every
+    divergence starts at a tie (the top two logits within TIE of each other)."""
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    outputs = {}
-    for backend in ("torch", "flashinfer"):
-        llm = LLM(gpu_model_dir, dtype="bfloat16", attention_backend=backend,
-                  page_size=page_size, num_pages=4096)
-        assert llm.engine.runner.backend.name == backend
-        outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        del llm
-    assert outputs["torch"] == outputs["flashinfer"]
+    llms = {backend: LLM(gpu_model_dir, dtype="bfloat16", attention_backend=backend,
+                         page_size=page_size, num_pages=4096) for backend in BACKENDS}
+    outputs = {backend: [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+               for backend, llm in llms.items()}
+    tokenizer = llms["torch"].tokenizer
+    for index, prompt in enumerate(PROMPTS):
+        ours, theirs = (outputs[b][index] for b in BACKENDS)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b),
+                    len(ours))
+        if same == len(ours):
+            continue
+        prefix = tokenizer.encode(prompt) + ours[:same]
+        top2 = last_logits(llms["torch"], prefix).topk(2).values
+        assert top2[0] - top2[1] < TIE, f"prompt {index} diverged at token {same} with no tie"
+    agreeing = sum(outputs["torch"][i] == outputs["flashinfer"][i] for i in range(len(PROMPTS)))
+    assert agreeing >= len(PROMPTS) // 2
 
 
 def test_auto_picks_flashinfer_on_cuda(gpu_model_dir):

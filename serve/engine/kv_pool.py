@@ -44,9 +44,11 @@ class KVPool:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * page_size * num_kv_heads * head_dim * element
 
+    # --8<-- [start:store]
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this step's new K and V ([num_tokens, kv_heads, head_dim]) into their slots."""
         flat_k = self.k[layer].view(-1, *k.shape[1:])  # [num_pages * page_size, kv_heads, dim]
         flat_v = self.v[layer].view(-1, *v.shape[1:])
         flat_k.index_copy_(0, slots, k)
         flat_v.index_copy_(0, slots, v)
+    # --8<-- [end:store]

@@ -28,6 +28,7 @@ class PageAllocator:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)  # ceil
 
+    # --8<-- [start:reserve]
     def reserve(self, max_tokens: int) -> "PageTable | None":
         """Promise enough pages for a request that may grow to max_tokens, or None if they are
         not there. Promising up front means a running batch can never run out of pages."""
@@ -36,8 +37,10 @@ class PageAllocator:
             return None
         self.num_reserved += needed
         return PageTable(self, needed)
+    # --8<-- [end:reserve]
 
 
+# --8<-- [start:page_table]
 class PageTable:
     """One request's pages, in token order. Owns them: `release()` gives every page back."""
 
@@ -67,3 +70,4 @@ class PageTable:
         self.allocator.free_pages.extend(self.pages)
         self.allocator.num_reserved -= self.num_promised
         self.pages, self.num_promised = [], 0
+# --8<-- [end:page_table]
