@@ -46,7 +46,9 @@ def last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
 def test_greedy_tokens_agree_between_backends(gpu_model_dir, page_size):
     """Both backends produce the same greedy tokens, except where bf16 rounding decides a
     near-tie; from such a point on the two continuations may differ, so we check that every
-    divergence starts at a tie (the top two logits within TIE of each other)."""
+    divergence starts at a tie (the top two logits within TIE of each other). A random model
+    repeats itself and meets such ties often: on the H100, three of four prompts diverged, every
+    one at a tie (milestones/02/gpu-engine-tests-h100.log)."""
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     llms = {backend: LLM(gpu_model_dir, dtype="bfloat16", attention_backend=backend,
                          page_size=page_size, num_pages=4096) for backend in BACKENDS}
@@ -62,8 +64,6 @@ def test_greedy_tokens_agree_between_backends(gpu_model_dir, page_size):
         prefix = tokenizer.encode(prompt) + ours[:same]
         top2 = last_logits(llms["torch"], prefix).topk(2).values
         assert top2[0] - top2[1] < TIE, f"prompt {index} diverged at token {same} with no tie"
-    agreeing = sum(outputs["torch"][i] == outputs["flashinfer"][i] for i in range(len(PROMPTS)))
-    assert agreeing >= len(PROMPTS) // 2
 
 
 def test_auto_picks_flashinfer_on_cuda(gpu_model_dir):
