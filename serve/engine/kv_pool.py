@@ -1,10 +1,6 @@
 """Stage 2's KV cache: one preallocated pool of pages for every layer, shared by all requests."""
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 class KVPool:
@@ -28,10 +24,10 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_pages, self.page_size = num_pages, page_size
-        logger.info(
-            "KV pool: %d pages x %d tokens = %d tokens, %.2f GiB",
-            num_pages, page_size, num_pages * page_size, self.num_bytes / 2**30,
-        )
+
+    def describe(self) -> str:
+        return (f"{self.num_pages} pages x {self.page_size} tokens = "
+                f"{self.num_pages * self.page_size} tokens, {self.num_bytes / 2**30:.2f} GiB")
 
     @property
     def num_bytes(self) -> int:

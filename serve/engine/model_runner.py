@@ -38,6 +38,7 @@ class ModelRunner:
         )
         num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len)
         self.kv_pool = self._make_pool(num_pages)
+        logger.info("KV pool: %s", self.kv_pool.describe())
 
     def _make_pool(self, num_pages: int) -> KVPool:
         cfg = self.hf_config
