@@ -40,10 +40,15 @@ class LLM:
             raise ValueError("give one SamplingParams, or one per prompt")
 
         order: dict[str, int] = {}
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt, params)
-            order[request_id] = i
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, params)
+                order[request_id] = i
+        except Exception:  # a bad prompt: take back the ones already queued, then report it
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
         results: list[RequestOutput | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc="generate", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():

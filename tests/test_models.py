@@ -88,3 +88,8 @@ def test_dummy_weights_are_seeded(qwen3_dir):
     params = zip(first.engine.runner.model.parameters(),
                  second.engine.runner.model.parameters(), strict=True)
     assert all(torch.equal(a, b) for a, b in params)
+
+
+def test_max_model_len_beyond_the_rope_table_is_refused(qwen3_dir):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(qwen3_dir, device="cpu", max_model_len=10_000)

@@ -153,3 +153,18 @@ def test_eos_stops_unless_ignored(llm):
 def test_bad_params_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_top_p_one_keeps_the_whole_tail():
+    # a long, steep distribution: float32 cumsum reaches 1.0 well before the last token
+    logits = torch.linspace(20, -20, 50_000)[None, :]
+    probs = Sampler._filtered_probs(logits, [SamplingParams(temperature=1.0, top_p=1.0)])
+    assert (probs > 0).sum().item() == (logits.softmax(-1) > 0).sum().item()
+
+
+def test_a_bad_prompt_leaves_the_llm_usable(llm):
+    with pytest.raises(ValueError):
+        llm.generate(["fine", [10**9]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()  # the good prompt was taken back
+    out = llm.generate(["next"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].token_ids) == 2

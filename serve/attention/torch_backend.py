@@ -27,11 +27,13 @@ class TorchAttentionBackend:
         meta.kv_pool.store(layer, meta.slots, k, v)
         k_pages, v_pages = meta.kv_pool.k[layer], meta.kv_pool.v[layer]
         out = torch.empty_like(q)
-        start = 0
+        start = page_start = 0
         for query_len, seq_len, pages in zip(
             meta.query_lens, meta.seq_lens, meta.page_tables, strict=True
         ):
-            page_ids = torch.tensor(pages, device=q.device)
+            # this sequence's pages, sliced from the step's device tensor (no host copy per layer)
+            page_ids = meta.kv_indices[page_start : page_start + len(pages)]
+            page_start += len(pages)
             # [pages, page_size, kv_heads, dim] -> [seq_len, kv_heads, dim] -> [heads, seq, dim]
             keys = k_pages[page_ids].flatten(0, 1)[:seq_len].transpose(0, 1)
             values = v_pages[page_ids].flatten(0, 1)[:seq_len].transpose(0, 1)

@@ -32,7 +32,11 @@ class LLMEngine:
         self.model_name = config.model
         path = resolve_model_path(config.model)
         self.hf_config = load_config(path)
-        self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        limit = self.hf_config.max_position_embeddings  # the RoPE table has no more rows
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
         self.tokenizer = load_tokenizer(config.tokenizer or path)
         self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
         self.sampler = Sampler(self.runner.device, config.seed)
@@ -52,6 +56,13 @@ class LLMEngine:
         num_completion = params.max_tokens or 1
         if len(prompt_ids) + num_completion > self.max_model_len:
             raise PromptTooLongError(len(prompt_ids), num_completion, self.max_model_len)
+        if len(prompt_ids) > self.scheduler.max_num_batched_tokens:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than one prefill may "
+                             f"hold ({self.scheduler.max_num_batched_tokens}): raise "
+                             "--max-num-batched-tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none: "
+                             "use stop_token_ids")
         request = Request(request_id, prompt_ids, params, prompt=prompt_text)
         needed = self.allocator.pages_for(self.scheduler.max_tokens_of(request))
         if needed > self.allocator.num_pages:

@@ -35,9 +35,11 @@ class Sampler:
             return greedy
         probs = self._filtered_probs(logits, params)
         # Gumbel-style sampling: argmax(p / Exp(1) noise) draws from p without a CDF search.
-        noise = torch.empty_like(probs)
+        # Unseeded rows share one draw; a seeded row draws its own, from its own generator.
+        noise = torch.empty_like(probs).exponential_(generator=self.shared_generator)
         for row, generator in enumerate(generators):
-            noise[row].exponential_(generator=generator)
+            if generator is not self.shared_generator:
+                noise[row].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled)
@@ -60,7 +62,9 @@ class Sampler:
         sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token once the tokens ranked above it already cover top_p (always keep one)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        # top_p == 1 keeps everything: float32 cumsum can reach 1.0 before the tail does
+        drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         too_unlikely = sorted_probs < min_p[:, None] * sorted_probs[:, :1]
         sorted_probs = sorted_probs.masked_fill(too_unlikely, 0.0)
