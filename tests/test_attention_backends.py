@@ -16,35 +16,17 @@ from serve.engine.kv_pool import KVPool
 LAYER = 1  # not 0, so a backend that ignores `layer` reads the wrong (noise) layer and fails
 
 
+def _slot(pages: list[int], pos: int, page_size: int) -> int:
+    """Where token `pos` of a sequence lives in the pool (page, then offset in it)."""
+    return pages[pos // page_size] * page_size + pos % page_size
+
+
 def make_metadata(
     kv_pool: KVPool, backend, page_tables: list[list[int]], query_lens: list[int],
     seq_lens: list[int],
 ) -> StepMetadata:
-    """The step's metadata as the model runner builds it; new tokens are each sequence's last."""
-    device, page_size = kv_pool.k.device, kv_pool.page_size
-    new_positions = [range(n - q, n) for q, n in zip(query_lens, seq_lens, strict=True)]
-    slots = [_slot(pages, pos, page_size)
-             for pages, positions in zip(page_tables, new_positions, strict=True)
-             for pos in positions]
-    qo_indptr, kv_indptr = [0], [0]
-    for query_len, pages in zip(query_lens, page_tables, strict=True):
-        qo_indptr.append(qo_indptr[-1] + query_len)
-        kv_indptr.append(kv_indptr[-1] + len(pages))
-
-    def int32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return StepMetadata(
-        kv_pool=kv_pool, backend=backend, slots=torch.tensor(slots, device=device),
-        qo_indptr=int32(qo_indptr), kv_indptr=int32(kv_indptr),
-        kv_indices=int32([page for pages in page_tables for page in pages]),
-        kv_last_page_len=int32([(n - 1) % page_size + 1 for n in seq_lens]),
-        query_lens=query_lens, seq_lens=seq_lens, page_tables=page_tables,
-    )
-
-
-def _slot(pages: list[int], pos: int, page_size: int) -> int:
-    return pages[pos // page_size] * page_size + pos % page_size
+    """The step's metadata, built exactly as the model runner builds it."""
+    return StepMetadata.build(kv_pool, backend, page_tables, query_lens, seq_lens)
 
 
 class Step:

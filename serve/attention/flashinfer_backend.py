@@ -11,8 +11,6 @@ query row); any other step, prompts and chunks alike, goes to the prefill wrappe
 mask. Both take the pool in FlashInfer's NHD layout: [num_pages, page_size, kv_heads, head_dim].
 """
 
-from itertools import accumulate
-
 import torch
 
 from serve.attention.metadata import StepMetadata
@@ -52,27 +50,21 @@ class FlashInferAttentionBackend:
 
     # --8<-- [start:plan]
     def plan(self, meta: StepMetadata) -> None:
-        # FlashInfer's plan builds its schedule on the host, so it calls .to("cpu") on the indptr
-        # and last-page-length tensors: given meta's device tensors, that would wait for the GPU.
-        # We hand it host tensors made from meta's host lists instead (no wait); plan then copies
-        # them and its schedule to the GPU itself (host-to-device, asynchronous). kv_indices is
-        # only read on the GPU, so it gets meta's device tensor as is.
-        qo_indptr = _indptr(meta.query_lens)
-        kv_indptr = _indptr([len(pages) for pages in meta.page_tables])
-        last_page_len = torch.tensor(
-            [(seq_len - 1) % self.page_size + 1 for seq_len in meta.seq_lens], dtype=torch.int32
-        )
+        # FlashInfer's plan builds its schedule on the host, so it reads the indptr and
+        # last-page-length arrays there: meta keeps them on the host, and plan never waits for
+        # the GPU. It copies them and its schedule to the GPU itself (asynchronously).
+        # kv_indices is only read on the GPU, so it is a device tensor.
         # sm_scale is left at FlashInfer's default, head_dim**-0.5, as in the torch backend.
         if meta.is_decode:
             self.decode.plan(
-                kv_indptr, meta.kv_indices, last_page_len,
+                meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                 q_data_type=self.dtype, kv_data_type=self.dtype,
             )
             self.wrapper = self.decode
         else:
             self.prefill.plan(
-                qo_indptr, kv_indptr, meta.kv_indices, last_page_len,
+                meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                 causal=True,  # new token i of a sequence sees the cache up to its own position
                 q_data_type=self.dtype, kv_data_type=self.dtype,
@@ -89,7 +81,3 @@ class FlashInferAttentionBackend:
         return self.wrapper.run(q, pages)  # [num_tokens, num_heads, head_dim]
     # --8<-- [end:forward]
 
-
-def _indptr(lengths: list[int]) -> torch.Tensor:
-    """[3, 1, 2] -> host int32 [0, 3, 4, 6]: where each sequence's rows start and end."""
-    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)

@@ -86,42 +86,23 @@ class ModelRunner:
     def forward(self, rows: list[Row], kv_pool: KVPool | None = None) -> torch.Tensor:
         """Run one step for these rows; return each row's logits at its last new token."""
         kv_pool = kv_pool or self.kv_pool
-        token_ids, positions, slots = [], [], []
+        token_ids, positions = [], []
         for row in rows:
             row.page_table.grow_to(row.seq_len)  # take pages as the sequence grows
             token_ids += row.token_ids
             positions += range(row.start_pos, row.seq_len)
-            slots += (row.page_table.slot(pos) for pos in range(row.start_pos, row.seq_len))
-        meta = self._metadata(rows, kv_pool, torch.tensor(slots, device=self.device))
+        meta = StepMetadata.build(
+            kv_pool, self.backend,
+            page_tables=[row.page_table.pages_for(row.seq_len) for row in rows],
+            query_lens=[len(row.token_ids) for row in rows],
+            seq_lens=[row.seq_len for row in rows],
+        )
         self.backend.plan(meta)  # once per step, shared by every layer
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, meta)  # [num_tokens, hidden_size]
-        last = meta.qo_indptr[1:].long() - 1  # each row's last new token
-        return self.model.compute_logits(hidden[last])  # [num_rows, vocab_size]
+        return self.model.compute_logits(hidden[meta.last_token_index])  # [rows, vocab_size]
     # --8<-- [end:forward]
-
-    def _metadata(self, rows: list[Row], kv_pool: KVPool, slots: torch.Tensor) -> StepMetadata:
-        """The page tables in FlashInfer's CSR layout, built once on the host, copied once."""
-        query_lens = [len(row.token_ids) for row in rows]
-        seq_lens = [row.seq_len for row in rows]
-        tables = [row.page_table.pages[: -(-row.seq_len // self.page_size)] for row in rows]
-        qo_indptr, kv_indptr = [0], [0]
-        for query_len, table in zip(query_lens, tables, strict=True):
-            qo_indptr.append(qo_indptr[-1] + query_len)
-            kv_indptr.append(kv_indptr[-1] + len(table))
-        last_page_len = [(n - 1) % self.page_size + 1 for n in seq_lens]
-
-        def int32(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=self.device)
-
-        return StepMetadata(
-            kv_pool=kv_pool, backend=self.backend, slots=slots,
-            qo_indptr=int32(qo_indptr), kv_indptr=int32(kv_indptr),
-            kv_indices=int32([page for table in tables for page in table]),
-            kv_last_page_len=int32(last_page_len),
-            query_lens=query_lens, seq_lens=seq_lens, page_tables=tables,
-        )
 
 
 def _profile_row(num_tokens: int, page_size: int) -> Row:

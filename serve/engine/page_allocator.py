@@ -60,10 +60,9 @@ class PageTable:
         self.num_promised -= max(missing, 0)
         allocator.num_reserved -= max(missing, 0)
 
-    def slot(self, position: int) -> int:
-        """Where token `position` lives in the pool, counting slots across all pages."""
-        page_size = self.allocator.page_size
-        return self.pages[position // page_size] * page_size + position % page_size
+    def pages_for(self, num_tokens: int) -> list[int]:
+        """The pages that hold tokens 0..num_tokens-1 (a table may hold one page ahead)."""
+        return self.pages[: self.allocator.pages_for(num_tokens)]
 
     def release(self) -> None:
         """Give back every page held and every page promised. Safe to call twice."""
