@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import time
 from collections import deque
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
 from serve.server.metrics import log_engine_state, log_while_busy
+from tests.helpers import wait_until
 
 NUM_PAGES = 64
 METRIC_NAMES = {
@@ -54,15 +54,6 @@ def scrape(client) -> dict[str, float]:
 
 def data_lines(response):
     return (line for line in response.iter_lines() if line.startswith("data: {"))
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_idle_engine(client):

@@ -5,7 +5,6 @@ is noise, so the tests compare the API's answers with each other and with the to
 """
 
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +14,7 @@ from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
 from serve.server.cli import make_parser
+from tests.helpers import wait_until
 
 MAX_MODEL_LEN = 64
 MODEL = "tiny-qwen3"
@@ -55,15 +55,6 @@ def sse_events(response) -> list[dict]:
     assert blocks[-2:] == ["data: [DONE]", ""]
     assert all(block.startswith("data: ") for block in blocks[:-1])
     return [json.loads(block[len("data: ") :]) for block in blocks[:-2]]
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def num_prompt_tokens(engine, prompt: str) -> int:
