@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_BATCHED_TOKENS = 32768  # a static batch prefills all its prompts in one step
+DEFAULT_BATCHED_TOKENS = 16384  # tokens one step may compute when max_model_len is smaller
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -15,31 +15,42 @@ class EngineConfig:
     device: str = "auto"  # auto: CUDA when there is one
     load_format: str = "auto"  # auto | safetensors | dummy (random weights from the config)
     max_model_len: int | None = None  # default: the config's max_position_embeddings
-    seed: int = 0  # seeds random weights and requests that bring no seed of their own
+    seed: int = 0  # seeds random weights, and the sampling of requests that bring no seed
     tokenizer: str | None = None  # defaults to the model's directory
-    max_batch_size: int = 256  # an upper bound: free KV pages decide how many fit (stage 2)
-    batch_wait_ms: float = 0.0  # how long a batch waits to fill up before it starts
-    max_num_batched_tokens: int | None = None  # prompt tokens one prefill may hold
-    # (default: max(max_model_len, DEFAULT_BATCHED_TOKENS), see prefill_token_budget)
+    max_num_seqs: int = 256  # most requests running at once (free KV pages may allow fewer)
+    # Tokens one step may compute, prompts and decodes together. A prompt is prefilled in one
+    # step, so this must hold the longest sequence (default: max(max_model_len, 16384)).
+    max_num_batched_tokens: int | None = None
     page_size: int = 16  # tokens per KV page
     num_pages: int | None = None  # KV pool size; default: measured from free GPU memory
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use, pool included
     attention_backend: str = "auto"  # auto | torch | flashinfer
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
 
-    def prefill_token_budget(self, max_model_len: int) -> int:
-        """Prompt tokens one prefill may hold: enough for any one prompt, and for many."""
-        return self.max_num_batched_tokens or max(max_model_len, DEFAULT_BATCHED_TOKENS)
+    def step_token_budget(self, max_model_len: int) -> int:
+        """Tokens one step may compute: the longest sequence must fit, since a prompt (or a
+        preempted request's prompt and output) is prefilled in one step."""
+        budget = self.max_num_batched_tokens or max(max_model_len, DEFAULT_BATCHED_TOKENS)
+        if budget < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({budget}) is smaller than max_model_len "
+                             f"({max_model_len}): a prompt is prefilled in one step, so raise "
+                             "max_num_batched_tokens or lower max_model_len")
+        return budget
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -40,9 +40,9 @@ def slow_down_and_record_aborts(engine: AsyncEngine, monkeypatch) -> list[str]:
         time.sleep(0.01)
         return step()
 
-    def recording_abort(request_id: str) -> None:
+    def recording_abort(request_id: str, error: str | None = None):
         aborted.append(request_id)
-        abort_request(request_id)
+        return abort_request(request_id, error)
 
     monkeypatch.setattr(engine.engine, "step", slow_step)
     monkeypatch.setattr(engine.engine, "abort_request", recording_abort)
@@ -87,7 +87,8 @@ def test_refused_prompts_raise_before_any_output(engine):
 
     with pytest.raises(PromptTooLongError) as too_long:
         asyncio.run(first_output([1] * 60, SamplingParams(max_tokens=10), "long"))
-    assert too_long.value.num_prompt_tokens == 60 and too_long.value.max_model_len == 64
+    assert "maximum context length is 64 tokens" in str(too_long.value)
+    assert "(60 in the prompt, 10 in the completion)" in str(too_long.value)
     with pytest.raises(ValueError):
         asyncio.run(first_output([], GREEDY, "empty"))
     assert not engine.has_unfinished_requests()

@@ -5,13 +5,17 @@ it had before this step into the pool, then runs one step with only the new toke
 prefill (all tokens new), chunk (the last few new) or decode (one new).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from serve.attention import make_backend
-from serve.attention.metadata import StepMetadata
+from serve.attention.kv_cache import store_kv
+from serve.attention.metadata import AttentionMetadata
 from serve.attention.torch_backend import TorchAttentionBackend
 from serve.engine.kv_pool import KVPool
+from serve.engine.step_inputs import build_step_inputs
 
 LAYER = 1  # not 0, so a backend that ignores `layer` reads the wrong (noise) layer and fails
 
@@ -22,11 +26,16 @@ def _slot(pages: list[int], pos: int, page_size: int) -> int:
 
 
 def make_metadata(
-    kv_pool: KVPool, backend, page_tables: list[list[int]], query_lens: list[int],
-    seq_lens: list[int],
-) -> StepMetadata:
-    """The step's metadata, built exactly as the model runner builds it."""
-    return StepMetadata.build(kv_pool, backend, page_tables, query_lens, seq_lens)
+    page_tables: list[list[int]], query_lens: list[int], seq_lens: list[int], page_size: int,
+    device: torch.device,
+) -> AttentionMetadata:
+    """The step's metadata, built exactly as the engine builds it (then moved as the runner
+    moves it: the arrays the GPU reads go to the device, the indptr arrays stay on the host)."""
+    new_tokens = [[0] * q for q in query_lens]
+    cached = [n - q for n, q in zip(seq_lens, query_lens, strict=True)]
+    meta = build_step_inputs(new_tokens, cached, page_tables, page_size).attention
+    return replace(meta, slot_mapping=meta.slot_mapping.to(device),
+                   kv_indices=meta.kv_indices.to(device))
 
 
 class Step:
@@ -75,18 +84,19 @@ class Step:
             cached = seq_len - query_len
             slots = [_slot(pages, pos, self.pool.page_size) for pos in range(cached)]
             slots = torch.tensor(slots, dtype=torch.long, device=k.device)
-            self.pool.store(LAYER, slots, k[:cached], v[:cached])
+            store_kv(*self.pool.layer(LAYER), slots, k[:cached], v[:cached])
 
     def run(self, backend) -> torch.Tensor:
         """One step through `backend`: [num_new_tokens, num_heads, head_dim]."""
         self.write_cached_tokens()
-        meta = make_metadata(self.pool, backend, self.page_tables, self.query_lens, self.seq_lens)
+        meta = make_metadata(self.page_tables, self.query_lens, self.seq_lens,
+                             self.pool.page_size, self.pool.k.device)
         new_k = torch.cat([k[n - q :] for k, q, n in zip(self.keys, self.query_lens,
                                                          self.seq_lens, strict=True)])
         new_v = torch.cat([v[n - q :] for v, q, n in zip(self.values, self.query_lens,
                                                          self.seq_lens, strict=True)])
         backend.plan(meta)
-        return backend.forward(LAYER, torch.cat(self.queries), new_k, new_v, meta)
+        return backend.forward(torch.cat(self.queries), new_k, new_v, self.pool.layer(LAYER), meta)
 
     def reference(self) -> torch.Tensor:
         """Causal attention over the flat, unpaged K/V, in float64."""

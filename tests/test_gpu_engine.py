@@ -8,9 +8,7 @@ import torch
 
 from serve import LLM, SamplingParams
 from serve.demo_model import build_model_dir
-from serve.engine.page_allocator import PageAllocator
-from serve.engine.request import Request
-from serve.engine.static_batch import Row
+from serve.engine.step_inputs import build_step_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,9 +35,8 @@ def gpu_model_dir(tmp_path_factory, tokenizer) -> str:
 def last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     """The engine's logits after prefilling token_ids as one sequence (float32, [vocab])."""
     runner = llm.engine.runner
-    table = PageAllocator(runner.kv_pool.num_pages, runner.page_size).reserve(len(token_ids))
-    row = Row(Request("probe", token_ids, SamplingParams()), table, None, token_ids, 0)
-    return runner.forward([row])[0]
+    pages = list(range(-(-len(token_ids) // runner.page_size)))  # the engine is idle: all free
+    return runner.forward(build_step_inputs([token_ids], [0], [pages], runner.page_size))[0]
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -1,9 +1,9 @@
-"""Memory made visible: GET /metrics and the engine-state log line, on the tiny Qwen3 (CPU)."""
+"""GET /metrics and the engine-state log line, on the tiny Qwen3 (CPU): every metric comes from
+the snapshots the engine publishes after each step."""
 
 import asyncio
 import json
 import logging
-from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -13,17 +13,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
+from serve.engine.stats import EngineStats, FinishedRequestStats
 from serve.server.app import build_app
-from serve.server.metrics import log_engine_state, log_while_busy
+from serve.server.metrics import ServerMetrics, log_engine_state, log_while_busy
 from tests.helpers import wait_until
 
 NUM_PAGES = 64
 METRIC_NAMES = {
     "nanoserve_kv_pages_total",
     "nanoserve_kv_pages_used",
-    "nanoserve_kv_cache_usage_ratio",
-    "nanoserve_requests_running",
-    "nanoserve_requests_waiting",
+    "nanoserve:kv_cache_usage_perc",
+    "nanoserve:num_requests_running",
+    "nanoserve:num_requests_waiting",
+    "nanoserve:num_preemptions_total",
+    "nanoserve:prompt_tokens_total",
+    "nanoserve:generation_tokens_total",
+    "nanoserve:time_to_first_token_seconds_count",
+    "nanoserve:inter_token_latency_seconds_count",
+    "nanoserve:e2e_request_latency_seconds_count",
 }
 # Long enough that the request is still generating when the test scrapes mid-stream: the tiny
 # model's context is 512 tokens, and 512 tokens fit in 32 of the pool's 64 pages.
@@ -40,6 +47,7 @@ def engine(qwen3_dir) -> AsyncEngine:
 @pytest.fixture(scope="module")
 def client(engine):
     with TestClient(build_app(engine, model_name="m")) as client:
+        client.app_engine = engine
         yield client
 
 
@@ -49,7 +57,14 @@ def scrape(client) -> dict[str, float]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     families = text_string_to_metric_families(response.text)
-    return {sample.name: sample.value for family in families for sample in family.samples}
+    samples = {}
+    for family in families:
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())
+                              if k != "le")
+            if "le" not in sample.labels:  # histogram buckets are checked through _count
+                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
 
 
 def data_lines(response):
@@ -61,12 +76,13 @@ def test_idle_engine(client):
     assert METRIC_NAMES <= metrics.keys()
     assert metrics["nanoserve_kv_pages_total"] == NUM_PAGES
     assert metrics["nanoserve_kv_pages_used"] == 0
-    assert metrics["nanoserve_kv_cache_usage_ratio"] == 0
-    assert metrics["nanoserve_requests_running"] == 0
-    assert metrics["nanoserve_requests_waiting"] == 0
+    assert metrics["nanoserve:kv_cache_usage_perc"] == 0
+    assert metrics["nanoserve:num_requests_running"] == 0
+    assert metrics["nanoserve:num_requests_waiting"] == 0
 
 
 def test_pages_are_used_while_a_request_runs_and_come_back_when_it_finishes(client):
+    before = scrape(client)
     with client.stream("POST", "/v1/completions", json=LONG) as response:
         assert response.status_code == 200
         chunks = data_lines(response)
@@ -76,14 +92,28 @@ def test_pages_are_used_while_a_request_runs_and_come_back_when_it_finishes(clie
     assert last["choices"][0]["finish_reason"] == "length"
     pages_used = running["nanoserve_kv_pages_used"]
     assert pages_used > 0
-    assert running["nanoserve_kv_cache_usage_ratio"] == pages_used / NUM_PAGES
-    assert running["nanoserve_requests_running"] == 1
-    assert running["nanoserve_requests_waiting"] == 0
-    # The engine frees a finished request's pages in the step that finishes it, before the
-    # last chunk is sent, so they are back by the time the client has read it.
+    assert running["nanoserve:kv_cache_usage_perc"] == pages_used / NUM_PAGES
+    assert running["nanoserve:num_requests_running"] == 1
+    assert running["nanoserve:num_requests_waiting"] == 0
+    # The engine frees a finished request's pages in the step that finishes it, and publishes
+    # its snapshot before it hands out the next commands; give it that moment.
+    assert wait_until(lambda: scrape(client)["nanoserve_kv_pages_used"] == 0)
     done = scrape(client)
-    assert done["nanoserve_kv_pages_used"] == 0
-    assert done["nanoserve_requests_running"] == 0
+    assert done["nanoserve:num_requests_running"] == 0
+
+    def grew(name: str) -> float:
+        return done.get(name, 0) - before.get(name, 0)
+
+    assert grew("nanoserve:generation_tokens_total") == 480
+    assert grew("nanoserve:prompt_tokens_total") == num_prompt_tokens(client)
+    assert grew("nanoserve:time_to_first_token_seconds_count") == 1
+    assert grew("nanoserve:inter_token_latency_seconds_count") == 479
+    assert grew("nanoserve:request_success_total{finished_reason=length}") == 1
+    assert grew("nanoserve:e2e_request_latency_seconds_count") == 1
+
+
+def num_prompt_tokens(client) -> int:
+    return len(client.app_engine.tokenizer.encode("def main():"))
 
 
 def test_pages_come_back_when_the_client_goes_away(client):
@@ -93,28 +123,28 @@ def test_pages_come_back_when_the_client_goes_away(client):
         assert scrape(client)["nanoserve_kv_pages_used"] > 0
     # Leaving the stream early aborts the request, which gives its pages back as a finish does.
     assert wait_until(lambda: scrape(client)["nanoserve_kv_pages_used"] == 0)
-    assert scrape(client)["nanoserve_requests_running"] == 0
+    metrics = scrape(client)
+    assert metrics["nanoserve:num_requests_running"] == 0
+    assert metrics["nanoserve:request_success_total{finished_reason=abort}"] >= 1
 
 
-def fake_engine(num_pages: int, num_free_pages: int, num_running: int, num_waiting: int):
-    allocator = SimpleNamespace(num_pages=num_pages, num_free_pages=num_free_pages)
-    scheduler = SimpleNamespace(waiting=deque(range(num_waiting)))
-    return SimpleNamespace(allocator=allocator, scheduler=scheduler, num_running=num_running)
+def snapshot(num_pages: int, num_used: int, num_running: int, num_waiting: int) -> EngineStats:
+    return EngineStats(num_running, num_waiting, num_used, num_pages)
 
 
 def test_log_engine_state_line(caplog):
     with caplog.at_level(logging.INFO, logger="serve.server.metrics"):
-        line = log_engine_state(fake_engine(4096, 4096 - 120, 3, 0))
+        line = log_engine_state(snapshot(4096, 120, 3, 0))
     assert line == "KV pages 120/4096 used (2.9%), 3 running, 0 waiting"
     assert caplog.messages == [line]
-    assert log_engine_state(fake_engine(64, 0, 0, 7)) == (
+    assert log_engine_state(snapshot(64, 64, 0, 7)) == (
         "KV pages 64/64 used (100.0%), 0 running, 7 waiting"
     )
 
 
 def test_state_is_logged_only_while_busy(caplog):
-    busy = SimpleNamespace(has_unfinished_requests=lambda: True, engine=fake_engine(8, 6, 1, 0))
-    idle = SimpleNamespace(has_unfinished_requests=lambda: False, engine=fake_engine(8, 8, 0, 0))
+    busy = SimpleNamespace(latest_stats=snapshot(8, 2, 1, 0))
+    idle = SimpleNamespace(latest_stats=snapshot(8, 0, 0, 0))
 
     async def run_briefly(engine) -> None:
         task = asyncio.create_task(log_while_busy(engine, interval_s=0.01))
@@ -128,3 +158,20 @@ def test_state_is_logged_only_while_busy(caplog):
     assert caplog.messages and set(caplog.messages) == {
         "KV pages 2/8 used (25.0%), 1 running, 0 waiting"
     }
+
+
+def test_counters_add_up_snapshots():
+    metrics = ServerMetrics()
+    finished = FinishedRequestStats("stop", 2.0, 10, 5)
+    metrics.record(EngineStats(1, 2, 3, 8, num_preemptions=2, num_prompt_tokens=10,
+                               num_generation_tokens=4, time_to_first_token_s=(0.5,),
+                               inter_token_latency_s=(0.1, 0.2), finished=(finished,)))
+    metrics.record(EngineStats(0, 0, 0, 8, num_preemptions=1, num_generation_tokens=1))
+    value = metrics.registry.get_sample_value
+    assert value("nanoserve:num_preemptions_total") == 3
+    assert value("nanoserve:generation_tokens_total") == 5
+    assert value("nanoserve:prompt_tokens_total") == 10
+    assert value("nanoserve:request_success_total", {"finished_reason": "stop"}) == 1
+    assert value("nanoserve:inter_token_latency_seconds_count") == 2
+    assert value("nanoserve:e2e_request_latency_seconds_sum") == 2.0
+    assert value("nanoserve:num_requests_running") == 0  # gauges hold the latest snapshot

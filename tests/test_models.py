@@ -7,9 +7,7 @@ from transformers import AutoModelForCausalLM
 from serve import LLM, SamplingParams
 from serve.config import EngineConfig
 from serve.engine.model_runner import ModelRunner
-from serve.engine.page_allocator import PageAllocator
-from serve.engine.request import Request
-from serve.engine.static_batch import Row
+from serve.engine.step_inputs import build_step_inputs
 from serve.models import model_class_for
 from serve.models.loader import load_config
 
@@ -26,17 +24,18 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
 def teacher_forced_logits(runner: ModelRunner, prompts: list[list[int]], follow: list[list[int]]):
     """Prefill the prompts as one ragged batch over the paged pool, then feed each row its
     `follow` tokens one decode step at a time; returns [rows, steps, vocab] logits."""
-    allocator = PageAllocator(runner.kv_pool.num_pages, runner.page_size)
-    rows = []
-    for i, prompt in enumerate(prompts):
-        request = Request(str(i), prompt, SamplingParams())
-        table = allocator.reserve(len(prompt) + len(follow[i]))
-        rows.append(Row(request, table, None, prompt, 0))
-    steps = [runner.forward(rows)]
+    # Each row gets its own pages, dealt out backwards so that no table is contiguous.
+    pages_per_row = -(-max(len(p) + len(f) for p, f in zip(prompts, follow, strict=True))
+                      // runner.page_size)
+    free = list(reversed(range(runner.kv_pool.num_pages)))
+    tables = [[free.pop() for _ in range(pages_per_row)][::-1] for _ in prompts]
+    steps = [runner.forward(build_step_inputs(prompts, [0] * len(prompts), tables,
+                                              runner.page_size))]
     for step in range(len(follow[0])):
-        rows = [Row(r.request, r.page_table, None, [tokens[step]], r.seq_len)
-                for r, tokens in zip(rows, follow, strict=True)]
-        steps.append(runner.forward(rows))
+        computed = [len(p) + step for p in prompts]
+        tokens = [[f[step]] for f in follow]
+        steps.append(runner.forward(build_step_inputs(tokens, computed, tables,
+                                                      runner.page_size)))
     return torch.stack(steps, dim=1)
 
 

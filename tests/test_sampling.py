@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.sampler import Sampler
+from serve.engine.sampler import Sampler, SamplingTensors, filtered_probs
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,13 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm):
 
 
 def sample_support(logits: list[float], draws: int = 400, **params) -> set[int]:
-    """Which token ids the sampler ever picks for fixed logits."""
-    sampler = Sampler(torch.device("cpu"), seed=0)
+    """Which token ids the sampler ever picks for fixed logits (one seed per draw)."""
+    sampler = Sampler(len(logits), torch.device("cpu"))
     rows = torch.tensor([logits] * draws)
-    ps = [SamplingParams(temperature=1.0, **params) for _ in range(draws)]
-    gens = [sampler.new_generator(p) for p in ps]
-    return set(sampler(rows, ps, gens).tolist())
+    ps = [SamplingParams(temperature=1.0, **params)] * draws
+    tensors = SamplingTensors.build(ps, seeds=list(range(draws)), positions=[0] * draws,
+                                    vocab=len(logits))
+    return set(sampler(rows, tensors).tolist())
 
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
@@ -155,11 +156,56 @@ def test_bad_params_name_the_field(bad):
         SamplingParams(**bad)
 
 
+def filter_one(logits: torch.Tensor, **params) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    rows = SamplingTensors.build([SamplingParams(**params)], [0], [0], vocab)
+    return filtered_probs(logits, rows)
+
+
 def test_top_p_one_keeps_the_whole_tail():
     # a long, steep distribution: float32 cumsum reaches 1.0 well before the last token
     logits = torch.linspace(20, -20, 50_000)[None, :]
-    probs = Sampler._filtered_probs(logits, [SamplingParams(temperature=1.0, top_p=1.0)])
+    probs = filter_one(logits, temperature=1.0, top_p=1.0, top_k=10)
+    assert (probs > 0).sum().item() == 10
+    probs = filter_one(logits, temperature=1.0, top_p=1.0, min_p=1e-30)
     assert (probs > 0).sum().item() == (logits.softmax(-1) > 0).sum().item()
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    # 1e-300 is 0.0 in float32: the top token must stay anyway, never a row of NaN
+    logits = torch.tensor([[0.1, 2.0, 0.5]])
+    probs = filter_one(logits, temperature=1.0, top_p=1e-300)
+    assert probs.tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_huge_top_k_is_the_whole_vocabulary():
+    rows = SamplingTensors.build([SamplingParams(top_k=2**63)], [0], [0], vocab=3)
+    assert rows.top_k.tolist() == [3] and not rows.any_top_k
+
+
+def test_draws_follow_the_distribution():
+    """The position-keyed noise is unbiased: 4,000 rows, each with its own (seed, position),
+    pick each token about as often as its probability says."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = 4000
+    tensors = SamplingTensors.build([SamplingParams(temperature=1.0)] * draws,
+                                    seeds=[7] * draws, positions=list(range(draws)), vocab=4)
+    picks = Sampler(4, torch.device("cpu"))(probs.log().repeat(draws, 1), tensors)
+    frequencies = torch.bincount(picks, minlength=4) / draws
+    assert (frequencies - probs).abs().max().item() < 0.03  # about 4 standard deviations
+
+
+def test_noise_depends_on_seed_and_position_only():
+    """Row order and batch company change nothing: the same (seed, position) draws the same."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(50, torch.device("cpu"))
+    params = [SamplingParams(temperature=1.0)] * 3
+    together = sampler(logits, SamplingTensors.build(params, [1, 2, 3], [10, 20, 30], 50))
+    reversed_rows = sampler(logits.flip(0), SamplingTensors.build(params, [3, 2, 1],
+                                                                 [30, 20, 10], 50))
+    alone = sampler(logits[1:2], SamplingTensors.build(params[:1], [2], [20], 50))
+    assert together.tolist() == reversed_rows.flip(0).tolist()
+    assert together[1].item() == alone.item()
 
 
 def test_a_bad_prompt_leaves_the_llm_usable(llm):

@@ -4,7 +4,7 @@ from typing import Protocol
 
 import torch
 
-from serve.attention.metadata import StepMetadata
+from serve.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):
@@ -12,10 +12,18 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def plan(self, meta: StepMetadata) -> None:
+    def plan(self, meta: AttentionMetadata) -> None:
         """Prepare anything that depends only on the step's shapes (shared by all layers)."""
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Store k, v in the pool, then attend: q [num_tokens, heads, dim] -> same shape."""
+        """Store k, v into this layer's cache, then attend: q [num_tokens, heads, dim] -> same.
+
+        kv_cache is the layer's (K pages, V pages), each [num_pages, page_size, kv_heads, dim].
+        """

@@ -13,7 +13,8 @@ mask. Both take the pool in FlashInfer's NHD layout: [num_pages, page_size, kv_h
 
 import torch
 
-from serve.attention.metadata import StepMetadata
+from serve.attention.kv_cache import store_kv
+from serve.attention.metadata import AttentionMetadata
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended size for the split-KV scratch
 MAX_CUDA_CORE_GROUP_SIZE = 4  # above this, decode runs on tensor cores (see __init__)
@@ -49,7 +50,7 @@ class FlashInferAttentionBackend:
         self.wrapper = self.prefill  # the wrapper planned for the current step
 
     # --8<-- [start:plan]
-    def plan(self, meta: StepMetadata) -> None:
+    def plan(self, meta: AttentionMetadata) -> None:
         # FlashInfer's plan builds its schedule on the host, so it reads the indptr and
         # last-page-length arrays there: meta keeps them on the host, and plan never waits for
         # the GPU. It copies them and its schedule to the GPU itself (asynchronously).
@@ -74,10 +75,14 @@ class FlashInferAttentionBackend:
 
     # --8<-- [start:forward]
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        meta.kv_pool.store(layer, meta.slots, k, v)
-        pages = (meta.kv_pool.k[layer], meta.kv_pool.v[layer])  # each [pages, page_size, kv, dim]
-        return self.wrapper.run(q, pages)  # [num_tokens, num_heads, head_dim]
+        store_kv(*kv_cache, meta.slot_mapping, k, v)
+        return self.wrapper.run(q, kv_cache)  # [num_tokens, num_heads, head_dim]
     # --8<-- [end:forward]
 

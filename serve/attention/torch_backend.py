@@ -7,7 +7,8 @@ batches on a GPU. The FlashInfer backend reads the pages in place instead.
 import torch
 import torch.nn.functional as F
 
-from serve.attention.metadata import StepMetadata
+from serve.attention.kv_cache import store_kv
+from serve.attention.metadata import AttentionMetadata
 
 
 class TorchAttentionBackend:
@@ -16,24 +17,31 @@ class TorchAttentionBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        self.sequences: list[tuple[int, int, int, int]] = []
 
-    def plan(self, meta: StepMetadata) -> None:
-        pass  # nothing to prepare: the page tables are read per sequence in forward
+    def plan(self, meta: AttentionMetadata) -> None:
+        # Per sequence, once per step: (first new token, new tokens, first page, cached tokens).
+        query_lens = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).tolist()
+        self.sequences = list(zip(meta.qo_indptr[:-1].tolist(), query_lens,
+                                  meta.kv_indptr[:-1].tolist(), meta.seq_lens().tolist(),
+                                  strict=True))
 
     # --8<-- [start:forward]
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        meta.kv_pool.store(layer, meta.slots, k, v)
-        k_pages, v_pages = meta.kv_pool.k[layer], meta.kv_pool.v[layer]
+        k_pages, v_pages = kv_cache
+        store_kv(k_pages, v_pages, meta.slot_mapping, k, v)
         out = torch.empty_like(q)
-        start = page_start = 0
-        for query_len, seq_len, pages in zip(
-            meta.query_lens, meta.seq_lens, meta.page_tables, strict=True
-        ):
+        page_size = meta.page_size
+        for start, query_len, page_start, seq_len in self.sequences:
             # this sequence's pages, sliced from the step's device tensor (no host copy per layer)
-            page_ids = meta.kv_indices[page_start : page_start + len(pages)]
-            page_start += len(pages)
+            page_ids = meta.kv_indices[page_start : page_start + -(-seq_len // page_size)]
             # [pages, page_size, kv_heads, dim] -> [seq_len, kv_heads, dim] -> [heads, seq, dim]
             keys = k_pages[page_ids].flatten(0, 1)[:seq_len].transpose(0, 1)
             values = v_pages[page_ids].flatten(0, 1)[:seq_len].transpose(0, 1)
@@ -42,7 +50,6 @@ class TorchAttentionBackend:
                 queries, keys, values, attn_mask=_causal(query_len, seq_len, q.device),
                 scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(0, 1)
-            start += query_len
         return out
     # --8<-- [end:forward]
 

@@ -2,19 +2,25 @@
 
 The engine is not thread-safe, so only the loop thread touches it. Callers talk to that thread
 through a command queue (add, abort), and the thread hands each step's outputs back to the
-caller's event loop with `call_soon_threadsafe`, one asyncio.Queue per request.
+caller's event loop with `call_soon_threadsafe`, one asyncio.Queue per request. Prompts are
+tokenized in a worker thread of their own, so that neither the callers' event loop nor the
+engine's steps wait for a long prompt or a slow chat template.
 """
 
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve.engine.errors import EngineDeadError
+from serve.engine.errors import EngineDeadError, EngineShuttingDownError, RequestFailedError
+from serve.engine.input_processor import EngineInput, Prompt
 from serve.engine.request import RequestOutput
+from serve.engine.stats import EngineStats
 from serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,8 +47,8 @@ class _Stream:
 @dataclass
 class _Add:
     request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
+    engine_input: EngineInput
+    arrival_time: float
     stream: _Stream
 
 
@@ -57,13 +63,19 @@ class AsyncEngine:
     def __init__(self, engine: "LLMEngine") -> None:
         self.engine = engine
         self._commands: deque[_Add | _Abort] = deque()
-        self._wakeup = threading.Condition()  # guards _commands, _stopping, _closed, _busy
-        self._stopping = False
+        self._wakeup = threading.Condition()  # guards the command queue and the flags below
+        self._stopping = False  # shutdown(): stop now
+        self._drain_deadline: float | None = None  # drain(): finish what runs, until then
         self._closed = False  # the loop has exited; no command will ever be read again
-        self._streams: dict[str, _Stream] = {}  # touched by the loop thread only
         self._busy = False  # the engine has unfinished requests (written by the loop thread)
+        self._streams: dict[str, _Stream] = {}  # touched by the loop thread only
         self._thread: threading.Thread | None = None
+        # One worker: a fast tokenizer must not be called from two threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._stats_listeners: list[Callable[[EngineStats], None]] = []
+        self.latest_stats: EngineStats | None = None  # published after every loop iteration
         self.error: BaseException | None = None  # what killed the loop, if anything did
+        self.on_fatal: Callable[[BaseException], None] | None = None  # called when it died
 
     @property
     def tokenizer(self):
@@ -78,13 +90,24 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def status(self) -> str:
+        """ok, draining (shutting down gracefully), or dead (stopped, or failed: see error)."""
+        if self.error is not None or self._closed or self._stopping or self._thread is None:
+            return "dead"
+        return "draining" if self._drain_deadline is not None else "ok"
+
+    @property
     def is_healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self.status == "ok"
 
     def has_unfinished_requests(self) -> bool:
         """Safe from any thread: the engine's state as of the end of the loop's last iteration."""
         with self._wakeup:
             return self._busy or bool(self._commands)
+
+    def add_stats_listener(self, listener: Callable[[EngineStats], None]) -> None:
+        """Call listener(stats) on the loop thread after every iteration (metrics, logs)."""
+        self._stats_listeners.append(listener)
 
     def start(self) -> None:
         """Start the loop thread (a second call does nothing)."""
@@ -92,25 +115,47 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
             self._thread.start()
 
+    def drain(self, timeout_s: float) -> None:
+        """Shut down gracefully: admit nothing new, end queued requests that never started
+        now, let running ones finish for up to timeout_s, then end the rest with an error."""
+        with self._wakeup:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + timeout_s
+            self._wakeup.notify()
+
+    def wait_closed(self, timeout_s: float | None = None) -> bool:
+        """Wait for the loop thread to end (after drain or shutdown); False on timeout."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
+
     def shutdown(self) -> None:
-        """Stop the loop thread; requests still in flight fail with EngineDeadError."""
+        """Stop the loop thread now; requests still in flight fail with EngineDeadError."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        if self._thread is not None:
-            self._thread.join()
+        self.wait_closed()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     # --8<-- [start:generate]
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: Prompt, params: SamplingParams, request_id: str,
+        arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's RequestOutput after every step that advanced it, until finished.
 
-        A prompt the engine refuses raises here (PromptTooLongError, ValueError) before any
-        output. Closing this generator early (the client went away) aborts the request.
+        A prompt the engine refuses raises here (InvalidRequestError) before any output; a
+        request that fails later raises RequestFailedError. Closing this generator early (the
+        client went away) aborts the request, also while it still waits in the queue.
         """
-        stream = _Stream(asyncio.get_running_loop())
-        self._send(_Add(request_id, prompt, params, stream))
+        arrival_time = arrival_time or time.monotonic()
+        self._check_admitting()  # refuse before tokenizing for nothing
+        loop = asyncio.get_running_loop()
+        engine_input = await loop.run_in_executor(
+            self._tokenizer_thread, self.engine.input_processor.process, prompt, params)
+        stream = _Stream(loop)
+        self._send(_Add(request_id, engine_input, arrival_time, stream))
         done = False
         try:
             while not done:
@@ -122,48 +167,61 @@ class AsyncEngine:
                 yield item
         finally:
             if not done:
-                self._send(_Abort(request_id), quiet=True)
-
+                self._send(_Abort(request_id))
     # --8<-- [end:generate]
 
-    def _send(self, command: _Add | _Abort, quiet: bool = False) -> None:
+    def _check_admitting(self) -> None:
         with self._wakeup:
+            if self._drain_deadline is not None:
+                raise EngineShuttingDownError("the server is shutting down")
             if self._closed or self._stopping:
-                if quiet:
-                    return
                 raise EngineDeadError("the engine is not running") from self.error
+
+    def _send(self, command: _Add | _Abort) -> None:
+        with self._wakeup:
+            if isinstance(command, _Add):
+                self._check_admitting()
+            elif self._closed:
+                return  # nothing left to abort
             self._commands.append(command)
             self._wakeup.notify()
 
     # --8<-- [start:loop]
     def _run(self) -> None:
         try:
+            self._publish(self.engine.take_stats())  # readers see the idle state at once
             while (commands := self._wait_for_work()) is not None:
                 for command in commands:
                     self._apply(command)
+                if self._drain_deadline is not None:
+                    self._end_for_shutdown()
                 if self.engine.has_unfinished_requests():
                     for output in self.engine.step():
                         self._deliver(output)
+                self._publish(self.engine.take_stats())
                 busy = self.engine.has_unfinished_requests()
                 with self._wakeup:
                     self._busy = busy
-        except BaseException as error:
+        except BaseException as error:  # the engine itself failed (a CUDA error, say)
             logger.exception("the engine loop failed; failing every request in flight")
             self.error = error
         finally:
             self._close()
+        if self.error is not None and self.on_fatal is not None:
+            self.on_fatal(self.error)
 
     def _wait_for_work(self) -> list[_Add | _Abort] | None:
-        """Sleep until there is a command or a step to run; None means shut down."""
+        """Sleep until there is a command or a step to run; None means stop."""
         with self._wakeup:
-            while not (self._commands or self._busy or self._stopping):
+            while not (self._commands or self._busy or self._stopping
+                       or self._drain_deadline is not None):
                 self._wakeup.wait()
-            if self._stopping:
+            drained = self._drain_deadline is not None and not (self._busy or self._commands)
+            if self._stopping or drained:
                 return None
             commands = list(self._commands)
             self._commands.clear()
             return commands
-
     # --8<-- [end:loop]
 
     def _apply(self, command: _Add | _Abort) -> None:
@@ -175,8 +233,9 @@ class AsyncEngine:
             command.stream.put(ValueError(f"request id {command.request_id!r} is already running"))
             return
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params)
-        except Exception as error:  # a bad request is that request's problem, not the loop's
+            self.engine.add_request(command.request_id, command.engine_input,
+                                    arrival_time=command.arrival_time)
+        except ValueError as error:  # a bad request is that request's problem, not the loop's
             command.stream.put(error)
             return
         self._streams[command.request_id] = command.stream
@@ -185,12 +244,39 @@ class AsyncEngine:
         stream = self._streams.get(output.request_id)
         if stream is None:  # aborted: its caller has gone
             return
-        stream.put(output)
+        if output.error is not None:
+            stream.put(RequestFailedError(output.error))
+        else:
+            stream.put(output)
         if output.finished:
             del self._streams[output.request_id]
 
+    def _end_for_shutdown(self) -> None:
+        """While draining: queued requests that never started end now; past the deadline,
+        everything still running ends too."""
+        scheduler = self.engine.scheduler
+        if time.monotonic() >= self._drain_deadline:
+            ending = [*scheduler.running, *scheduler.waiting]
+            reason = "the server shut down before this request finished"
+        else:
+            ending = scheduler.waiting_never_started()
+            reason = "the server is shutting down; this request had not started"
+        for request in ending:
+            self.engine.abort_request(request.request_id)
+            stream = self._streams.pop(request.request_id, None)
+            if stream is not None:
+                stream.put(EngineShuttingDownError(reason))
+
+    def _publish(self, stats: EngineStats) -> None:
+        self.latest_stats = stats
+        for listener in self._stats_listeners:
+            try:
+                listener(stats)
+            except Exception:  # metrics must never take the engine down
+                logger.exception("a stats listener failed")
+
     def _close(self) -> None:
-        """Fail every request still waiting, so that no caller hangs on a dead loop."""
+        """Fail every request still in flight, so that no caller hangs on a stopped loop."""
         with self._wakeup:
             self._closed = True
             self._busy = False

@@ -1,4 +1,4 @@
-"""Stage 2's KV cache: one preallocated pool of pages for every layer, shared by all requests."""
+"""The KV cache: one preallocated pool of pages for every layer, shared by all requests."""
 
 import torch
 
@@ -25,6 +25,10 @@ class KVPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_pages, self.page_size = num_pages, page_size
 
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (K pages, V pages), views into the pool."""
+        return self.k[index], self.v[index]
+
     def describe(self) -> str:
         return (f"{self.num_pages} pages x {self.page_size} tokens = "
                 f"{self.num_pages * self.page_size} tokens, {self.num_bytes / 2**30:.2f} GiB")
@@ -39,12 +43,3 @@ class KVPool:
     ) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * page_size * num_kv_heads * head_dim * element
-
-    # --8<-- [start:store]
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this step's new K and V ([num_tokens, kv_heads, head_dim]) into their slots."""
-        flat_k = self.k[layer].view(-1, *k.shape[1:])  # [num_pages * page_size, kv_heads, dim]
-        flat_v = self.v[layer].view(-1, *v.shape[1:])
-        flat_k.index_copy_(0, slots, k)
-        flat_v.index_copy_(0, slots, v)
-    # --8<-- [end:store]

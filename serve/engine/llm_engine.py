@@ -1,29 +1,30 @@
-"""Stage 2's engine: static batches over a paged KV cache. A batch runs from prefill to its last
-token, then the next batch starts; how many requests a batch holds is decided by free pages.
+"""The engine: continuous batching over a paged KV cache.
 
-`step()` is the engine's whole interface: each call runs one forward pass and reports what it
-produced. Every stage keeps this interface and changes what one step does.
+`step()` is the engine's whole interface: each call asks the scheduler which requests run, runs
+one forward pass over all of them, and reports what each one produced. Requests join and leave
+the running batch between any two steps.
 """
 
 import logging
+import random
 import time
 
 from serve.config import EngineConfig
-from serve.engine.errors import PromptTooLongError
+from serve.engine.errors import InvalidRequestError
+from serve.engine.input_processor import EngineInput, InputProcessor, Prompt
 from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
 from serve.engine.page_allocator import PageAllocator
 from serve.engine.request import Request, RequestOutput
-from serve.engine.sampler import Sampler
-from serve.engine.scheduler import Scheduler
-from serve.engine.static_batch import StaticBatch
+from serve.engine.sampler import SamplingTensors
+from serve.engine.scheduler import ScheduledRequest, Scheduler
+from serve.engine.stats import EngineStats, StatsCollector
+from serve.engine.step_inputs import StepInputs, build_step_inputs
 from serve.engine.tokenizer import eos_token_ids, load_tokenizer
 from serve.models.loader import load_config, resolve_model_path
 from serve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-MAX_IDLE_WAIT_S = 0.001  # while a batch fills up, return to the caller this often to take requests
 
 
 class LLMEngine:
@@ -37,108 +38,105 @@ class LLMEngine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
+        step_token_budget = config.step_token_budget(self.max_model_len)
         self.tokenizer = load_tokenizer(config.tokenizer or path)
+        self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size,
+                                              self.max_model_len)
         self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
-        self.sampler = Sampler(self.runner.device, config.seed)
-        eos_ids = eos_token_ids(self.hf_config, path, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
+        self.output_processor = OutputProcessor(
+            self.tokenizer, eos_token_ids(self.hf_config, path, self.tokenizer))
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
-        self.scheduler = Scheduler(
-            self.allocator, self.max_model_len, config.max_batch_size,
-            config.prefill_token_budget(self.max_model_len), config.batch_wait_ms,
-        )
-        self.batch: StaticBatch | None = None  # the batch being generated
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, step_token_budget)
+        self.stats = StatsCollector()
+        self._seeds = random.Random(config.seed)  # seeds for requests that bring none
 
+    # --8<-- [start:add_request]
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: Prompt | EngineInput, params: SamplingParams | None = None,
+        arrival_time: float | None = None,
     ) -> None:
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        num_completion = params.max_tokens or 1
-        if len(prompt_ids) + num_completion > self.max_model_len:
-            raise PromptTooLongError(len(prompt_ids), num_completion, self.max_model_len)
-        if len(prompt_ids) > self.scheduler.max_num_batched_tokens:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than one prefill may "
-                             f"hold ({self.scheduler.max_num_batched_tokens}): raise "
-                             "--max-num-batched-tokens")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none: "
-                             "use stop_token_ids")
-        request = Request(request_id, prompt_ids, params, prompt=prompt_text)
-        needed = self.allocator.pages_for(self.scheduler.max_tokens_of(request))
-        if needed > self.allocator.num_pages:
-            raise ValueError(f"the request needs {needed} KV pages and the pool has only "
-                             f"{self.allocator.num_pages}: lower max_tokens or grow the pool")
+        """Queue a request: a prompt to process here, or an EngineInput processed already."""
+        if not isinstance(prompt, EngineInput):
+            prompt = self.input_processor.process(prompt, params or SamplingParams())
+        num_prompt, max_tokens = len(prompt.prompt_token_ids), prompt.max_tokens
+        # It must fit the pool alone, or it could never finish; its last token needs no slot.
+        if self.allocator.num_pages_for(num_prompt + max_tokens - 1) > self.allocator.num_pages:
+            capacity = self.allocator.num_pages * self.allocator.page_size
+            blame = "prompt" if num_prompt > capacity else "max_tokens"
+            raise InvalidRequestError(
+                f"the request needs {num_prompt + max_tokens - 1} tokens of KV cache "
+                f"({num_prompt} in the prompt, up to {max_tokens} generated) and the pool holds "
+                f"{capacity}: lower max_tokens, or start the server with more --num-pages", blame)
+        params = prompt.params
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
+        request = Request(request_id, prompt.prompt_token_ids, params, max_tokens, seed,
+                          prompt=prompt.prompt)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
         self.output_processor.add_request(request)
         self.scheduler.add(request)
+    # --8<-- [end:add_request]
 
-    def abort_request(self, request_id: str) -> None:
-        """A waiting request leaves the queue; a running one stops and gives its pages back."""
-        request = self.scheduler.remove(request_id)
-        if request is None and self.batch is not None:
-            request = next((r for r in self.batch.requests
-                            if r.request_id == request_id and not r.finished), None)
-        if request is not None:
-            self.output_processor.abort(request)
-            self._release_finished()
+    def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
+        """End a waiting or running request and free its pages; None if it is not here."""
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return None
+        output = self.output_processor.abort(request, error)
+        self.scheduler.finish(request)
+        self.stats.on_finish(request, time.monotonic())
+        return output
 
     def has_unfinished_requests(self) -> bool:
-        return self.batch is not None or bool(self.scheduler.waiting)
-
-    @property
-    def num_running(self) -> int:
-        batch = self.batch  # read once: /metrics reads this from another thread
-        return 0 if batch is None else sum(not r.finished for r in batch.requests)
+        return self.scheduler.has_unfinished
 
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
-        """Start a new batch if none is running, else decode one token for every running row."""
-        if self.batch is None:
-            wait = self.scheduler.seconds_until_ready()
-            if wait > 0:  # let the batch fill up, but come back soon to take new requests
-                time.sleep(min(wait, MAX_IDLE_WAIT_S))
-                return []
-            if not self.scheduler.waiting:
-                return []
-            self.batch = self._start_batch()
-        rows = self.batch.next_rows()
-        logits = self.runner.forward(rows)  # [rows, vocab]
-        params = [row.request.params for row in rows]
-        generators = [row.generator for row in rows]
-        token_ids = self.sampler(logits, params, generators).tolist()  # host sync
-        outputs = [self.output_processor.process_token(row.request, token_id)
-                   for row, token_id in zip(rows, token_ids, strict=True)]
-        self._release_finished()
+        """Schedule, run one forward pass over every scheduled request, sample, report."""
+        schedule = self.scheduler.schedule()
+        self.stats.num_preemptions += len(schedule.preempted)
+        if schedule.is_empty:
+            return []
+        token_ids = self.runner.execute(self._step_inputs(schedule.scheduled))
+        now = time.monotonic()
+        outputs = []
+        for item, token_id in zip(schedule.scheduled, token_ids, strict=True):
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            outputs.append(self._process_token(request, token_id, now))
+            if request.finished:
+                self.scheduler.finish(request)  # its pages are free for the next step
+                self.stats.on_finish(request, now)
         return outputs
     # --8<-- [end:step]
 
-    def _start_batch(self) -> StaticBatch:
-        requests, tables = self.scheduler.next_batch()
-        generators = [self.sampler.new_generator(r.params) for r in requests]
-        logger.debug("batch of %d requests; %d of %d pages free", len(requests),
-                     self.allocator.num_available_pages, self.allocator.num_pages)
-        return StaticBatch(requests, tables, generators)
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        requests = [item.request for item in scheduled]
+        sampling = SamplingTensors.build(
+            [r.params for r in requests], [r.sampling_seed for r in requests],
+            [r.num_tokens for r in requests],  # the position each request samples next
+            self.hf_config.vocab_size)
+        return build_step_inputs(
+            [r.token_ids_from(r.num_computed_tokens) for r in requests],
+            [r.num_computed_tokens for r in requests],
+            [r.page_table.pages for r in requests],
+            self.allocator.page_size, sampling)
 
-    def _release_finished(self) -> None:
-        """Finished requests give their pages back now, not at the end of the batch."""
-        if self.batch is None:
-            return
-        self.batch.release_finished()
-        if self.batch.finished:
-            self.batch = None
+    def _process_token(self, request: Request, token_id: int, now: float) -> RequestOutput:
+        """Detokenize and check the stop rules. A failure here is this request's alone: it
+        ends with an error, and the other requests go on."""
+        try:
+            output = self.output_processor.process_token(request, token_id)
+        except Exception as error:
+            logger.exception("request %s failed while processing its output",
+                             request.request_id)
+            return self.output_processor.abort(request, f"{type(error).__name__}: {error}")
+        self.stats.on_token(request, now)
+        return output
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    f"model {self.model_name!r} has no tokenizer: send token ids as the prompt"
-                )
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text = prompt
-        else:
-            ids, text = list(prompt), None
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab_size = self.hf_config.vocab_size
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        return text, ids
+    def take_stats(self) -> EngineStats:
+        """The queue and pool now, and everything counted since the last call."""
+        stats = self.stats.snapshot(len(self.scheduler.running), len(self.scheduler.waiting),
+                                    self.allocator.num_used_pages, self.allocator.num_pages)
+        self.stats = StatsCollector()
+        return stats

@@ -8,14 +8,11 @@ from serve.engine.request import CompletionOutput, Request, RequestOutput, Reque
 
 class OutputProcessor:
     """Owns the per-request detokenizers and every stopping rule (EOS, stop ids, stop strings,
-    max_tokens, a full context)."""
+    max_tokens; max_tokens never lets a request outgrow the context)."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase | None, eos_ids: set[int], max_model_len: int
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, eos_ids: set[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.max_model_len = max_model_len
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_chars_sent: dict[str, int] = {}
 
@@ -37,17 +34,17 @@ class OutputProcessor:
             self._finish(request, "stop")
         else:  # a stop token's own text is never shown, as in vLLM
             self._append_text(request, token_id)
-        if not request.finished:
-            if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
-                self._finish(request, "length")
-            elif request.num_tokens >= self.max_model_len:
-                self._finish(request, "length")
+        if not request.finished and len(request.output_token_ids) >= request.max_tokens:
+            self._finish(request, "length")
         return self.make_output(request, [token_id])
     # --8<-- [end:process_token]
 
-    def abort(self, request: Request) -> RequestOutput:
+    def abort(self, request: Request, error: str | None = None) -> RequestOutput:
+        """End the request now; `error` says why when it failed rather than was cancelled."""
         self._finish(request, "abort")
-        return self.make_output(request, [])
+        output = self.make_output(request, [])
+        output.error = error
+        return output
 
     def make_output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
         """The full output so far plus the text that became safe to show in this step."""

@@ -4,28 +4,45 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from serve.engine.page_allocator import PageTable
 from serve.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # queued, never run
+    RUNNING = "running"  # holds pages; computes tokens every step
+    PREEMPTED = "preempted"  # gave its pages back; waits at the front of the queue to recompute
     FINISHED = "finished"
 
 
+# --8<-- [start:request]
 @dataclass
 class Request:
-    """Everything the engine knows about one request: its tokens so far and its rules."""
+    """Everything the engine knows about one request: its tokens, its progress and its pages.
+
+    `num_computed_tokens` counts the tokens whose K and V are in the cache. The tokens still to
+    compute are all_token_ids[num_computed_tokens:]: the whole prompt when the request is
+    admitted, then the one token sampled last step. A preempted request drops back to 0 and
+    recomputes its prompt and everything it generated in one prefill.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    max_tokens: int  # the most output tokens it may produce (resolved, never None)
+    sampling_seed: int  # its own seed, or one the engine drew for it
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""  # detokenized output, cut at a stop string once one is found
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" or "length" (OpenAI's names), "abort"
+    num_computed_tokens: int = 0
+    page_table: PageTable | None = None  # set while the request holds pages
+    num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+# --8<-- [end:request]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -39,9 +56,21 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_from(self, start: int) -> list[int]:
+        """all_token_ids[start:] without building the whole list (a decode needs one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt :]
+        return self.prompt_token_ids[start:] + self.output_token_ids
+
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def started(self) -> bool:
+        """It has produced output (a preempted request has; a waiting one has not)."""
+        return bool(self.output_token_ids)
 
 
 @dataclass
@@ -56,7 +85,10 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """What one step did for one request: the full output so far, plus this step's new part."""
+    """What one step did for one request: the full output so far, plus this step's new part.
+
+    `error` is set when the request failed on its own (the engine goes on with the others).
+    """
 
     request_id: str
     prompt: str | None
@@ -65,6 +97,7 @@ class RequestOutput:
     finished: bool
     new_text: str = ""  # text that became final in this step (for streaming)
     new_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def text(self) -> str:

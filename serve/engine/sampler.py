@@ -1,71 +1,135 @@
-"""Turn the last position's logits into the next token, per request's SamplingParams."""
+"""Turn each sampled row's logits into the next token, per its request's SamplingParams.
+
+The randomness is a pure function of (request seed, position, token id): a counter-based hash
+gives every candidate token its own Exp(1) noise, and argmax(p / noise) draws from p (the
+exponential race, a form of the Gumbel-max trick). So a request samples the same tokens
+whichever requests share its batch, however many steps ran before, and after a preemption
+that made it recompute: nothing depends on a generator's state.
+"""
+
+from dataclasses import dataclass
 
 import torch
 
 from serve.sampling_params import SamplingParams
 
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+TOKEN_SALT = 0x9E3779B1  # spreads neighbouring token ids over all 32 bits before mixing
+
+
+def _splitmix64(x: int) -> int:
+    """A 64-bit integer hash (SplitMix64's finalizer), on the host."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def noise_key(seed: int, position: int) -> int:
+    """The 32-bit key of the noise that samples the token at `position` of a seeded request."""
+    return _splitmix64(_splitmix64(seed & MASK64) ^ position) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash, elementwise on int64 tensors holding values below 2**32
+    (each product stays below 2**59, so int64 never overflows)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
+
+
+def exponential_noise(keys: torch.Tensor, salted_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] float32 Exp(1) noise: row r, token t gets a hash of (keys[r], t)."""
+    bits = _mix32(keys[:, None] ^ salted_ids[None, :])
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # 24 bits, strictly inside (0, 1)
+    return -torch.log(uniform)
+
+
+@dataclass
+class SamplingTensors:
+    """Every sampled row's rules as tensors, built on the host once per step."""
+
+    temperature: torch.Tensor  # [rows] float32 (1 for greedy rows, which ignore it)
+    top_k: torch.Tensor  # [rows] int64, the vocabulary size where top-k is off
+    top_p: torch.Tensor  # [rows] float32
+    min_p: torch.Tensor  # [rows] float32
+    is_greedy: torch.Tensor  # [rows] bool
+    noise_keys: torch.Tensor  # [rows] int64: noise_key(seed, position) per row
+    all_greedy: bool  # host flags that let the sampler skip work nobody asked for
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], seeds: list[int], positions: list[int], vocab: int
+    ) -> "SamplingTensors":
+        """positions[r]: the position of the token row r samples (its sequence's length)."""
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        return cls(
+            temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params],
+                                     dtype=torch.float32),
+            top_k=torch.tensor(top_k, dtype=torch.int64),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
+            is_greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool),
+            noise_keys=torch.tensor([noise_key(s, pos) for s, pos in zip(seeds, positions,
+                                                                          strict=True)],
+                                    dtype=torch.int64),
+            all_greedy=all(p.greedy for p in params),
+            any_top_k=any(k < vocab for k in top_k),
+            any_top_p=any(p.top_p < 1.0 for p in params),
+            any_min_p=any(p.min_p > 0.0 for p in params),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in
+                ("temperature", "top_k", "top_p", "min_p", "is_greedy", "noise_keys")}
+
 
 class Sampler:
-    """Greedy, temperature, top-k, top-p and min-p; seeded requests draw from their own generator.
+    """Greedy, temperature, top-k, top-p and min-p, with position-keyed noise."""
 
-    Each sampled row draws its own noise, so a seeded request gets the same tokens whichever other
-    requests share its batch.
-    """
-
-    def __init__(self, device: torch.device, seed: int) -> None:
-        self.device = device
-        self.shared_generator = torch.Generator(device=device).manual_seed(seed)
-
-    def new_generator(self, params: SamplingParams) -> torch.Generator:
-        """The generator a request samples with: its own when seeded, else the shared one."""
-        if params.seed is None:
-            return self.shared_generator
-        return torch.Generator(device=self.device).manual_seed(params.seed)
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
+        self.salted_ids = ids * TOKEN_SALT & MASK32  # [vocab], computed once
 
     # --8<-- [start:sample]
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        generators: list[torch.Generator],
-    ) -> torch.Tensor:
-        # logits: [num_rows, vocab_size] float32 -> token ids [num_rows]
+    def __call__(self, logits: torch.Tensor, rows: SamplingTensors) -> torch.Tensor:
+        # logits: [rows, vocab] float32 -> token ids [rows]
         greedy = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
+        if rows.all_greedy:
             return greedy
-        probs = self._filtered_probs(logits, params)
-        # Gumbel-style sampling: argmax(p / Exp(1) noise) draws from p without a CDF search.
-        # Unseeded rows share one draw; a seeded row draws its own, from its own generator.
-        noise = torch.empty_like(probs).exponential_(generator=self.shared_generator)
-        for row, generator in enumerate(generators):
-            if generator is not self.shared_generator:
-                noise[row].exponential_(generator=generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled)
+        probs = filtered_probs(logits, rows)
+        noise = exponential_noise(rows.noise_keys, self.salted_ids)
+        sampled = (probs / noise).argmax(dim=-1)  # the exponential race draws from probs
+        return torch.where(rows.is_greedy, greedy, sampled)
     # --8<-- [end:sample]
 
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Softmax at each row's temperature, with top-k, top-p and min-p applied."""
-        device = logits.device
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-        logits = logits / temperature[:, None]
-        vocab = logits.shape[-1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        min_p = torch.tensor([p.min_p for p in params], device=device)
 
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=device)[None, :]
-        sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the tokens ranked above it already cover top_p (always keep one)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        # top_p == 1 keeps everything: float32 cumsum can reach 1.0 before the tail does
-        drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        too_unlikely = sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-        sorted_probs = sorted_probs.masked_fill(too_unlikely, 0.0)
-        return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+def filtered_probs(logits: torch.Tensor, rows: SamplingTensors) -> torch.Tensor:
+    """Softmax at each row's temperature, with top-k, top-p and min-p applied."""
+    logits = logits / rows.temperature[:, None]
+    if rows.any_top_k or rows.any_top_p:
+        logits = _top_k_top_p(logits, rows.top_k, rows.top_p)
+    probs = logits.softmax(dim=-1)
+    if rows.any_min_p:
+        top = probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < rows.min_p[:, None] * top, 0.0)
+    return probs
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Logits outside each row's top k, or outside the smallest set covering top_p, become -inf.
+    The most likely token always stays, so no row is left with nothing to sample."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # drop a token once the tokens ranked above it already cover top_p; top_p == 1 keeps all
+    # (a float32 cumsum can reach 1.0 before the tail does)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0) & (rank > 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)

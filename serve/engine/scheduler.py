@@ -1,73 +1,134 @@
-"""Stage 2's scheduler: a FIFO of waiting requests, admitted a whole batch at a time by pages."""
+"""Iteration-level scheduling (Orca): every step decides afresh which requests run.
 
-import time
+Requests join the running batch as soon as pages and the step's token budget allow, and leave
+it the step they finish. When decoding needs a page and none is free, the most recently admitted
+request is preempted: it gives all its pages back and waits at the front of the queue, to
+recompute its prompt and its output so far when pages free up (vLLM's preemption by recompute).
+"""
+
 from collections import deque
+from dataclasses import dataclass, field
 
-from serve.engine.page_allocator import PageAllocator, PageTable
-from serve.engine.request import Request
+from serve.engine.page_allocator import PageAllocator
+from serve.engine.request import Request, RequestStatus
+
+WATERMARK = 0.01  # share of the pool kept free at admission, so running requests can grow
 
 
-# --8<-- [start:scheduler]
+@dataclass
+class ScheduledRequest:
+    """One request's part of a step: it computes its next num_new_tokens tokens."""
+
+    request: Request
+    num_new_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """The requests of one step (running ones first, then newly admitted), and who was
+    preempted to make room."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
 class Scheduler:
-    """Decides which waiting requests form the next batch, and when.
-
-    A new batch starts when the previous one has finished. It admits waiting requests oldest
-    first for as long as the pool can promise each one pages for its prompt plus its max_tokens,
-    and the prompts fit in one prefill (max_num_batched_tokens). max_batch_size is only an upper
-    bound; memory decides. With batch_wait_ms > 0 it first waits that long after the oldest
-    request arrived, so that requests arriving close together share a batch.
-    """
+    """Owns the waiting queue and the running batch; hands out pages to both."""
 
     def __init__(
-        self,
-        allocator: PageAllocator,
-        max_model_len: int,
-        max_batch_size: int,
-        max_num_batched_tokens: int,
-        batch_wait_ms: float,
+        self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int
     ) -> None:
         self.allocator = allocator
-        self.max_model_len = max_model_len
-        self.max_batch_size = max_batch_size
+        self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.batch_wait_s = batch_wait_ms / 1e3
+        self.watermark_pages = int(WATERMARK * allocator.num_pages)
         self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0  # since the engine started
 
-    def max_tokens_of(self, request: Request) -> int:
-        """The most tokens the request can ever hold in the KV cache."""
-        max_new = request.params.max_tokens or self.max_model_len
-        return min(request.num_prompt_tokens + max_new, self.max_model_len)
-
-    def next_batch(self) -> tuple[list[Request], list[PageTable]]:
-        """Pop the requests of the next batch, oldest first, each with its page table."""
-        requests, tables, prompt_tokens = [], [], 0
-        while self.waiting and len(requests) < self.max_batch_size:
+    # --8<-- [start:schedule]
+    def schedule(self) -> SchedulerOutput:
+        """This step's requests: every running request decodes one token, then waiting requests
+        are admitted, oldest first, while the token budget, max_num_seqs and free pages allow."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        queue = list(self.running)  # running requests not yet given a slot this step
+        while queue and budget > 0:
+            request = queue.pop(0)
+            # The token sampled last step is computed now; its K/V may need a fresh page.
+            while not request.page_table.grow_to(request.num_tokens):
+                victim = queue.pop() if queue else request  # the most recently admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                num_new = request.num_tokens - request.num_computed_tokens
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+        if out.preempted:
+            return out  # pages are short: admitting now would only preempt again
+        while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            prompt_tokens += request.num_prompt_tokens
-            if requests and prompt_tokens > self.max_num_batched_tokens:
-                break
-            table = self.allocator.reserve(self.max_tokens_of(request))
-            if table is None:
-                break  # out of pages: this batch admits fewer requests
-            requests.append(self.waiting.popleft())
-            tables.append(table)
-        return requests, tables
-    # --8<-- [end:scheduler]
+            num_new = request.num_tokens  # the prompt, plus any output a preemption discarded
+            if num_new > budget or not self._can_admit(request):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            request.page_table.grow_to(request.num_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        return out
+    # --8<-- [end:schedule]
+
+    def _can_admit(self, request: Request) -> bool:
+        """Its prompt's pages are free, and a watermark stays free for the running requests to
+        grow into (an idle engine admits without it, so a request that fits the pool runs)."""
+        needed = request.page_table.num_missing_pages(request.num_tokens)
+        reserve = self.watermark_pages if self.running else 0
+        return needed + reserve <= self.allocator.num_free_pages
+
+    def _preempt(self, request: Request) -> None:
+        request.page_table.release()
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(request)
+        self.waiting.appendleft(request)
 
     def add(self, request: Request) -> None:
+        request.page_table = self.allocator.new_table()
         self.waiting.append(request)
 
-    def remove(self, request_id: str) -> Request | None:
-        """Take a waiting request out of the queue (an abort); None if it is not waiting."""
-        for request in self.waiting:
+    def finish(self, request: Request) -> None:
+        """A finished request leaves the batch and gives its pages back at once."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.page_table.release()
+
+    def find(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, waiting or running."""
+        for request in (*self.running, *self.waiting):
             if request.request_id == request_id:
-                self.waiting.remove(request)
                 return request
         return None
 
-    def seconds_until_ready(self) -> float:
-        """How long to wait before the next batch should start (0: now)."""
-        if len(self.waiting) >= self.max_batch_size or not self.waiting:
-            return 0.0
-        waited = time.monotonic() - self.waiting[0].arrival_time
-        return max(0.0, self.batch_wait_s - waited)
+    def waiting_never_started(self) -> list[Request]:
+        """Queued requests that have not produced a token (a preempted one has)."""
+        return [r for r in self.waiting if not r.started]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)

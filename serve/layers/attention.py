@@ -1,19 +1,28 @@
-"""The attention layer: hands q, k, v to the step's attention backend, which owns the KV pool."""
+"""The attention layer: this layer's slice of the KV pool, and the backend that attends over it."""
 
 import torch
 from torch import nn
 
-from serve.attention.metadata import StepMetadata
+from serve.attention.base import AttentionBackend
+from serve.attention.metadata import AttentionMetadata
 
 
 class Attention(nn.Module):
+    """Has no weights. The model runner binds it to the attention backend and to this layer's
+    pages of the KV pool once the pool exists (`bind`)."""
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
+        self.backend: AttentionBackend | None = None
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bind(self, backend: AttentionBackend, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.backend, self.kv_cache = backend, kv_cache
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        return meta.backend.forward(self.layer_idx, q, k, v, meta)
+        return self.backend.forward(q, k, v, self.kv_cache, meta)

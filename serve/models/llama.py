@@ -7,7 +7,7 @@ this one. Module names follow the Hugging Face checkpoints so weights load by na
 import torch
 from torch import nn
 
-from serve.attention.metadata import StepMetadata
+from serve.attention.metadata import AttentionMetadata
 from serve.layers.activation import silu_and_mul
 from serve.layers.attention import Attention
 from serve.layers.linear import MergedLinear
@@ -38,7 +38,7 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: StepMetadata
+        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -77,7 +77,7 @@ class LlamaDecoderLayer(nn.Module):
         positions: torch.Tensor,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        meta: StepMetadata,
+        meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Pre-norm: the residual stream is carried alongside and added inside the next norm.
         if residual is None:
@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
@@ -126,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
-from serve.server.metrics import log_while_busy, metrics_registry
+from serve.server.metrics import ServerMetrics, log_while_busy
 from serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -43,7 +43,8 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
     """
     served_name = model_name or engine.model_name
     created = int(time.time())
-    registry = metrics_registry(engine.engine)
+    metrics = ServerMetrics()
+    engine.add_stats_listener(metrics.record)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,8 +62,8 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
         return Response(status_code=200 if engine.is_healthy else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

@@ -10,7 +10,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 
 from serve.engine.async_engine import AsyncEngine
-from serve.engine.errors import PromptTooLongError
+from serve.engine.errors import InvalidRequestError, PromptTooLongError
+from serve.engine.input_processor import Prompt
 from serve.engine.request import RequestOutput
 from serve.sampling_params import SamplingParams
 from serve.server.protocol import APIError, Usage
@@ -53,7 +54,7 @@ class Generation:
     async def start(
         cls,
         engine: AsyncEngine,
-        prompts: list[str | list[int]],
+        prompts: list[Prompt],
         params: SamplingParams,
         request_id: str,
         prompt_field: str,
@@ -73,6 +74,9 @@ class Generation:
         await cls(generators, []).close()  # abort the prompts the engine did accept
         if isinstance(error, PromptTooLongError):
             raise APIError(str(error), param=prompt_field, code="context_length_exceeded")
+        if isinstance(error, InvalidRequestError):
+            param = prompt_field if error.param in (None, "prompt") else error.param
+            raise APIError(str(error), param=param)
         if isinstance(error, ValueError):
             raise APIError(str(error), param=prompt_field)
         raise error

@@ -1,101 +1,101 @@
-"""Memory made visible: KV pages in use and requests in flight, for `GET /metrics` and the log.
+"""Prometheus metrics for `GET /metrics`, and the engine-state log line.
 
-Nothing is counted as it happens. The numbers are read from the engine when Prometheus scrapes or
-a log line is due, so the engine's step loop does no extra work for them.
+The engine publishes an EngineStats snapshot after every step (AsyncEngine calls `record` on its
+loop thread); nothing here reads the engine itself. Names follow vLLM's under our prefix, so
+dashboards built for vLLM need only the prefix changed.
 """
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from serve.engine.stats import EngineStats
 
 if TYPE_CHECKING:
     from serve.engine.async_engine import AsyncEngine
-    from serve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 10.0  # how often the server logs the engine's state while it is busy
+PREFIX = "nanoserve:"
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-# --8<-- [start:engine_state]
-@dataclass(frozen=True)
-class EngineState:
-    """What the pool and the queue hold right now."""
+# --8<-- [start:metrics]
+class ServerMetrics:
+    """Every metric of one app, in a registry of its own (not prometheus_client's global one,
+    so that several apps in one process, as in the tests, each report their own engine)."""
 
-    pages_used: int  # held by a request (pages only promised to one are still free)
-    pages_total: int
-    num_running: int
-    num_waiting: int
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
 
-    @classmethod
-    def read(cls, engine: "LLMEngine") -> "EngineState":
-        # Called from the server's event loop while the engine's own thread steps, with no lock:
-        # each value is a plain int or a len(), which CPython reads whole, so a reading is never
-        # torn, only up to one step stale (and two values may come from neighbouring steps).
-        allocator = engine.allocator
-        return cls(
-            pages_used=allocator.num_pages - allocator.num_free_pages,
-            pages_total=allocator.num_pages,
-            num_running=engine.num_running,
-            num_waiting=len(engine.scheduler.waiting),
-        )
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=registry)
 
-    @property
-    def usage(self) -> float:
-        """The share of the pool in use, 0 to 1 (vLLM's kv_cache_usage)."""
-        return self.pages_used / self.pages_total if self.pages_total else 0.0
+        self.running = gauge(f"{PREFIX}num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge(f"{PREFIX}num_requests_waiting",
+                             "Requests queued, preempted ones included.")
+        self.kv_usage = gauge(f"{PREFIX}kv_cache_usage_perc", "KV cache pages in use, 0 to 1.")
+        self.pages_total = gauge("nanoserve_kv_pages_total", "KV cache pages in the pool.")
+        self.pages_used = gauge("nanoserve_kv_pages_used", "KV cache pages held by requests.")
+        self.preemptions = Counter(f"{PREFIX}num_preemptions",
+                                   "Requests preempted (they recompute later).", registry=registry)
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens prefilled.",
+                                     registry=registry)
+        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.",
+                                         registry=registry)
+        self.request_success = Counter(f"{PREFIX}request_success", "Requests finished.",
+                                       ["finished_reason"], registry=registry)
+        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds",
+                              "From arrival to the first token.", buckets=TTFT_BUCKETS_S,
+                              registry=registry)
+        self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds",
+                             "Between two tokens of one request.", buckets=ITL_BUCKETS_S,
+                             registry=registry)
+        self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds",
+                             "From arrival to the last token.", buckets=E2E_BUCKETS_S,
+                             registry=registry)
 
-    def __str__(self) -> str:
-        return (f"KV pages {self.pages_used}/{self.pages_total} used ({self.usage:.1%}), "
-                f"{self.num_running} running, {self.num_waiting} waiting")
-# --8<-- [end:engine_state]
-
-
-class EngineCollector(Collector):
-    """Prometheus gauges read from the engine at scrape time."""
-
-    def __init__(self, engine: "LLMEngine") -> None:
-        self.engine = engine
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = EngineState.read(self.engine)
-        yield GaugeMetricFamily(
-            "nanoserve_kv_pages_total", "KV cache pages in the pool.", value=state.pages_total)
-        yield GaugeMetricFamily(
-            "nanoserve_kv_pages_used", "KV cache pages held by requests.", value=state.pages_used)
-        yield GaugeMetricFamily(
-            "nanoserve_kv_cache_usage_ratio", "KV cache pages in use, 0 to 1.", value=state.usage)
-        yield GaugeMetricFamily(
-            "nanoserve_requests_running", "Requests being generated.", value=state.num_running)
-        yield GaugeMetricFamily(
-            "nanoserve_requests_waiting", "Requests queued for a batch.", value=state.num_waiting)
-
-
-def metrics_registry(engine: "LLMEngine") -> CollectorRegistry:
-    """A registry of the engine's gauges. One per app, not prometheus_client's global REGISTRY,
-    so that several apps in one process (the tests) each report their own engine."""
-    registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
-    return registry
+    def record(self, stats: EngineStats) -> None:
+        """Take in one snapshot (called on the engine's loop thread; prometheus_client's
+        metrics are thread-safe)."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.pages_total.set(stats.num_pages_total)
+        self.pages_used.set(stats.num_pages_used)
+        self.preemptions.inc(stats.num_preemptions)
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        for seconds in stats.time_to_first_token_s:
+            self.ttft.observe(seconds)
+        for seconds in stats.inter_token_latency_s:
+            self.itl.observe(seconds)
+        for finished in stats.finished:
+            self.request_success.labels(finished_reason=finished.finish_reason).inc()
+            self.e2e.observe(finished.e2e_latency_s)
+# --8<-- [end:metrics]
 
 
-def log_engine_state(engine: "LLMEngine") -> str:
+def log_engine_state(stats: EngineStats) -> str:
     """Log one line such as "KV pages 120/4096 used (2.9%), 3 running, 0 waiting"; return it."""
-    line = str(EngineState.read(engine))
+    line = str(stats)
     logger.info(line)
     return line
 
 
 async def log_while_busy(engine: "AsyncEngine", interval_s: float = LOG_INTERVAL_S) -> None:
-    """Log the engine's state every interval_s while it has unfinished requests, until cancelled.
+    """Log the engine's latest snapshot every interval_s while it has requests, until cancelled.
     An idle server stays quiet."""
     while True:
         await asyncio.sleep(interval_s)
-        if engine.has_unfinished_requests():
-            log_engine_state(engine.engine)
+        stats = engine.latest_stats
+        if stats is not None and (stats.num_running or stats.num_waiting):
+            log_engine_state(stats)

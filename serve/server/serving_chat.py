@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: render the conversation with the chat template, then generate."""
+"""POST /v1/chat/completions: answer a conversation rendered with the model's chat template."""
 
 import logging
 import time
@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
+from serve.engine.input_processor import ChatPrompt
 from serve.engine.request import RequestOutput
 from serve.server.generation import (
     SSE_DONE,
@@ -19,7 +20,6 @@ from serve.server.generation import (
     usage_of,
 )
 from serve.server.protocol import (
-    APIError,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -35,29 +35,15 @@ from serve.server.validation import check_request
 logger = logging.getLogger(__name__)
 
 
-def render_chat(request: ChatCompletionRequest, engine: AsyncEngine) -> list[int]:
-    """The prompt's token ids: the chat template's text, ending with the assistant's header."""
-    tokenizer = engine.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise APIError(
-            "this model has no chat template; use /v1/completions instead", param="messages"
-        )
-    try:
-        # The template already holds every special token, so none are added while tokenizing.
-        return tokenizer.apply_chat_template(
-            request.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    except Exception as error:  # the template rejects the conversation (jinja2 raises its own)
-        raise APIError(f"cannot apply the chat template: {error}", param="messages") from error
-
-
 async def create_chat_completion(
     request: ChatCompletionRequest, raw_request: Request, engine: AsyncEngine, model_name: str
 ) -> Response:
     params = check_request(request, model_name)
-    prompt_token_ids = render_chat(request, engine)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = await Generation.start(engine, [prompt_token_ids], params, request_id, "messages")
+    # The chat template is rendered off the event loop, with the tokenizing (AsyncEngine).
+    prompt = ChatPrompt(request.conversation())
+    start = Generation.start(engine, [prompt], params, request_id, "messages")
+    generation = await cancel_on_disconnect(raw_request, start)  # it may wait in the queue
     head = {"id": request_id, "created": int(time.time()), "model": model_name}
     if request.stream:
         return sse_response(_stream_chat(generation, head, request.include_usage), generation)

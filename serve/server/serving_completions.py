@@ -40,7 +40,8 @@ async def create_completion(
     if not prompts:
         raise APIError("prompt must not be empty", param="prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = await Generation.start(engine, prompts, params, request_id, "prompt")
+    start = Generation.start(engine, prompts, params, request_id, "prompt")
+    generation = await cancel_on_disconnect(raw_request, start)  # it may wait in the queue
     head = {"id": request_id, "created": int(time.time()), "model": model_name}
     if request.stream:
         textless = engine.tokenizer is None
