@@ -2,13 +2,13 @@
 
 import argparse
 import logging
-
-import uvicorn
+import sys
 
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
+from serve.server.lifecycle import run_server
 
 
 # --8<-- [start:parser]
@@ -55,12 +55,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="the model name clients send and /v1/models reports (default: --model)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=256,
-        help="most requests in one batch (an upper bound: free KV pages decide how many fit)",
+        "--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=int, default=256,
+        help="most requests running at once (an upper bound: free KV pages decide how many fit)",
     )
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=None,
-        help="most prompt tokens one prefill step may hold (default: max(32768, max model len))",
+        help="most tokens one step may compute, prompts and decodes together "
+        "(default: max(16384, max model len))",
     )
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     parser.add_argument(
@@ -77,8 +78,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="auto: flashinfer on CUDA when installed, else torch",
     )
     parser.add_argument(
-        "--batch-wait-ms", type=float, default=0.0,
-        help="how long a new batch waits for more requests before it starts",
+        "--batch-wait-ms", type=float, default=None,
+        help="ignored: requests join the running batch at every step (kept so that old "
+        "command lines still start)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=30.0,
+        help="on SIGTERM, how long running requests may take to finish before they are ended",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -97,8 +103,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         max_model_len=args.max_model_len,
         seed=args.seed,
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -110,7 +115,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.batch_wait_ms is not None:
+        logging.getLogger(__name__).warning(
+            "--batch-wait-ms has no effect: requests join the running batch at every step")
     engine = AsyncEngine(LLMEngine(engine_config(args)))
     app = build_app(engine, model_name=args.served_model_name)
-    # The app's lifespan starts the engine's loop thread and stops it on Ctrl-C.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # The app's lifespan starts the engine's loop thread and stops it at shutdown.
+    sys.exit(run_server(app, engine, args.host, args.port, args.log_level,
+                        args.shutdown_timeout))

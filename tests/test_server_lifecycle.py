@@ -1,0 +1,250 @@
+"""The server under stress: graceful shutdown, engine failure, slow inputs, clients that leave.
+
+Each test runs a real uvicorn server (in a thread, or as `python -m serve` in a subprocess for
+the signal test) around the tiny random Qwen3 from conftest.py.
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.config import EngineConfig
+from serve.demo_model import build_model_dir
+from serve.engine.async_engine import AsyncEngine
+from serve.engine.llm_engine import LLMEngine
+from serve.server.app import build_app
+from serve.server.lifecycle import run_server
+from tests.helpers import wait_until
+from tests.test_server_openai_client import ServerThread
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metric(base_url: str, name: str, **labels) -> float:
+    text = httpx.get(f"{base_url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def stream_events(base_url: str, body: dict, events: list, first: threading.Event,
+                  times: list | None = None) -> None:
+    """POST a streamed completion and collect its SSE payloads (the raw JSON dicts), and the
+    time each arrived in `times`."""
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True},
+                      timeout=60) as response:
+        events.append(response.status_code)
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[len("data: "):]))
+                if times is not None:
+                    times.append(time.monotonic())
+                first.set()
+            elif line == "data: [DONE]":
+                events.append("[DONE]")
+    first.set()
+
+
+def make_engine(model_dir: str, **config) -> AsyncEngine:
+    return AsyncEngine(LLMEngine(EngineConfig(model=model_dir, dtype="float32", device="cpu",
+                                              **config)))
+
+
+@pytest.fixture(scope="module")
+def long_context_dir(tmp_path_factory, tokenizer) -> str:
+    """The tiny Qwen3 with room for 4,096 tokens: a request that would run for many seconds."""
+    return str(build_model_dir(tmp_path_factory.mktemp("long-qwen3"), "qwen3", tokenizer,
+                               max_position_embeddings=4096))
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_exits_zero(long_context_dir):
+    """Two requests run (max_num_seqs=2), two wait. SIGTERM: the waiting ones get 503 at once,
+    the short running one finishes, the long one is ended at the deadline with an error event,
+    and the process exits 0 soon after --shutdown-timeout."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--model", long_context_dir, "--port", str(port),
+         "--device", "cpu", "--max-num-seqs", "2", "--shutdown-timeout", "1.5",
+         "--log-level", "warning"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert wait_until(lambda: _healthy(base_url), timeout=60), "the server did not start"
+        long, short = [], []
+        long_started, short_started = threading.Event(), threading.Event()
+        threads = [
+            threading.Thread(target=stream_events, args=(
+                base_url, {"prompt": "def main():", "ignore_eos": True, "max_tokens": None},
+                long, long_started)),
+            threading.Thread(target=stream_events, args=(
+                base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": 120}, short,
+                short_started)),
+        ]
+        for thread in threads:
+            thread.start()
+        assert long_started.wait(30) and short_started.wait(30)
+        queued = []
+
+        def queue_one() -> None:
+            response = httpx.post(f"{base_url}/v1/completions", timeout=60,
+                                  json={"prompt": "y", "max_tokens": 5})
+            queued.append((response.status_code, response.json()))
+
+        waiters = [threading.Thread(target=queue_one) for _ in range(2)]
+        for thread in waiters:
+            thread.start()
+        assert wait_until(lambda: metric(base_url, "nanoserve:num_requests_waiting") == 2, 30)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        for thread in waiters:
+            thread.join(timeout=10)
+        assert [status for status, _ in queued] == [503, 503]  # at once, not after the drain
+        assert all("shutting down" in body["error"]["message"] for _, body in queued)
+        assert server.wait(timeout=20) == 0
+        elapsed = time.monotonic() - signalled
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        server.kill()
+    assert 1.5 <= elapsed < 1.5 + 6
+    assert short[-2]["choices"][0]["finish_reason"] == "length"  # finished within the timeout
+    assert "error" in long[-2] and "shut down" in long[-2]["error"]["message"]
+    assert long[-1] == short[-1] == "[DONE]"
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_an_engine_failure_fails_requests_and_exits_nonzero(qwen3_dir, monkeypatch):
+    engine = make_engine(qwen3_dir)
+
+    def broken_step():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.engine, "step", broken_step)
+    port = free_port()
+    exit_code = []
+    thread = threading.Thread(target=lambda: exit_code.append(run_server(
+        build_app(engine, model_name="m"), engine, "127.0.0.1", port, "warning", 5.0)))
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: _healthy(base_url), timeout=30)
+    response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 3},
+                          timeout=30)
+    assert response.status_code == 503 and response.json()["error"]["message"]
+    thread.join(timeout=30)
+    assert exit_code == [1]  # a supervisor restarts it; it never sits half-alive
+    assert engine.status == "dead"
+
+
+@pytest.fixture
+def server(qwen3_dir):
+    engine = make_engine(qwen3_dir, max_num_seqs=1)
+    with ServerThread(build_app(engine, model_name="m")) as server:
+        yield f"http://127.0.0.1:{server.port}", engine
+
+
+def test_a_slow_chat_template_delays_neither_health_nor_streams(server, monkeypatch):
+    base_url, engine = server
+    render = engine.engine.input_processor.render_chat
+
+    def slow_render(messages):
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # busy, like a template over a 10 MB message
+            pass
+        return render(messages)
+
+    monkeypatch.setattr(engine.engine.input_processor, "render_chat", slow_render)
+    events, started, times = [], threading.Event(), []
+    stream = threading.Thread(target=stream_events, args=(
+        base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": 500}, events, started, times))
+    chat = threading.Thread(target=lambda: httpx.post(
+        f"{base_url}/v1/chat/completions", timeout=30,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+    stream.start()
+    assert started.wait(10)
+    chat.start()
+    latencies = []
+    for _ in range(10):
+        start = time.monotonic()
+        assert httpx.get(f"{base_url}/health", timeout=5).status_code == 200
+        latencies.append(time.monotonic() - start)
+        time.sleep(0.1)
+    chat.join(timeout=30)
+    stream.join(timeout=30)
+    assert max(latencies) < 0.5
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    # the stream kept flowing while the template ran (max_num_seqs=1: the chat waited its turn)
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 0.5
+
+
+def test_a_client_that_leaves_while_queued_costs_no_prefill(server):
+    base_url, engine = server
+    events, started = [], threading.Event()
+    running = threading.Thread(target=stream_events, args=(
+        base_url, {"prompt": "def f():", "ignore_eos": True, "max_tokens": 400}, events, started))
+    running.start()
+    assert started.wait(10)
+    prompt_tokens = metric(base_url, "nanoserve:prompt_tokens_total")
+    # max_num_seqs=1: this one queues. Send it by hand, then hang up while it waits.
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("POST", "/v1/completions", body=json.dumps(
+        {"prompt": "a long wait", "max_tokens": 5}), headers={"Content-Type": "application/json"})
+    assert wait_until(lambda: metric(base_url, "nanoserve:num_requests_waiting") == 1)
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert wait_until(lambda: metric(base_url, "nanoserve:num_requests_waiting") == 0)
+    assert wait_until(lambda: metric(base_url, "nanoserve:request_success_total",
+                                     finished_reason="abort") == 1)
+    running.join(timeout=30)
+    # The leaver was never prefilled: only the running request's prompt was counted.
+    assert metric(base_url, "nanoserve:prompt_tokens_total") == prompt_tokens
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_abort_storm_leaves_no_pages_or_requests_behind(qwen3_dir):
+    engine = make_engine(qwen3_dir, num_pages=16, page_size=4, max_model_len=64)
+    with ServerThread(build_app(engine, model_name="m")) as server:
+        base_url = f"http://127.0.0.1:{server.port}"
+
+        def leave_after_two_chunks(i: int) -> None:
+            body = {"prompt": f"x = {i}", "ignore_eos": True, "max_tokens": 50, "stream": True}
+            with httpx.stream("POST", f"{base_url}/v1/completions", json=body,
+                              timeout=60) as response:
+                for n, _ in enumerate(response.iter_lines()):
+                    if n >= 3:
+                        break  # leaving the block closes the connection mid-stream
+
+        threads = [threading.Thread(target=leave_after_two_chunks, args=(i,)) for i in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert wait_until(lambda: not engine.has_unfinished_requests(), timeout=30)
+        assert wait_until(lambda: metric(base_url, "nanoserve_kv_pages_used") == 0)
+        assert metric(base_url, "nanoserve:num_requests_running") == 0
+        assert metric(base_url, "nanoserve:num_requests_waiting") == 0
+        assert metric(base_url, "nanoserve:num_preemptions_total") > 0
