@@ -49,10 +49,15 @@ class Sampler:
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Softmax at each row's temperature, with top-k, top-p and min-p applied."""
         device = logits.device
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        # a greedy row (temperature below SAMPLING_EPS) is taken from the argmax, not from here:
+        # dividing by its tiny temperature would only fill the row with inf and NaN
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params],
+                                   device=device)
         logits = logits / temperature[:, None]
         vocab = logits.shape[-1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        # top_k may be any int (2**63, say): clamp it before it becomes an int64
+        top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params],
+                             device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         min_p = torch.tensor([p.min_p for p in params], device=device)
 
@@ -64,6 +69,7 @@ class Sampler:
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         # top_p == 1 keeps everything: float32 cumsum can reach 1.0 before the tail does
         drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        drop[:, 0] = False  # the most likely token stays even when top_p rounds to 0.0 (1e-300)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         too_unlikely = sorted_probs < min_p[:, None] * sorted_probs[:, :1]
