@@ -1,9 +1,11 @@
 """Hostile and extreme request bodies, one regression test per defect found: every invalid field
-named at once, numbers the sampler cannot represent. The engine is the real one on the tiny
-random Qwen3 (CPU)."""
+named at once, numbers the sampler cannot represent, a body too large, a response shape that
+strict OpenAI schemas accept. The engine is the real one on the tiny random Qwen3 (CPU)."""
 
 import json
 
+import openai.types as oai
+import openai.types.chat as oai_chat
 import pytest
 from fastapi.testclient import TestClient
 
@@ -12,6 +14,7 @@ from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from serve.server.app import build_app
+from serve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from serve.server.fields import MAX_PROMPTS
 
 MODEL = "tiny-qwen3"
@@ -51,7 +54,7 @@ def tokens_of(client, **body) -> str:
 
 
 def still_serves(client) -> None:
-    assert client.get("/health").status_code == 200
+    assert client.get("/health").json() == {"status": "ok"}
     tokens_of(client, max_tokens=2)
 
 
@@ -208,3 +211,67 @@ def test_stop_strings_at_the_bounds_are_accepted(client):
     stop = ["never-appears"] * (MAX_STOP_STRINGS - 1) + ["z" * MAX_STOP_STRING_CHARS]
     body = {"prompt": "x", "max_tokens": 2, "stop": stop, "stop_token_ids": [0] * 1024}
     assert client.post("/v1/completions", json=body).status_code == 200
+
+
+# -- body size ------------------------------------------------------------------------------------
+
+
+def ten_mb_body() -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "x" * 10_000_000, "max_tokens": 1}).encode()
+
+
+def test_a_10_mb_body_gets_413(client):
+    error = error_of(post_raw(client, ten_mb_body()), status=413)
+    assert error["type"] == "RequestTooLargeError"
+    assert f"limit of {DEFAULT_MAX_REQUEST_BYTES} bytes" in error["message"]
+    still_serves(client)
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(client):
+    body = ten_mb_body()
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # no Content-Length
+    error = error_of(client.post("/v1/chat/completions", content=chunks, headers=JSON), 413)
+    assert error["type"] == "RequestTooLargeError"
+
+
+def test_the_limit_is_configurable(engine):
+    # Not `with`: running this app's lifespan would stop the engine the other tests share.
+    small = TestClient(build_app(engine, model_name=MODEL, max_request_bytes=100))
+    assert small.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).is_success
+    error = error_of(small.post("/v1/completions", json={"prompt": "x" * 100}), status=413)
+    assert "limit of 100 bytes" in error["message"]
+
+
+# -- responses: /health, and shapes strict OpenAI schemas accept ----------------------------------
+
+
+def test_health_says_ok_or_why_not(client, engine, monkeypatch):
+    assert client.get("/health").json() == {"status": "ok"}
+    monkeypatch.setattr(AsyncEngine, "is_healthy", property(lambda self: False))
+    monkeypatch.setattr(engine, "error", RuntimeError("CUDA error: an illegal memory access"))
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "dead",
+        "reason": "the engine loop failed: RuntimeError: CUDA error: an illegal memory access",
+    }
+
+
+def test_chat_response_and_chunks_match_openais_models(client):
+    body = {"messages": CHAT, "max_tokens": 4, "ignore_eos": True}
+    reply = client.post("/v1/chat/completions", json=body).json()
+    message = reply["choices"][0]["message"]
+    assert "refusal" in message and message["refusal"] is None  # OpenAI's schema requires it
+    oai_chat.ChatCompletion.model_validate(reply, strict=True)
+
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line[len("data: "):] for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        oai_chat.ChatCompletionChunk.model_validate(json.loads(event), strict=True)
+
+
+def test_completion_response_matches_openais_model(client):
+    reply = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).json()
+    oai.Completion.model_validate(reply, strict=True)

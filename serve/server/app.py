@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
+from serve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from serve.server.metrics import log_while_busy, metrics_registry
 from serve.server.protocol import (
     APIError,
@@ -28,7 +29,12 @@ from serve.server.serving_chat import create_chat_completion
 from serve.server.serving_completions import create_completion
 from serve.server.validation import validation_error_info
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+}
 
 
 def error_response(status_code: int, info: ErrorInfo) -> Response:
@@ -39,12 +45,17 @@ def error_response(status_code: int, info: ErrorInfo) -> Response:
 
 
 # --8<-- [start:build_app]
-def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    model_name: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
     """The app serving `engine` under `model_name` (default: the engine's model name).
 
     The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
     without its lifespan (an in-process test client) needs `engine.start()` first. While the
-    engine is busy, the app logs its KV pages and requests every 10 s.
+    engine is busy, the app logs its KV pages and requests every 10 s. A request body larger
+    than `max_request_bytes` gets a 413.
     """
     served_name = model_name or engine.model_name
     created = int(time.time())
@@ -59,11 +70,12 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="nanoserve", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     _add_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.is_healthy else 503)
+    async def health() -> JSONResponse:
+        return health_response(engine)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -86,6 +98,20 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
 
 
 # --8<-- [end:build_app]
+
+
+# --8<-- [start:health]
+def health_response(engine: AsyncEngine) -> JSONResponse:
+    """200 while the engine loop runs; 503 saying why once it has failed or stopped, so that a
+    load balancer stops sending requests and a supervisor restarts the process."""
+    if engine.is_healthy:
+        return JSONResponse({"status": "ok"})
+    if engine.error is not None:
+        reason = f"the engine loop failed: {type(engine.error).__name__}: {engine.error}"
+        return JSONResponse({"status": "dead", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "stopped", "reason": "the engine is not running"},
+                        status_code=503)
+# --8<-- [end:health]
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -238,6 +238,7 @@ class CompletionChunk(Completion):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # always sent: OpenAI's schema requires the field (null here)
 
 
 class ChatChoice(BaseModel):
