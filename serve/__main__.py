@@ -2,4 +2,4 @@
 
 from serve.server.cli import main
 
-main()
+main(prog="python -m serve")

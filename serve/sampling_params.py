@@ -1,15 +1,29 @@
 """How one request wants its tokens chosen and when it wants to stop."""
 
+import math
 from dataclasses import dataclass, field
+
+# --8<-- [start:limits]
+# Below this temperature a request is greedy, as in vLLM (_SAMPLING_EPS). Dividing the logits by
+# anything smaller overflows float32: 1e-300 even rounds to 0.0, and the probabilities turn NaN.
+SAMPLING_EPS = 1e-5
+# Stop strings are searched for after every token of their request, on the engine's one thread, so
+# they cost the whole batch; and a stream holds back the last (longest stop string - 1) characters
+# in case they grow into one. OpenAI allows 4 stop strings; 32 leaves room for eval harnesses.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024  # a few hundred covers every newline-like token of a large vocabulary
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a torch.Generator seed is a 64-bit integer
+# --8<-- [end:limits]
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping rules (the same names and defaults as vLLM)."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below SAMPLING_EPS (0, say): greedy
     top_p: float = 1.0  # keep the smallest set of tokens whose probability sums to top_p
-    top_k: int = -1  # keep the k most likely tokens; -1 (or 0) keeps all
+    top_k: int = -1  # keep the k most likely tokens; -1 (or 0) keeps all; any k >= vocab keeps all
     min_p: float = 0.0  # drop tokens less likely than min_p * p(most likely token)
     seed: int | None = None  # a seeded request samples the same tokens every time
     max_tokens: int | None = 16  # None: until the model's context is full
@@ -27,20 +41,43 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and the allowed range."""
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        """Raise one ValueError naming every bad field and its rule, the first field first."""
+        if problems := self.problems():
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """One "<field> must ..." line per broken rule (NaN fails every range check)."""
+        found = []
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            found.append(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            found.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+            found.append(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            found.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            found.append(f"seed must fit in 64 bits, [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            found.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        found += self._stop_problems()
+        return found
+
+    def _stop_problems(self) -> list[str]:
+        found = []
+        if len(self.stop) > MAX_STOP_STRINGS:
+            found.append(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            found.append("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            found.append(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            found.append(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, "
+                         f"got {len(self.stop_token_ids)}")
+        if any(token_id < 0 for token_id in self.stop_token_ids):
+            found.append("stop_token_ids must be >= 0")
+        return found
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS

@@ -5,6 +5,7 @@ import torch
 
 from serve import LLM, SamplingParams
 from serve.engine.sampler import Sampler, SamplingTensors, filtered_probs
+from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SAMPLING_EPS
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,60 @@ def test_eos_stops_unless_ignored(llm):
 def test_bad_params_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"top_p": float("nan")},
+        {"min_p": float("nan")},
+        {"seed": 2**63},
+        {"stop": ["x"] * (MAX_STOP_STRINGS + 1)},
+        {"stop": ["x" * (MAX_STOP_STRING_CHARS + 1)]},
+        {"stop_token_ids": [-1]},
+    ],
+)
+def test_values_the_sampler_cannot_use_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_every_bad_field_is_named_at_once():
+    with pytest.raises(ValueError) as error:
+        SamplingParams(temperature=-1, top_k=-5, max_tokens=0)
+    assert [line.split(" ")[0] for line in str(error.value).split("; ")] == [
+        "temperature", "top_k", "max_tokens"
+    ]
+
+
+def test_huge_top_k_is_accepted():
+    assert SamplingParams(top_k=2**70).top_k == 2**70  # the sampler clamps it to the vocabulary
+
+
+def test_greedy_below_the_sampling_epsilon():
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(temperature=SAMPLING_EPS / 10).greedy
+    assert not SamplingParams(temperature=SAMPLING_EPS).greedy
+
+
+def test_extreme_values_give_finite_probabilities_and_keep_the_top_token():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]] * 4)
+    params = [
+        SamplingParams(top_p=1e-300),  # rounds to 0.0 in float32
+        SamplingParams(temperature=1e-300),  # greedy: its row must not turn NaN
+        SamplingParams(top_k=2**63),  # past int64 once it reaches a tensor
+        SamplingParams(temperature=SAMPLING_EPS, top_k=2, min_p=1.0),
+    ]
+    rows = SamplingTensors.build(params, [0, 1, 2, 3], [0, 0, 0, 0], vocab=4)
+    probs = filtered_probs(logits, rows)
+    assert torch.isfinite(probs).all()
+    assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert torch.allclose(probs[2], logits[2].softmax(-1))
+    assert probs[3].argmax().item() == 1
+    tokens = Sampler(4, torch.device("cpu"))(logits, rows)
+    assert tokens[:2].tolist() == [1, 1] and tokens[3].item() == 1
 
 
 def filter_one(logits: torch.Tensor, **params) -> torch.Tensor:

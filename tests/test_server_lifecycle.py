@@ -194,10 +194,12 @@ def test_a_slow_chat_template_delays_neither_health_nor_streams(server, monkeypa
         time.sleep(0.1)
     chat.join(timeout=30)
     stream.join(timeout=30)
-    assert max(latencies) < 0.5
+    assert max(latencies) < 1.0
     assert events[-2]["choices"][0]["finish_reason"] == "length"
-    # the stream kept flowing while the template ran (max_num_seqs=1: the chat waited its turn)
-    assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 0.5
+    # The stream kept flowing while the template ran (max_num_seqs=1: the chat waited its
+    # turn). Run on the engine thread, the template would stop it for the whole 1.5 s; in the
+    # worker thread it only shares the GIL, which a loaded 2-core machine makes lumpy.
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 1.0
 
 
 def test_a_client_that_leaves_while_queued_costs_no_prefill(server):

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: a FastAPI app around one AsyncEngine."""
 
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
+from serve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from serve.server.metrics import ServerMetrics, log_while_busy
 from serve.server.protocol import (
     APIError,
@@ -25,21 +27,35 @@ from serve.server.protocol import (
 )
 from serve.server.serving_chat import create_chat_completion
 from serve.server.serving_completions import create_completion
+from serve.server.validation import validation_error_info
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+}
 
 
-def error_response(status_code: int, info: ErrorInfo) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=info).model_dump(mode="json"), status_code=status_code)
+def error_response(status_code: int, info: ErrorInfo) -> Response:
+    # ASCII-escaped JSON: a message may quote the client's own text, and a lone surrogate in it
+    # ("\ud800", which JSON can spell) cannot be encoded as UTF-8, but escaped it is valid JSON.
+    body = json.dumps(ErrorResponse(error=info).model_dump(), ensure_ascii=True)
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 # --8<-- [start:build_app]
-def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    model_name: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
     """The app serving `engine` under `model_name` (default: the engine's model name).
 
     The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
     without its lifespan (an in-process test client) needs `engine.start()` first. While the
-    engine is busy, the app logs its KV pages and requests every 10 s.
+    engine is busy, the app logs its KV pages and requests every 10 s. A request body larger
+    than `max_request_bytes` gets a 413.
     """
     served_name = model_name or engine.model_name
     created = int(time.time())
@@ -55,11 +71,12 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="nanoserve", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     _add_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.is_healthy else 503)
+    async def health() -> JSONResponse:
+        return health_response(engine)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -84,26 +101,38 @@ def build_app(engine: AsyncEngine, model_name: str | None = None) -> FastAPI:
 # --8<-- [end:build_app]
 
 
+# --8<-- [start:health]
+def health_response(engine: AsyncEngine) -> JSONResponse:
+    """200 while the engine loop runs; 503 saying why once it has failed or stopped, so that a
+    load balancer stops sending requests and a supervisor restarts the process."""
+    status = engine.status
+    if status == "ok":
+        return JSONResponse({"status": "ok"})
+    if engine.error is not None:
+        reason = f"the engine loop failed: {type(engine.error).__name__}: {engine.error}"
+        return JSONResponse({"status": "dead", "reason": reason}, status_code=503)
+    if status == "draining":
+        reason = "the server is shutting down: it finishes running requests, admits no new ones"
+        return JSONResponse({"status": "draining", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "stopped", "reason": "the engine is not running"},
+                        status_code=503)
+# --8<-- [end:health]
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error leaves in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, error: APIError) -> JSONResponse:
+    async def api_error(_: Request, error: APIError) -> Response:
         return error_response(error.status_code, error.info)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def validation_error(_: Request, error: RequestValidationError) -> Response:
         # FastAPI answers 422; OpenAI answers 400 and names the offending field in `param`.
-        first = error.errors()[0]
-        location = [str(part) for part in first.get("loc", ())]
-        names_a_field = len(location) > 1 and first["type"] != "json_invalid"
-        param = location[1] if names_a_field and location[0] == "body" else None
-        message = f"{param}: {first['msg']}" if param else f"request body: {first['msg']}"
-        info = ErrorInfo(message=message, type="BadRequestError", param=param, code="invalid_value")
-        return error_response(400, info)
+        return error_response(400, validation_error_info(error.errors()))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(_: Request, error: HTTPException) -> Response:
         error_type = _ERROR_TYPES.get(error.status_code, "APIError")
         info = ErrorInfo(message=str(error.detail), type=error_type)
         return error_response(error.status_code, info)
@@ -113,11 +142,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(EngineDeadError)
-    async def engine_dead(_: Request, error: EngineDeadError) -> JSONResponse:
+    async def engine_dead(_: Request, error: EngineDeadError) -> Response:
         return error_response(503, ErrorInfo(message=str(error), type="ServiceUnavailableError"))
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+    async def internal_error(_: Request, error: Exception) -> Response:
         # Starlette re-raises the error after this answer, so uvicorn logs its traceback.
         info = ErrorInfo(message=f"{type(error).__name__}: {error}", type="InternalServerError")
         return error_response(500, info)

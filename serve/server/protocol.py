@@ -2,16 +2,17 @@
 
 Requests accept unknown fields and ignore them (as vLLM does), but a known field set to something we
 cannot do yet (n > 1, logprobs, tools, ...) is refused by name rather than silently ignored.
+Numbers must be finite: JSON has no NaN, yet Python's parser reads `NaN` and `Infinity`.
 """
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 
-from serve.sampling_params import SamplingParams
+from serve.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
+from serve.server.fields import Prompt, ReportOneBranch, Stop, StopTokenIds, Text
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-TokenId = Annotated[int, Field(ge=0)]
+REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 def _is_none(value: Any) -> bool:
@@ -20,7 +21,7 @@ def _is_none(value: Any) -> bool:
 
 # --8<-- [start:requests]
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     include_usage: bool = False  # send one last chunk with `choices: []` and the usage
 
@@ -28,25 +29,26 @@ class StreamOptions(BaseModel):
 class GenerationRequest(BaseModel):
     """Fields that /v1/completions and /v1/chat/completions share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
-    model: str | None = None  # OpenAI requires it; we default to the one model we serve
-    temperature: float | None = Field(default=None, ge=0, le=2)  # None: OpenAI's default, 1.0
+    model: Text | None = None  # OpenAI requires it; we default to the one model we serve
+    # None: OpenAI's default, 1.0; below SAMPLING_EPS: greedy
+    temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
+    stop: Stop = None  # at most MAX_STOP_STRINGS, each at most MAX_STOP_STRING_CHARS long
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1)  # no upper bound: the sampler clamps it
     min_p: float | None = Field(default=None, ge=0, le=1)
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: StopTokenIds | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, what) for every field set to something we cannot do yet."""
@@ -83,7 +85,7 @@ class GenerationRequest(BaseModel):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions: continue one prompt, or several (one choice each)."""
 
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Prompt
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default; None: fill the context
     best_of: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
@@ -115,18 +117,26 @@ class CompletionRequest(GenerationRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     type: str
-    text: str | None = None
+    text: Text | None = None
+
+
+Content = Annotated[
+    Text | list[ContentPart] | None,
+    WrapValidator(ReportOneBranch(
+        "a string or an array of content parts", {"string": Text, "array": list[ContentPart]}
+    )),
+]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Content = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The content as one string (text parts are joined by newlines, as vLLM does)."""
@@ -136,7 +146,7 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     type: str
 
@@ -150,7 +160,12 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Annotated[
+        str | dict[str, Any] | None,
+        WrapValidator(ReportOneBranch(
+            "a string or an object", {"string": str, "object": dict[str, Any]}
+        )),
+    ] = None
     functions: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
 
@@ -223,6 +238,7 @@ class CompletionChunk(Completion):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # always sent: OpenAI's schema requires the field (null here)
 
 
 class ChatChoice(BaseModel):

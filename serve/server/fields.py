@@ -1,0 +1,108 @@
+"""Field types the request bodies share: text, token ids, stop strings, and unions that report
+what is wrong with the value the client actually sent."""
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
+
+from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+# One request may hold several prompts, each becoming an engine request: bound how many, so that
+# one body of a million one-character prompts cannot flood the queue. (OpenAI caps an embeddings
+# input array at 2048 items.)
+MAX_PROMPTS = 2048
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON may spell a lone surrogate ("\ud800"), which no tokenizer can encode and no response
+    # can carry as UTF-8: refuse it here, by field, instead of failing deep in the engine.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError(
+            "unicode", "should be valid Unicode (it holds a lone surrogate at index {index})",
+            {"index": error.start},
+        ) from None
+    return text
+
+
+def json_kind(value: Any) -> str:
+    """The JSON kind of a parsed value: "string", "number", "array", ..."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):  # before int: a bool is an int in Python
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null" if value is None else type(value).__name__
+
+
+class ReportOneBranch:
+    """A union's validator that, on failure, reports the errors of one branch only.
+
+    Pydantic reports a failed union once per branch: `"stop": 5` gets "should be a valid string"
+    and "should be a valid list", rules the client never meant to follow. Here the branch is the
+    one the value's JSON kind picks (for an array, first by the kind of its first item:
+    "array of number", then "array"), and a value of no branch's kind gets one line that lists
+    what the field may be.
+    """
+
+    def __init__(self, expected: str, branches: dict[str, Any]) -> None:
+        self.expected = expected
+        self.branches = {kind: TypeAdapter(branch) for kind, branch in branches.items()}
+
+    def __call__(self, value: Any, handler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            branch = self._branch_for(value)
+            if branch is None:
+                raise PydanticCustomError(
+                    "union_type", "should be {expected}", {"expected": self.expected}
+                ) from None
+            branch.validate_python(value)  # raises that branch's errors, at their own paths
+            raise  # (not reached: a branch that accepts the value makes the union accept it)
+
+    def _branch_for(self, value: Any) -> TypeAdapter | None:
+        kind = json_kind(value)
+        if kind == "array" and value:
+            return self.branches.get(f"array of {json_kind(value[0])}", self.branches.get(kind))
+        return self.branches.get(kind)
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Strict(), Field(ge=0)]  # strict: true and "5" are not token ids
+TokenIds = list[TokenId]
+
+StopString = Annotated[
+    str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS), AfterValidator(_valid_unicode)
+]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+Stop = Annotated[
+    StopString | StopStrings | None,
+    WrapValidator(ReportOneBranch(
+        "a string or an array of strings", {"string": StopString, "array": StopStrings}
+    )),
+]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
+
+# What /v1/completions takes as its prompt: one text, several, one list of token ids, several.
+Texts = Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
+TokenIdLists = Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+Prompt = Annotated[
+    Text | Texts | TokenIds | TokenIdLists,
+    WrapValidator(ReportOneBranch(
+        "a string, an array of strings, an array of token ids or an array of token-id arrays",
+        {
+            "string": Text,
+            "array of string": Texts,
+            "array of number": TokenIds,
+            "array of array": TokenIdLists,
+        },
+    )),
+]

@@ -1,0 +1,96 @@
+"""The command line: every bad value ends the program with one line and exit status 2, before
+anything loads, and --help shows each flag's default under the program's real name."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve.server.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def exit_of(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of the CLI run in-process on `argv`."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    return exit.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-pages", "0"], "argument --num-pages: must be >= 1, got 0"),
+        (["--num-pages", "-1"], "argument --num-pages: must be >= 1, got -1"),
+        (["--max-model-len", "0"], "argument --max-model-len: must be >= 1, got 0"),
+        (["--max-num-batched-tokens", "0"],
+         "argument --max-num-batched-tokens: must be >= 1, got 0"),
+        (["--port", "70000"], "argument --port: must be in [1, 65535], got 70000"),
+        (["--port", "http"], "argument --port: invalid int value: 'http'"),
+        (["--seed", str(2**64)], f"argument --seed: must be in [{-(2**63)}, {2**63 - 1}], "
+                                 f"got {2**64}"),
+        (["--max-request-bytes", "0"], "argument --max-request-bytes: must be >= 1, got 0"),
+        (["--shutdown-timeout", "-1"], "argument --shutdown-timeout: must be >= 0, got -1"),
+        (["--shutdown-timeout", "nan"], "argument --shutdown-timeout: must be a finite number, "
+                                        "got nan"),
+        (["--batch-wait-ms", "inf"], "argument --batch-wait-ms: must be a finite number, got inf"),
+        # ranges EngineConfig checks itself, reported under the flag's name
+        (["--page-size", "0"], "--page-size must be >= 1, got 0"),
+        (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
+        (["--max-batch-size", "0"], "--max-num-seqs must be >= 1, got 0"),  # its old name
+        (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1], "
+                                              "got 1.5"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(capsys, qwen3_dir, flags, message):
+    status, stderr = exit_of(["--model", qwen3_dir, *flags], capsys)
+    assert status == 2
+    assert stderr == f"nanoserve: error: {message}\n"
+
+
+def test_a_missing_model_flag_is_one_line_too(capsys):
+    assert exit_of([], capsys) == (
+        2, "nanoserve: error: the following arguments are required: --model\n"
+    )
+
+
+def test_a_model_the_engine_cannot_serve_is_one_line(capsys, qwen3_dir, tmp_path):
+    status, stderr = exit_of(["--model", str(tmp_path / "nowhere")], capsys)
+    assert status == 2 and stderr.startswith("nanoserve: error: cannot find model")
+    assert stderr.count("\n") == 1
+
+    status, stderr = exit_of(["--model", qwen3_dir, "--max-model-len", "1000000"], capsys)
+    assert status == 2
+    assert stderr.startswith("nanoserve: error: --max-model-len 1000000 exceeds the model's")
+
+    config = json.loads(Path(qwen3_dir, "config.json").read_text())
+    shutil.copytree(qwen3_dir, tmp_path / "gpt2")
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(config))
+    status, stderr = exit_of(["--model", str(tmp_path / "gpt2"), "--device", "cpu"], capsys)
+    assert status == 2
+    assert stderr.startswith("nanoserve: error: unsupported architecture ['GPT2LMHeadModel']")
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert help_text.startswith("usage: nanoserve ")
+    for default in ["(default: 8000)", "(default: 127.0.0.1)", "(default: 4194304)",
+                    "(default: 30.0)", "(default: 0.9)"]:
+        assert default in help_text
+    assert "(default: None)" not in help_text  # such a flag's help says what None means
+
+
+def test_python_dash_m_serve_names_itself_and_prints_no_traceback():
+    """The real entry point, in a subprocess (it imports torch: ~3 s)."""
+    argv = [sys.executable, "-m", "serve", "--model", "m", "--num-pages", "-1"]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "python -m serve: error: argument --num-pages: must be >= 1, got -1\n"
