@@ -57,7 +57,7 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
     previous = None
     for entry, throughput, probe in run["stages"]:
         tok_s = throughput["metrics"]["output_tokens_per_s"]
-        cells = [short(entry["tag"]) + (" (in progress)" if entry.get("current") else ""),
+        cells = [short(entry["tag"]) + (" (untagged)" if entry.get("current") else ""),
                  f"`{entry['commit'][:8]}`", f"{tok_s:,.1f}",
                  f"{tok_s / previous:.2f}×" if previous else "—",
                  f"{tok_s / hf['output_tokens_per_s']:.2f}×"]
@@ -88,7 +88,7 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
         f"`{relative(run['dir'])}/`.",
     ]
     for note in manifest.get("notes", []):
-        lines.append(f"    {note}.")
+        lines.append(f"    {note.rstrip('.')}.")
     return "\n".join(lines) + "\n"
 
 
