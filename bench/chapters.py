@@ -53,10 +53,9 @@ class Result:
 
     @property
     def run(self) -> str:
-        """Files of one bench.stages run share a folder under milestones/runs/; any other file
-        is a run of its own."""
-        parts = self.path.relative_to(REPO_ROOT).parts
-        return "/".join(parts[:3]) if parts[:2] == ("milestones", "runs") else str(self.path)
+        """The files of one bench.stages run share a folder with its run.json manifest; any
+        other file is a run of its own."""
+        return str(self.path.parent if (self.path.parent / "run.json").exists() else self.path)
 
     def manifest(self) -> dict | None:
         run_json = self.path.parent / "run.json"
@@ -199,7 +198,7 @@ def render_serving(results: list[Result]) -> list[str]:
     for result in results:
         m = result.data["metrics"]
         rate = result.data["request_rate"]
-        rows.append([f"{rate} req/s" if rate != "inf" else "all at once", str(m["completed"]),
+        rows.append([f"{rate:g} req/s" if rate != "inf" else "all at once", str(m["completed"]),
                      fmt((m["ttft_ms"]["p50"] or 0) / 1e3, 1, " s"),
                      fmt((m["ttft_ms"]["p90"] or 0) / 1e3, 1, " s"),
                      fmt(m["tpot_ms"]["p50"], 0, " ms"), fmt(m["output_tokens_per_s"], 1)])
@@ -220,6 +219,10 @@ def render_max_batch(results: list[Result]) -> list[str]:
                   "ratio"], rows)
 
 
+def on_gpu(result: Result) -> bool:
+    return str(result.data.get("device", "")).startswith("cuda")
+
+
 def render_probe_work(results: list[Result]) -> list[str]:
     """What each stage computed for the workload (bench/probe.py), by stage."""
     rows = []
@@ -229,7 +232,7 @@ def render_probe_work(results: list[Result]) -> list[str]:
         rows.append([label(result), str(result.data["num_requests"]),
                      f"{p['tokens_computed']:,} ({p['padding_tokens']:,})", f"{dec['steps']:,}",
                      f"{dec['rows_computed']:,} ({dec['idle_rows']:,})", fmt(dec["mean_rows"]),
-                     f"{d['kernels']:,}"])
+                     f"{d['kernels']:,}" if on_gpu(result) else "—"])
     return table(["stage", "requests", "prefill tokens computed (padding)", "decode steps",
                   "decode rows computed (finished rows)", "rows per decode step",
                   "kernels per decode step"], rows)
@@ -264,8 +267,9 @@ def page_depth(page: Path) -> int:
     """Folders between the page and the site's root. The site puts milestones/NN/README.md at
     milestones/NN/ (docs/hooks/milestones.py), as on GitHub; docs/x.md is at the site's root."""
     docs = REPO_ROOT / "docs"
-    base = page.relative_to(docs) if page.is_relative_to(docs) else page.relative_to(REPO_ROOT)
-    return len(base.parts) - 1
+    if page.is_relative_to(docs):
+        return len(page.relative_to(docs).parts) - 1
+    return len(page.relative_to(REPO_ROOT).parts) - 1 if page.is_relative_to(REPO_ROOT) else 0
 
 
 def render_provenance(results: list[Result], page: Path) -> list[str]:
@@ -276,7 +280,7 @@ def render_provenance(results: list[Result], page: Path) -> list[str]:
         manifest = result.manifest()
         command = (result.command or env.get("command")
                    or (manifest or {}).get("command") or "(not recorded)")
-        link = Path(*[".."] * page_depth(page), result.path.relative_to(REPO_ROOT)).as_posix()
+        link = Path(*[".."] * page_depth(page), shown(result.path)).as_posix()
         commit = (env.get("git_commit") or "?")[:8]
         tag = f" ({env['git_tag']})" if env.get("git_tag") else ""
         run = f", run `{manifest['run_id']}`" if manifest else ""
@@ -315,8 +319,13 @@ class Report:
     blocks: int = 0
 
     def error(self, text: str, line: int | None = None) -> None:
-        where = f"{self.page.relative_to(REPO_ROOT)}" + (f":{line}" if line else "")
+        where = shown(self.page) + (f":{line}" if line else "")
         self.errors.append(f"{where}: {text}")
+
+
+def shown(path: Path) -> str:
+    """A path as the repository names it (or as given, outside it)."""
+    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def line_of(text: str, index: int) -> int:
@@ -335,32 +344,46 @@ def load_results(text: str, report: Report) -> dict[str, Result]:
     return results
 
 
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
+
+
+def mask_code(text: str) -> str:
+    """The text with fenced code blocks blanked out (same length, same lines): markers shown as
+    examples inside code are not markers."""
+    return FENCE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+
+
 def process(page: Path, write: bool = False) -> Report:
     """Check one page (and with write, regenerate its blocks in place)."""
     report = Report(page)
     text = page.read_text()
-    results = load_results(text, report)
-
-    def fill(match: re.Match) -> str:
+    masked = mask_code(text)
+    results = load_results(masked, report)
+    pieces, last = [], 0
+    for match in BLOCK.finditer(masked):
         report.blocks += 1
+        line = line_of(text, match.start())
         try:
             body = render_block(match["kind"], match["args"].split(), results, page)
         except (ValueError, KeyError, TypeError) as exc:
-            report.error(f"block {match['kind']}: {exc}", line_of(text, match.start()))
-            return match.group(0)
+            report.error(str(exc), line)
+            continue
         if body != match["body"] and not write:
             report.error(f"block {match['kind']}{match['args']} differs from its files: run "
-                         "`python -m bench.chapters --write`", line_of(text, match.start()))
-        return f"<!-- begin {match['kind']}{match['args']} -->\n{body}<!-- end {match['kind']} -->"
-
-    new_text = BLOCK.sub(fill, text)
+                         "`make chapters` (python -m bench.chapters --write)", line)
+        pieces += [text[last:match.start()],
+                   f"<!-- begin {match['kind']}{match['args']} -->\n{body}"
+                   f"<!-- end {match['kind']} -->"]
+        last = match.end()
+    new_text = "".join(pieces) + text[last:]
     if write and new_text != text:
         page.write_text(new_text)
+    masked = mask_code(new_text)
     checked = set()
-    for match in NUMBER.finditer(new_text):
+    for match in NUMBER.finditer(masked):
         report.numbers += 1
         checked.add(match.start("expr"))
-        line = line_of(new_text, match.start())
+        line = line_of(masked, match.start())
         try:
             value, _ = evaluate(match["expr"], results)
         except (ValueError, SyntaxError, TypeError, ZeroDivisionError) as exc:
@@ -368,10 +391,10 @@ def process(page: Path, write: bool = False) -> Report:
             continue
         if not matches(match["number"], value):
             report.error(f"{match['number']} but {match['expr']} = {value:.6g}", line)
-    for match in LOOSE_MARKER.finditer(new_text):  # a marker with no number right before it
+    for match in LOOSE_MARKER.finditer(masked):  # a marker with no number right before it
         if match.end() not in checked:
             report.error("a <!-- = ... --> marker must follow the number it checks",
-                         line_of(new_text, match.start()))
+                         line_of(masked, match.start()))
     return report
 
 
@@ -388,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         for error in report.errors:
             print(error)
         errors += len(report.errors)
-        print(f"{page.relative_to(REPO_ROOT)}: {report.numbers} numbers, {report.blocks} "
+        print(f"{shown(page)}: {report.numbers} numbers, {report.blocks} "
               f"generated blocks" + (f", {len(report.errors)} errors" if report.errors else ""))
     return 1 if errors else 0
 

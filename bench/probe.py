@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an LLM(...) argument this stage has, e.g. num_pages=4096")
     parser.add_argument("--requests", required=True,
                         help="JSON list of {prompt, max_tokens, temperature, ignore_eos}")
     parser.add_argument("--max-requests", type=int,
@@ -385,20 +387,24 @@ def main(argv: list[str] | None = None) -> dict:
         print("prewarm: done", flush=True)
         return {}
 
-    llm = build_llm(args, {})
+    extra = dict(pair.split("=", 1) for pair in args.engine_arg)
+    extra = {key: parse_value(value) for key, value in extra.items()}
+    llm = build_llm(args, extra)
     run_requests = requests[:args.max_requests] if args.max_requests else requests
     result, timeline = measure(llm, run_requests, "probe")
     result.update({"kind": "probe", "num_requests": len(run_requests),
                    "num_requests_in_workload": len(requests),
                    "device": str(llm.engine.runner.device),
                    "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
+                   "engine_args": {"model": args.model, "load_format": args.load_format,
+                                   "max_model_len": args.max_model_len, **extra},
                    "attention_backend": backend_name(llm), "variants": {}})
     backend = result["attention_backend"]
     if args.compare_attention_backends and backend and "torch" not in backend.lower():
         del llm
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        variant_llm = build_llm(args, {"attention_backend": "torch"})
+        variant_llm = build_llm(args, {**extra, "attention_backend": "torch"})
         variant, _ = measure(variant_llm, run_requests, "torch", max_tokens=16)
         variant["attention_backend"] = backend_name(variant_llm)
         del variant["steps"]
