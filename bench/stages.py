@@ -246,7 +246,9 @@ def adopt(archive: str, stage_table: bool) -> Path:
         run_dir = RUNS_DIR / names.pop()
         if run_dir.exists():
             raise FileExistsError(f"{run_dir} exists: a run is adopted once")
-        tar.extractall(RUNS_DIR, filter="data")
+        # the "data" filter (no links out, no absolute paths) where this Python has it
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(RUNS_DIR, **safe)
     for timeline_json in sorted(run_dir.glob("timeline-*.json")):
         if not timeline_json.with_suffix(".png").exists():
             print(draw_timeline(timeline_json))
@@ -254,7 +256,7 @@ def adopt(archive: str, stage_table: bool) -> Path:
         plot_stages.write_plot(plot_stages.load_run(run_dir), run_dir / "stages.png")
     if stage_table:
         plot_stages.main(["--run", str(run_dir)])
-    print(f"adopted {run_dir.relative_to(REPO_ROOT)}")
+    print(f"adopted {plot_stages.relative(run_dir)}")
     return run_dir
 
 
