@@ -24,6 +24,7 @@ For the requests in --requests it records:
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ PHASES = ("forward", "sample", "output")  # the engine calls we time, in the ord
 NUM_WARMUP_REQUESTS = 8
 WARMUP_OUTPUT_LEN = 8
 PROFILE_OUTPUT_LEN = 4  # prefill, one decode step to settle, the profiled one, one more
+VARIANT_OUTPUT_LEN = 16  # a second backend is timed on this many tokens per request
 STEP_COLUMNS = ("tokens", "rows", "outputs", "prefilled", "ms", "forward_ms", "sample_ms",
                 "output_ms")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
@@ -401,11 +403,18 @@ def main(argv: list[str] | None = None) -> dict:
                    "attention_backend": backend_name(llm), "variants": {}})
     backend = result["attention_backend"]
     if args.compare_attention_backends and backend and "torch" not in backend.lower():
-        del llm
+        page_size = getattr(llm.engine.config, "page_size", 16)
+        del llm  # free the first engine's KV pool before the second one is built
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        variant_llm = build_llm(args, {**extra, "attention_backend": "torch"})
-        variant, _ = measure(variant_llm, run_requests, "torch", max_tokens=16)
+        variant_args = {**extra, "attention_backend": "torch"}
+        if "num_pages" in fields and "num_pages" not in extra:
+            # a pool just big enough: sizing it would run a maximal prefill through torch's SDPA
+            variant_args["num_pages"] = sum(
+                -(-(len(r["prompt"]) + VARIANT_OUTPUT_LEN) // page_size) + 1 for r in run_requests)
+        variant_llm = build_llm(args, variant_args)
+        variant, _ = measure(variant_llm, run_requests, "torch", max_tokens=VARIANT_OUTPUT_LEN)
         variant["attention_backend"] = backend_name(variant_llm)
         del variant["steps"]
         result["variants"]["attention_backend=torch"] = variant
