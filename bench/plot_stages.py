@@ -63,8 +63,9 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
                  f"{tok_s / hf['output_tokens_per_s']:.2f}×"]
         if probed:
             decode = probe["summary"]["decode"] if probe else None
+            on_gpu = probe and str(probe.get("device", "")).startswith("cuda")
             cells += [f"{decode['median_step_ms']:.1f} ms" if decode else "—",
-                      f"{probe['decode_step']['kernels']:,}" if probe else "—"]
+                      f"{probe['decode_step']['kernels']:,}" if on_gpu else "—"]
         lines.append("| " + " | ".join(cells) + " |")
         previous = tok_s
     batch = hf.get("batch_size", "?")
