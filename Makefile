@@ -5,34 +5,47 @@ DEMO_MODEL := .models/tiny-qwen3
 MODEL ?= $(DEMO_MODEL)
 PORT ?= 8000
 DOCS_PORT ?= 8001
+STAGE ?=
+BENCH_ARGS ?=
 
 # mkdocs-material prints a banner about MkDocs 2 on every build; it is advice, not a problem here.
 export NO_MKDOCS_2_WARNING := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo-model serve test lint docs tags bench-stages stage-sources
+.PHONY: help venv install demo-model serve test test-stage lint docs tags stage-sources \
+	chapters bench-stages bench-stages-smoke
 
 help:
-	@echo "make venv        create .venv and install nanoserve with its dev tools"
-	@echo "make demo-model  build the random demo model in $(DEMO_MODEL)"
-	@echo "make serve       serve MODEL (default: the demo model) on PORT ($(PORT))"
-	@echo "make test        lint, run the tests, build the docs strictly (what CI runs)"
-	@echo "make lint        ruff check"
-	@echo "make docs        preview the course site on 127.0.0.1:$(DOCS_PORT)"
-	@echo "make tags        tag every commit that carries a 'Milestone: vX.Y-name' trailer"
-	@echo "make bench-stages  run every stage's own code on the course workload (a GPU)"
+	@echo "make venv          create .venv, install nanoserve and its dev tools, make the stage tags"
+	@echo "make demo-model    build the random demo model in $(DEMO_MODEL)"
+	@echo "make serve         serve MODEL (default: the demo model) on PORT ($(PORT))"
+	@echo "make test          lint, run the tests, build the docs strictly (what CI runs)"
+	@echo "make test-stage STAGE=v0.1-static-batching"
+	@echo "                   run that stage's own tests with this .venv (nothing is reinstalled)"
+	@echo "make lint          ruff check"
+	@echo "make docs          preview the course site on 127.0.0.1:$(DOCS_PORT)"
+	@echo "make tags          tag every commit that carries a 'Milestone: vX.Y-name' trailer"
+	@echo "make chapters      regenerate the chapters' tables from their result files"
+	@echo "make bench-stages  every stage's own code on the course workload, one run (a GPU)"
+	@echo "make bench-stages-smoke  the same on the CPU with the demo model and 4 requests"
 
-venv: .venv/.installed
-
-# The stamp is newer than pyproject.toml once the install has finished, so this reruns only
-# when the dependencies change (or an install was interrupted).
+# The install reruns when the dependencies change, not when a checkout touches pyproject.toml
+# (`git checkout <tag>` does): the stamp holds a checksum of the file without its [tool.ruff]
+# and [tool.pytest] sections, and `venv` compares the two.
 # torch goes first, pinned: this exact version is on local disk as a CPU build. Left to pip, the
 # `torch>=2.4` requirement would fetch the newest release, a multi-GB CUDA build.
-.venv/.installed: pyproject.toml
+DEPS_SUM := $(shell awk '/^\[/ { skip = ($$0 ~ /^\[tool\.(ruff|pytest)/) } !skip' \
+	pyproject.toml | cksum | cut -d' ' -f1)
+
+venv: tags
+	@if [ "$$(cat .venv/.installed 2>/dev/null)" != "$(DEPS_SUM)" ]; then \
+		$(MAKE) --no-print-directory install; fi
+
+install:
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/pip install torch==2.13.0
 	.venv/bin/pip install -e '.[dev]'
-	touch $@
+	echo $(DEPS_SUM) > .venv/.installed
 
 demo-model: $(DEMO_MODEL)
 
@@ -49,6 +62,17 @@ test: venv stage-sources
 	$(PY) -m pytest -q
 	$(PY) -m mkdocs build --strict --site-dir site
 
+# A stage's own tests, from its own tree, against this checkout's .venv: the tag's tree is
+# exported to .stages/<tag>/ and pytest runs there, where `import serve` finds that tree first
+# (pytest's pythonpath = "."). The editable install keeps pointing at this checkout, and
+# pyproject.toml is not touched, so nothing is reinstalled.
+STAGE_PY = $(if $(wildcard $(PY)),$(abspath $(PY)),$(PY))
+test-stage: venv
+	@test -n "$(STAGE)" || { echo "usage: make test-stage STAGE=v0.1-static-batching"; exit 2; }
+	rm -rf .stages/$(STAGE) && mkdir -p .stages/$(STAGE)
+	git archive $(STAGE) | tar -x -C .stages/$(STAGE)
+	cd .stages/$(STAGE) && $(STAGE_PY) -m pytest -q -p no:cacheprovider
+
 # Each chapter quotes the code of its own stage: .stages/<tag>/ holds every milestone's tree,
 # exported from git (the current stage's chapter quotes the working tree itself).
 stage-sources:
@@ -62,8 +86,20 @@ docs: venv stage-sources
 	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 tags:
-	bash bench/make_tags.sh
+	@bash bench/make_tags.sh
 
-# Every milestone tag's own code on the same workload, then the stage table and plot.
-bench-stages: venv
-	$(PY) -m bench.stages
+chapters: venv
+	$(PY) -m bench.chapters --write
+
+# One run of every milestone tag's own code on the same workload: a new folder under
+# milestones/runs/, then the stage table and plot redrawn from it. BENCH_ARGS adds flags, e.g.
+# BENCH_ARGS="--current v0.3-continuous-batching".
+bench-stages: venv stage-sources
+	$(PY) -m bench.stages --stages-dir .stages $(BENCH_ARGS)
+
+# The same pipeline end to end on a CPU in about a minute: demo model, 4 short requests, results
+# in /tmp (the course's tables are left alone).
+bench-stages-smoke: venv stage-sources $(DEMO_MODEL)
+	$(PY) -m bench.stages --stages-dir .stages --model $(DEMO_MODEL) --load-format auto \
+		--device cpu --max-model-len 512 --num-prompts 4 --input-len 8:24 --output-len 4:12 \
+		--results-dir /tmp/nanoserve-runs --no-stage-table $(BENCH_ARGS)

@@ -25,6 +25,7 @@ from bench.workloads import add_workload_args, make_requests, workload_from_args
 from serve.sampling_params import SamplingParams
 
 Requests = list[tuple[list[int], SamplingParams]]
+WARMUP_OUTPUT_LEN = 4  # output tokens per request of the warm-up batch
 
 
 def build_model(model: str, dtype: torch.dtype, device: str, seed: int) -> PreTrainedModel:
@@ -106,8 +107,11 @@ def benchmark_hf(model: str, requests: Requests, dtype: str = "auto", device: st
     device = resolve_device(device)
     hf_model = build_model(model, resolve_dtype(dtype, device), device, seed)
     if warmup:
-        warmup_requests = [(prompt, SamplingParams(temperature=params.temperature, max_tokens=4))
+        warmup_requests = [(prompt, SamplingParams(temperature=params.temperature,
+                                                   max_tokens=WARMUP_OUTPUT_LEN))
                            for prompt, params in requests[:batch_size]]
+        print(f"hf generate warmup (not timed): the first {len(warmup_requests)} requests as "
+              f"one batch, {WARMUP_OUTPUT_LEN} output tokens each", flush=True)
         generate_batch(hf_model, warmup_requests, device)
     print(f"hf generate: {len(requests)} requests in batches of {batch_size}", flush=True)
     metrics = run_hf_baseline(hf_model, requests, device, batch_size)
@@ -118,12 +122,15 @@ def benchmark_hf(model: str, requests: Requests, dtype: str = "auto", device: st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.hf_baseline",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF dir, config .json, or shipped name")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--hf-batch-size", type=int, default=64)
-    parser.add_argument("--warmup", action="store_true", help="run one short batch first")
+    parser.add_argument("--warmup", action="store_true",
+                        help="first run the workload's first --hf-batch-size requests as one "
+                             f"batch with {WARMUP_OUTPUT_LEN} output tokens each, not timed")
     parser.add_argument("--out", help="write the result JSON here")
     add_workload_args(parser)
     args = parser.parse_args(argv)

@@ -5,7 +5,11 @@
 # Idempotent: a tag that exists is never moved; if it points elsewhere, that is reported.
 # Tags are lightweight so that this needs no git identity (CI has none).
 set -euo pipefail
-cd "$(git rev-parse --show-toplevel)"
+if ! top=$(git rev-parse --show-toplevel 2>/dev/null); then
+  echo "not a git checkout: no stage tags to make"
+  exit 0
+fi
+cd "$top"
 
 if ! git rev-parse -q --verify HEAD >/dev/null; then
   echo "no commits yet: nothing to tag"
@@ -45,7 +49,7 @@ while IFS=$'\t' read -r commit milestones; do
 done < <(git log --format='%H%x09%(trailers:key=Milestone,valueonly,separator=%x20)')
 
 if ((made == 0)); then
-  echo "milestone tags are up to date"
+  : # nothing new: stay quiet, `make venv` runs this every time
 else
   echo "made $made tag(s)"
 fi

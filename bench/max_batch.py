@@ -48,7 +48,8 @@ def paged_max_batch(lengths: list[tuple[int, int]], num_pages: int, page_size: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.max_batch",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--kv-gib", type=float, default=4.0, help="KV memory both designs get")
     parser.add_argument("--page-size", type=int, default=16)

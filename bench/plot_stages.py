@@ -1,103 +1,155 @@
-"""The stage-by-stage table and plot, from every milestones/NN/bench-*.json that is committed.
+"""The stage table and plot, from one run of bench.stages (one machine, one HF baseline).
 
-    python -m bench.plot_stages [--device h100]
+    python -m bench.plot_stages --run milestones/runs/<run id>
 
-Writes milestones/stages.md (a table the course pages include) and docs/assets/stages.png
-(output tok/s per stage with transformers' `generate` as a line, and p50 TTFT where measured).
+Writes milestones/stages.md (the table the course pages include) and docs/assets/stages.png
+(output tok/s per stage with this run's transformers `generate` as a line, and each stage's
+median decode step where the run probed it). Every number, and so every ratio, comes from that
+one run; tests/test_chapters.py checks that stages.md is exactly what this renders from it.
 """
 
 import argparse
+import json
+import re
+from pathlib import Path
 
 from bench.results import REPO_ROOT, read_result
 
 TABLE = REPO_ROOT / "milestones" / "stages.md"
 PLOT = REPO_ROOT / "docs" / "assets" / "stages.png"
+RUN_MARKER = re.compile(r"<!-- stage table of run (\S+) ")
 
 
-def stage_results(device: str) -> list[tuple[str, dict, dict | None]]:
-    """(stage number, throughput result, serving result or None) for each stage, in order."""
-    rows = []
-    for folder in sorted((REPO_ROOT / "milestones").glob("[0-9][0-9]")):
-        throughput = folder / f"bench-{device}.json"
-        if not throughput.exists():
-            continue
-        serving = folder / f"serving-{device}.json"
-        rows.append((folder.name, read_result(throughput),
-                     read_result(serving) if serving.exists() else None))
-    return rows
+def load_run(run_dir: str | Path) -> dict:
+    """The run's manifest, HF baseline and (throughput, probe or None) per stage, in order."""
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    stages = []
+    for entry in manifest["stages"]:
+        throughput = read_result(run_dir / entry["throughput"])
+        probe = read_result(run_dir / entry["probe"]) if entry.get("probe") else None
+        stages.append((entry, throughput, probe))
+    if manifest.get("hf_baseline"):
+        hf = read_result(run_dir / manifest["hf_baseline"])["metrics"]
+    else:  # runs from before hf-baseline.json: every stage carries the same baseline
+        hf = stages[0][1]["hf_baseline"]
+        if any(t["hf_baseline"] != hf for _, t, _ in stages):
+            raise ValueError(f"{run_dir}: the stages carry different HF baselines: not one run")
+    return {"dir": run_dir, "manifest": manifest, "stages": stages, "hf": hf}
 
 
-def write_table(rows: list[tuple[str, dict, dict | None]]) -> None:
-    lines = ["| stage | code measured | run (UTC) | output tok/s | vs previous | vs HF generate "
-             "| p50 TTFT (ms) |", "|---|---|---|---|---|---|---|"]
+def relative(path: Path) -> str:
+    """A path as the repository names it (or as given, outside the repository)."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def render_table(run_dir: str | Path, run: dict | None = None) -> str:
+    run = run or load_run(run_dir)
+    manifest, hf = run["manifest"], run["hf"]
+    probed = any(probe for _, _, probe in run["stages"])
+    header = ["stage", "code measured", "output tok/s", "vs previous", "vs HF `generate`"]
+    if probed:
+        header += ["decode step (median)", "kernels per decode step"]
+    lines = [f"<!-- stage table of run {relative(run['dir'])} "
+             "(python -m bench.plot_stages --run ...): do not edit -->",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous = None
-    for stage, result, serving in rows:
-        tok_s = result["metrics"]["output_tokens_per_s"]
-        vs_prev = f"{tok_s / previous:.2f}x" if previous else "—"
-        vs_hf = f"{result['ratio_vs_hf']:.2f}x" if result.get("ratio_vs_hf") else "—"
-        ttft = f"{serving['metrics']['ttft_ms']['p50']:.0f}" if serving else "—"
-        commit = (result["env"].get("git_commit") or "?")[:8]
-        run = result["env"].get("timestamp", "?")[:16].replace("T", " ")
-        lines.append(f"| {int(stage)} | `{commit}` | {run} | {tok_s:.1f} | {vs_prev} | {vs_hf} "
-                     f"| {ttft} |")
+    for entry, throughput, probe in run["stages"]:
+        tok_s = throughput["metrics"]["output_tokens_per_s"]
+        cells = [short(entry["tag"]) + (" (untagged)" if entry.get("current") else ""),
+                 f"`{entry['commit'][:8]}`", f"{tok_s:,.1f}",
+                 f"{tok_s / previous:.2f}×" if previous else "—",
+                 f"{tok_s / hf['output_tokens_per_s']:.2f}×"]
+        if probed:
+            decode = probe["summary"]["decode"] if probe else None
+            on_gpu = probe and str(probe.get("device", "")).startswith("cuda")
+            cells += [f"{decode['median_step_ms']:.1f} ms" if decode else "—",
+                      f"{probe['decode_step']['kernels']:,}" if on_gpu else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
         previous = tok_s
-    device = rows[0][1]["env"]["device_name"] if rows else "?"
-    workload = rows[0][1]["workload"] if rows else {}
-    engine = rows[0][1]["engine_args"] if rows else {}
-    lines.append("")
-    lines.append("Each row is the latest run of that stage; rows from the same run share the "
-                 "same HF baseline. Different runs land on different machines, whose "
-                 "CPUs (and so these launch-bound engines) differ by up to 1.5x.")
-    lines.append("")
-    lines.append(f"Measured on {device}; workload `{workload.get('name')}`: "
-                 f"{workload.get('num_prompts')} requests, prompts of "
-                 f"{workload.get('input_len')} tokens, outputs of {workload.get('output_len')} "
-                 f"tokens, temperature {workload.get('temperature')}, ignore_eos; model "
-                 f"`{engine.get('model')}` ({engine.get('load_format')} weights, "
-                 f"{engine.get('resolved_dtype')}).")
-    TABLE.write_text("\n".join(lines) + "\n")
+    batch = hf.get("batch_size", "?")
+    cells = [f"HF `generate` (batch {batch})", "transformers", f"{hf['output_tokens_per_s']:,.1f}",
+             "", "1×"] + (["", ""] if probed else [])
+    lines.append("| " + " | ".join(cells) + " |")
+    env = run["stages"][0][1]["env"]
+    workload = manifest["workload"]
+    when = (manifest.get("started") or env.get("timestamp", "?"))[:16].replace("T", " ")
+    lines += [
+        "",
+        f'!!! info "Provenance: run `{manifest["run_id"]}`"',
+        f"    One run of every row above, one after the other on one machine: "
+        f"{env.get('device_name')}, torch {env.get('torch')}, started {when} UTC, "
+        f"`{manifest.get('command', 'python -m bench.stages')}`. Workload "
+        f"`{workload['name']}`: {workload['num_prompts']} requests, prompts of "
+        f"{workload['input_len'][0]}–{workload['input_len'][1]} tokens, outputs of "
+        f"{workload['output_len'][0]}–{workload['output_len'][1]} tokens, temperature "
+        f"{workload['temperature']}, ignore_eos; model `{manifest.get('model')}` "
+        f"({manifest.get('load_format', 'dummy')} weights). Files: "
+        f"`{relative(run['dir'])}/`.",
+    ]
+    for note in manifest.get("notes", []):
+        lines.append(f"    {note.rstrip('.')}.")
+    return "\n".join(lines) + "\n"
 
 
-def write_plot(rows: list[tuple[str, dict, dict | None]]) -> None:
+def short(tag: str) -> str:
+    return tag.split("-")[0]
+
+
+def write_plot(run: dict, path: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [f"v0.{int(stage)}" for stage, _, _ in rows]
-    tok_s = [result["metrics"]["output_tokens_per_s"] for _, result, _ in rows]
-    hf = [result["hf_baseline"]["output_tokens_per_s"] for _, result, _ in rows
-          if result.get("hf_baseline")]
+    stages = [short(entry["tag"]) for entry, _, _ in run["stages"]]
+    tok_s = [t["metrics"]["output_tokens_per_s"] for _, t, _ in run["stages"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.bar(stages, tok_s, color="tab:blue")
-    if hf:
-        left.axhline(sum(hf) / len(hf), color="tab:red", linestyle="--", label="HF generate")
-        left.legend()
+    left.axhline(run["hf"]["output_tokens_per_s"], color="tab:red", linestyle="--",
+                 label="HF generate, same run")
+    left.legend()
     left.set_yscale("log")
     left.set_ylim(bottom=1)
     left.set_ylabel("output tokens/s (log)")
-    left.set_title("offline throughput, course workload")
-    ttft = [(f"v0.{int(s)}", serving["metrics"]["ttft_ms"]["p50"])
-            for s, _, serving in rows if serving]
-    if ttft:
-        right.bar([t[0] for t in ttft], [t[1] for t in ttft], color="tab:orange")
+    left.set_title(f"offline throughput, {run['manifest']['workload']['name']} workload")
+    steps = [(short(e["tag"]), p["summary"]["decode"]["median_step_ms"])
+             for e, _, p in run["stages"] if p and p["summary"]["decode"]["median_step_ms"]]
+    if steps:
+        right.bar([s for s, _ in steps], [ms for _, ms in steps], color="tab:orange")
+        right.set_ylabel("median decode step (ms)")
     else:
-        right.text(0.5, 0.5, "not measured yet", ha="center", va="center")
-    right.set_ylabel("p50 time to first token (ms)")
-    right.set_title("online serving")
+        right.text(0.5, 0.5, "not probed in this run", ha="center", va="center")
+    right.set_title("one decode step")
+    fig.suptitle(f"run {run['manifest']['run_id']}", fontsize=9)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table_run(table: str | Path = TABLE) -> Path | None:
+    """The run folder a stage table was rendered from (its first line names it)."""
+    match = RUN_MARKER.search(Path(table).read_text())
+    return REPO_ROOT / match.group(1) if match else None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="h100", help="which bench-<device>.json to read")
+    parser = argparse.ArgumentParser(prog="python -m bench.plot_stages",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="a run folder (default: the one milestones/stages.md "
+                                      "was drawn from)")
+    parser.add_argument("--table", default=str(TABLE))
+    parser.add_argument("--plot", default=str(PLOT))
     args = parser.parse_args(argv)
-    rows = stage_results(args.device)
-    write_table(rows)
-    write_plot(rows)
-    print(TABLE.read_text())
+    run_dir = Path(args.run) if args.run else table_run(args.table)
+    if run_dir is None:
+        parser.error("name the run: --run milestones/runs/<run id>")
+    run = load_run(run_dir)
+    Path(args.table).write_text(render_table(run_dir, run))
+    write_plot(run, args.plot)
+    print(Path(args.table).read_text())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ import datetime
 import json
 import os
 import platform
+import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -53,12 +56,23 @@ def device_name(device: str) -> str:
     return cpu_name()
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as a person would type it: `python -m bench.x ...`."""
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0]) if argv else Path()
+    if script.suffix == ".py" and script.resolve().is_relative_to(REPO_ROOT):
+        module = ".".join(script.resolve().relative_to(REPO_ROOT).with_suffix("").parts)
+        return shlex.join(["python", "-m", module.removesuffix(".__main__"), *argv[1:]])
+    return shlex.join(["python", *argv])
+
+
 def environment(device: str = "auto") -> dict:
     """What a result was measured with. No hostname: result files are committed and shared."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         **git_info(),
+        "command": command_line(),
         "device": device,
         "device_name": device_name(device),
         "num_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
@@ -73,11 +87,33 @@ def environment(device: str = "auto") -> dict:
 
 
 def write_result(path: str | Path, result: dict) -> None:
+    """Write a new result file. Results are immutable: an existing file is never overwritten, so
+    a rerun must name its output after what it ran (see `result_name`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # allow_nan=False: a NaN or inf slipping into a metric should fail here, not in a plot script
     # that reads strict JSON later.
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    try:
+        with path.open("x") as file:  # "x": fail if the file exists
+            file.write(text)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists, and results are never overwritten: "
+                              "write this run to a new file") from None
+
+
+def short_device_name(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; a CPU -> 'cpu'. Names result files."""
+    match = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", device_name)
+    return match.group(1).lower() if match and "NVIDIA" in device_name else "cpu"
+
+
+def result_name(kind: str, env: dict, *details: str, suffix: str = ".json") -> str:
+    """A result file's name from what ran: `step-profile-h100-043b376f-bs1-8.json`."""
+    commit = (env.get("git_commit") or "nocommit")[:8]
+    dirty = "-dirty" if env.get("git_dirty") else ""
+    parts = [kind, short_device_name(env.get("device_name", "")), commit + dirty, *details]
+    return "-".join(part for part in parts if part) + suffix
 
 
 def read_result(path: str | Path) -> dict:

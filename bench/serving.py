@@ -187,7 +187,8 @@ def print_summary(metrics: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.serving",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", help="the served model's name (default: ask /v1/models)")
     parser.add_argument("--vocab-size", type=int,

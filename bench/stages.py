@@ -1,29 +1,61 @@
-"""Every stage on the same workload: `make bench-stages`.
+"""Every stage on the same workload, in one run on one machine: `make bench-stages`.
 
-    python -m bench.stages [--workload course] [--device-name h100] [--stages-dir DIR]
+    python -m bench.stages [--model qwen3-0.6b] [--workload course] [--stages-dir DIR]
+                           [--current TAG] [--archive FILE.tar.gz]
 
-For each milestone tag (found from the `Milestone:` trailers), the tag's own code is exported
-with `git archive` into a temporary folder and its own `bench.throughput` runs there on the same
-workload. transformers' `generate` runs once, in the same invocation, and every stage's result
-gets that baseline and its ratio to it. Results go to milestones/NN/bench-<device-name>.json,
-then the stage table and plot are redrawn (bench.plot_stages).
+One run measures, one after the other on the same machine:
+
+1. transformers' `generate`, once: the HF baseline of this run;
+2. for each milestone tag (and with --current, this checkout as a stage not yet tagged), in the
+   stage's own exported tree: its own `bench.throughput` on the workload (the stage table's
+   number), then bench/probe.py: what each step computed (padding and finished rows included)
+   and where its time went, and one decode step under torch.profiler (the timeline picture).
+
+Everything goes into a new folder milestones/runs/<run id>/, named after when, where and what
+ran (`20261126-093000-h100-course`), that nothing ever overwrites: run.json (the manifest: the
+command, the machine, which file holds what), hf-baseline.json, and per stage
+throughput-<stage>-<commit>.json, probe-….json, timeline-….json and .png; then the run's own
+stages.md and stages.png. Last, milestones/stages.md and docs/assets/stages.png are redrawn from
+this run alone (bench.plot_stages --run): every ratio in them is between numbers of this run.
 
 On a machine without the repository's history (the GPU machine gets a bare copy of the tree),
-export the stages first with `--export-only DIR`, carry DIR there, and pass `--stages-dir DIR`.
+export the stages first (`make stage-sources` writes .stages/), carry that folder there and pass
+`--stages-dir .stages`; `--archive FILE.tar.gz` packs the run folder into one file to bring back,
+and `--adopt FILE.tar.gz`, run in the repository, unpacks it into milestones/runs/, draws what
+the GPU machine could not, and redraws the stage table and plot from it.
 """
 
 import argparse
+import datetime
+import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from bench import plot_stages
-from bench.results import REPO_ROOT, ratio, read_result, write_result
+from bench.model_config import resolve_device, vocab_size_of
+from bench.results import (
+    REPO_ROOT,
+    command_line,
+    environment,
+    ratio,
+    read_result,
+    short_device_name,
+    write_result,
+)
+from bench.workloads import Workload, add_workload_args, make_requests, workload_from_args
 
 STAGES_FILE = "stages.json"  # written by --export-only: tag -> commit
+HEAD_FILE = "HEAD.json"  # written by --export-only: the exporting checkout's commit
+RUNS_DIR = REPO_ROOT / "milestones" / "runs"
+PROBE = REPO_ROOT / "bench" / "probe.py"
+FLASHINFER_BACKEND = Path("serve/attention/flashinfer_backend.py")
 
 
 def milestone_tags() -> dict[str, str]:
@@ -50,70 +82,307 @@ def export_stages(dest: Path) -> dict[str, str]:
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     (dest / STAGES_FILE).write_text(json.dumps(tags, indent=2) + "\n")
+    env = environment("cpu")
+    (dest / HEAD_FILE).write_text(json.dumps({"git_commit": env["git_commit"],
+                                              "git_dirty": env["git_dirty"]}) + "\n")
     return tags
 
 
-def stage_number(tag: str) -> str:
-    """v0.3-paged-kv -> '03' (the milestones/ folder)."""
-    return f"{int(tag.split('-')[0].split('.')[1]):02d}"
+def short_stage(tag: str) -> str:
+    """v0.3-paged-kv -> v0.3 (file names)."""
+    return tag.split("-")[0]
 
 
-def run_stage(folder: Path, tag: str, commit: str, out: Path, bench_args: list[str]) -> dict:
-    """Run the tag's own bench.throughput inside its exported tree."""
+def short_commit(commit: str) -> str:
+    """The first 8 hex digits, and whether the tree had changes: 8fa243d5, 8fa243d5-dirty."""
+    return commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def workload_flags(workload: Workload) -> list[str]:
+    """The CLI flags every stage's harness understands that give exactly this workload."""
+    flags = ["--num-prompts", str(workload.num_prompts),
+             "--input-len", "{}:{}".format(*workload.input_len),
+             "--output-len", "{}:{}".format(*workload.output_len),
+             "--temperature", str(workload.temperature), "--seed", str(workload.seed)]
+    # A named workload by its name, so the stage's harness records that name.
+    return ["--workload", workload.name] if workload.name != "custom" else flags
+
+
+def stage_env(folder: Path, tag: str, commit: str) -> dict:
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "BENCH_GIT_COMMIT": commit,
-           "BENCH_GIT_TAG": tag}
-    command = [sys.executable, "-m", "bench.throughput", *bench_args, "--out", str(out)]
-    print(f"== {tag}: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, cwd=folder, env=env, check=True)
-    return read_result(out)
+    env = {**os.environ, "PYTHONPATH": path, "BENCH_GIT_COMMIT": commit, "BENCH_GIT_TAG": tag,
+           "TOKENIZERS_PARALLELISM": "false"}
+    if folder != REPO_ROOT:
+        # An exported tree may sit inside this checkout (.stages/): git must not find this
+        # checkout's commit from there, so the stage's harness records the commit given above.
+        env["GIT_CEILING_DIRECTORIES"] = str(folder.parent)
+    return env
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(command: list[str], cwd: Path, env: dict | None = None) -> None:
+    print(f"$ (cd {cwd}) {shlex.join(command)}", flush=True)
+    subprocess.run(command, cwd=cwd, env=env, check=True)
+
+
+class Prewarm:
+    """FlashInfer compiles its kernels the first time they run (about 100 s on a fresh machine).
+    This compiles them in the background, on the upper half of the CPUs, while the slowest stage
+    runs on the others; stages that use FlashInfer wait for it."""
+
+    def __init__(self, folder: Path, tag: str, commit: str, args: list[str], log: Path) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        self.cpus = cpus[len(cpus) // 2:] or cpus
+
+        def pin() -> None:
+            os.sched_setaffinity(0, self.cpus)
+
+        command = [sys.executable, str(PROBE), *args, "--prewarm"]
+        print(f"$ (background, CPUs {self.cpus[0]}-{self.cpus[-1]}) {shlex.join(command)}",
+              flush=True)
+        self.log = log
+        env = {**stage_env(folder, tag, commit), "MAX_JOBS": str(len(self.cpus))}
+        with log.open("w") as out:
+            self.process = subprocess.Popen(command, cwd=folder, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, preexec_fn=pin)
+        self.started = time.monotonic()
+
+    def note(self) -> str:
+        return (f"FlashInfer's JIT compile ran in the background on CPUs {self.cpus[0]}-"
+                f"{self.cpus[-1]} from the start of the first stage's throughput run")
+
+    def wait(self) -> None:
+        if self.process.poll() is None:
+            print("waiting for the FlashInfer warm-up to finish", flush=True)
+        if self.process.wait() != 0:
+            print(f"warning: the FlashInfer warm-up failed (see below); the stages compile "
+                  f"their own kernels\n{self.log.read_text()[-2000:]}", flush=True)
+        else:
+            print(f"FlashInfer warm-up done after {time.monotonic() - self.started:.0f} s",
+                  flush=True)
+
+
+def probe_budget(throughput: dict, num_requests: int, budget_s: float) -> int | None:
+    """How many requests the probe may run step by step so that it takes about budget_s."""
+    wall = throughput["metrics"]["wall_time_s"]
+    if wall <= budget_s:
+        return None
+    return max(2, int(num_requests * budget_s / wall))
+
+
+def draw_timeline(json_path: Path) -> Path | None:
+    """The timeline picture, where matplotlib is installed (else --adopt draws it later)."""
+    from bench import timeline
+
+    try:
+        return timeline.draw_file(json_path)
+    except ImportError:
+        print("matplotlib is missing: the timeline picture is drawn later (--adopt)")
+        return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.stages",
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--workload", default="course")
-    parser.add_argument("--device-name", default="h100", help="names the bench-<name>.json files")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda, for every harness")
+    parser.add_argument("--device-name", help="names the run (default: h100, cpu, ...)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--stages-dir", help="stages exported earlier with --export-only")
     parser.add_argument("--export-only", metavar="DIR", help="export the stages and stop")
     parser.add_argument("--only", nargs="*", help="run just these tags")
     parser.add_argument("--current", metavar="TAG",
                         help="also run this checkout as stage TAG (a stage not yet tagged)")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    args = parser.parse_args(argv)
+    parser.add_argument("--results-dir", default=str(RUNS_DIR),
+                        help="the run folder is made inside this one")
+    parser.add_argument("--no-probe", action="store_true", help="throughput only")
+    parser.add_argument("--probe-budget-s", type=float, default=20.0,
+                        help="a stage whose throughput run took longer is probed on fewer "
+                             "requests, so that its probe takes about this long")
+    parser.add_argument("--no-prewarm", action="store_true",
+                        help="don't compile FlashInfer's kernels in the background during the "
+                             "first stage (cleaner, about 100 s longer on a fresh machine)")
+    parser.add_argument("--archive", metavar="FILE", help="also pack the run folder into FILE")
+    parser.add_argument("--adopt", metavar="FILE",
+                        help="unpack a run archived elsewhere into milestones/runs/ and redraw "
+                             "the stage table and plot from it; runs nothing")
+    parser.add_argument("--no-stage-table", action="store_true",
+                        help="leave milestones/stages.md and docs/assets/stages.png alone")
+    add_workload_args(parser)
+    return parser.parse_args(argv)
 
+
+def load_stages(args: argparse.Namespace, scratch: Path) -> tuple[dict, dict, dict]:
+    """({tag: commit}, {tag: folder}, the exporting checkout's commit info)."""
+    if args.stages_dir:
+        root = Path(args.stages_dir).resolve()
+        tags = json.loads((root / STAGES_FILE).read_text())
+        head_file = root / HEAD_FILE
+        head = json.loads(head_file.read_text()) if head_file.exists() else {}
+    else:
+        root = scratch / "stages"
+        tags = export_stages(root)
+        head = json.loads((root / HEAD_FILE).read_text())
+    if args.only:
+        tags = {tag: commit for tag, commit in tags.items() if tag in args.only}
+    folders = {tag: root / tag for tag in tags}
+    if args.current:
+        env = environment("cpu")
+        commit = env["git_commit"] or head.get("git_commit") or "working-tree"
+        dirty = env["git_dirty"] if env["git_commit"] else head.get("git_dirty")
+        tags[args.current] = commit + ("-dirty" if dirty else "")
+        folders[args.current] = REPO_ROOT
+    return tags, folders, head
+
+
+def adopt(archive: str, stage_table: bool) -> Path:
+    """Unpack a run folder archived on another machine and redraw what derives from it."""
+    with tarfile.open(archive) as tar:
+        names = {Path(member.name).parts[0] for member in tar.getmembers()}
+        if len(names) != 1:
+            raise ValueError(f"{archive} should hold one run folder, not {sorted(names)}")
+        run_dir = RUNS_DIR / names.pop()
+        if run_dir.exists():
+            raise FileExistsError(f"{run_dir} exists: a run is adopted once")
+        # the "data" filter (no links out, no absolute paths) where this Python has it
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(RUNS_DIR, **safe)
+    for timeline_json in sorted(run_dir.glob("timeline-*.json")):
+        if not timeline_json.with_suffix(".png").exists():
+            print(draw_timeline(timeline_json))
+    if not (run_dir / "stages.png").exists():
+        plot_stages.write_plot(plot_stages.load_run(run_dir), run_dir / "stages.png")
+    if stage_table:
+        plot_stages.main(["--run", str(run_dir)])
+    print(f"adopted {plot_stages.relative(run_dir)}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
     if args.export_only:
         print(export_stages(Path(args.export_only)))
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.stages_dir:
-            root = Path(args.stages_dir)
-            tags = json.loads((root / STAGES_FILE).read_text())
-        else:
-            root = Path(scratch)
-            tags = export_stages(root)
-        bench_args = ["--model", args.model, "--load-format", "dummy", "--workload",
-                      args.workload, "--warmup", "--max-model-len", str(args.max_model_len)]
+        return None
+    if args.adopt:
+        return adopt(args.adopt, not args.no_stage_table)
+
+    workload = workload_from_args(args)
+    device = resolve_device(args.device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        tags, folders, head = load_stages(args, scratch)
+        if head.get("git_commit") and not environment("cpu")["git_commit"]:
+            os.environ["BENCH_GIT_COMMIT"] = head["git_commit"]  # a copy without .git
+        env = environment(device)
+        device_name = args.device_name or short_device_name(env["device_name"])
+        run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-{workload.name}"
+        run_dir = Path(args.results_dir).resolve() / run_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+        print(f"run {run_id}: {', '.join(tags)} -> {run_dir}", flush=True)
+
+        requests = make_requests(workload, vocab_size_of(args.model))
+        requests_file = scratch / "requests.json"
+        requests_file.write_text(json.dumps(
+            [{"prompt": prompt, "max_tokens": params.max_tokens,
+              "temperature": params.temperature, "ignore_eos": params.ignore_eos}
+             for prompt, params in requests]))
+        model_args = ["--model", args.model, "--load-format", args.load_format,
+                      "--device", args.device, "--max-model-len", str(args.max_model_len)]
+        manifest = {"kind": "stages_run", "run_id": run_id, "command": command_line(),
+                    "started": started.isoformat(timespec="seconds"), "env": env,
+                    "workload": workload.to_dict(), "model": args.model,
+                    "load_format": args.load_format, "device_name": device_name,
+                    "notes": [], "hf_baseline": "hf-baseline.json", "stages": []}
+
         # the baseline once, with this checkout's harness, shared by every stage below
-        hf_out = Path(scratch) / "hf.json"
-        subprocess.run([sys.executable, "-m", "bench.hf_baseline", "--model", args.model,
-                        "--workload", args.workload, "--warmup", "--out", str(hf_out)],
-                       cwd=REPO_ROOT, check=True)
-        hf = read_result(hf_out)["metrics"]
-        folders = {tag: root / tag for tag in tags}
-        if args.current:
-            head = os.environ.get("BENCH_GIT_COMMIT") or tags.get(args.current, "working tree")
-            tags, folders[args.current] = {**tags, args.current: head}, REPO_ROOT
+        hf_out = scratch / "hf.json"
+        run([sys.executable, "-m", "bench.hf_baseline", "--model", args.model, "--device",
+             args.device, "--hf-batch-size", str(args.hf_batch_size), "--warmup",
+             *workload_flags(workload), "--out", str(hf_out)], REPO_ROOT)
+        hf = read_result(hf_out)
+        write_result(run_dir / "hf-baseline.json", {**hf, "run_id": run_id})
+
+        prewarm = None
+        flashinfer_stages = [t for t in tags if (folders[t] / FLASHINFER_BACKEND).exists()]
+        if (device.startswith("cuda") and flashinfer_stages and not args.no_prewarm
+                and importlib.util.find_spec("flashinfer") is not None):
+            tag = flashinfer_stages[-1]
+            prewarm = Prewarm(folders[tag], tag, tags[tag],
+                              [*model_args, "--requests", str(requests_file)],
+                              scratch / "prewarm.log")
+            manifest["notes"].append(prewarm.note())
+
         for tag, commit in tags.items():
-            if args.only and tag not in args.only:
-                continue
-            out = REPO_ROOT / "milestones" / stage_number(tag) / f"bench-{args.device_name}.json"
-            result = run_stage(folders[tag], tag, commit, out, bench_args)
-            result["hf_baseline"] = hf
-            result["ratio_vs_hf"] = ratio(result["metrics"]["output_tokens_per_s"],
-                                          hf["output_tokens_per_s"])
-            write_result(out, result)
-    plot_stages.main(["--device", args.device_name])
+            folder, name = folders[tag], f"{short_stage(tag)}-{short_commit(commit)}"
+            if prewarm and tag in flashinfer_stages:
+                prewarm.wait()
+                prewarm = None
+            entry = {"tag": tag, "commit": commit, "current": tag == args.current}
+            # the stage's own harness (throughput), in the stage's own tree
+            scratch_out = scratch / f"throughput-{name}.json"
+            run([sys.executable, "-m", "bench.throughput", *model_args, "--warmup",
+                 *workload_flags(workload), "--out", str(scratch_out)],
+                folder, stage_env(folder, tag, commit))
+            result = read_result(scratch_out)
+            result.update({"run_id": run_id, "hf_baseline": hf["metrics"],
+                           "ratio_vs_hf": ratio(result["metrics"]["output_tokens_per_s"],
+                                                hf["metrics"]["output_tokens_per_s"])})
+            entry["throughput"] = f"throughput-{name}.json"
+            write_result(run_dir / entry["throughput"], result)
+            if not args.no_probe:
+                entry.update(probe_stage(args, folder, tag, commit, name, run_dir, scratch,
+                                         model_args, requests_file, result, len(requests)))
+            manifest["stages"].append(entry)
+        if prewarm:
+            prewarm.wait()
+        manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")
+        write_result(run_dir / "run.json", manifest)
+    rows = plot_stages.load_run(run_dir)
+    table = plot_stages.render_table(run_dir, rows)
+    with (run_dir / "stages.md").open("x") as file:
+        file.write(table)
+    try:
+        plot_stages.write_plot(rows, run_dir / "stages.png")
+    except ImportError:
+        print("matplotlib is missing: stages.png is drawn later (--adopt)")
+    if not args.no_stage_table:
+        plot_stages.main(["--run", str(run_dir)])
+    if args.archive:
+        with tarfile.open(args.archive, "w:gz") as tar:
+            tar.add(run_dir, arcname=run_id)
+        print(f"packed {run_dir} into {args.archive}")
+    print(f"run {run_id} done: {run_dir}")
+    return run_dir
+
+
+def probe_stage(args, folder: Path, tag: str, commit: str, name: str, run_dir: Path,
+                scratch: Path, model_args: list[str], requests_file: Path, throughput: dict,
+                num_requests: int) -> dict:
+    """bench/probe.py in the stage's tree; returns the manifest entries of its files."""
+    probe_out, timeline_out = scratch / f"probe-{name}.json", run_dir / f"timeline-{name}.json"
+    command = [sys.executable, str(PROBE), *model_args, "--requests", str(requests_file),
+               "--out", str(probe_out), "--timeline-out", str(timeline_out)]
+    limit = probe_budget(throughput, num_requests, args.probe_budget_s)
+    if limit:
+        command += ["--max-requests", str(limit)]
+    if resolve_device(args.device).startswith("cuda"):
+        command.append("--compare-attention-backends")
+    if timeline_out.exists():
+        raise FileExistsError(timeline_out)
+    run(command, folder, stage_env(folder, tag, commit))
+    probe = json.loads(probe_out.read_text())
+    probe.update({"env": throughput["env"], "run_id": throughput["run_id"], "tag": tag,
+                  "commit": commit})
+    write_result(run_dir / f"probe-{name}.json", probe)
+    entry = {"probe": f"probe-{name}.json", "timeline": timeline_out.name}
+    png = draw_timeline(timeline_out)
+    if png:
+        entry["timeline_png"] = png.name
+    return entry
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from bench.workloads import add_workload_args, make_requests, workload_from_args
 from serve import LLM, RequestOutput, SamplingParams
 
 NUM_WARMUP_REQUESTS = 8  # enough to run prefill and a batched decode once (kernel JIT, caches)
-WARMUP_OUTPUT_LEN = 8
+WARMUP_OUTPUT_LEN = 8  # output tokens per warm-up request
 
 
 def check_output_lengths(outputs: list[RequestOutput], requests: Requests) -> int:
@@ -70,8 +70,10 @@ def run_engine(llm: LLM, requests: Requests) -> tuple[list[RequestOutput], float
 
 def benchmark_engine(llm: LLM, requests: Requests, warmup: bool) -> dict:
     if warmup:
-        print(f"warmup: {min(len(requests), NUM_WARMUP_REQUESTS)} requests", flush=True)
-        run_engine(llm, warmup_requests(requests))
+        warmup = warmup_requests(requests)
+        print(f"warmup (not timed): the first {len(warmup)} requests, {WARMUP_OUTPUT_LEN} output "
+              "tokens each", flush=True)
+        run_engine(llm, warmup)
     print(f"nanoserve: {len(requests)} requests", flush=True)
     outputs, wall_time = run_engine(llm, requests)
     num_output_tokens = check_output_lengths(outputs, requests)
@@ -103,14 +105,17 @@ def print_table(metrics: dict, hf_metrics: dict | None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF dir, shipped config name, or hub id")
     parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
     parser.add_argument("--load-format", default="auto", help="auto|safetensors|dummy")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--warmup", action="store_true",
-                        help=f"first run {NUM_WARMUP_REQUESTS} short requests, not timed")
+                        help=f"first run the workload's first {NUM_WARMUP_REQUESTS} requests (or "
+                             f"all, if fewer) with {WARMUP_OUTPUT_LEN} output tokens each, "
+                             "not timed")
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time transformers' generate on the same requests")
     parser.add_argument("--hf-batch-size", type=int, default=64)

@@ -2,18 +2,29 @@
 
 import json
 import socket
+import tarfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench import hf_baseline, serving, throughput
+from bench import hf_baseline, plot_stages, probe, serving, stages, throughput
+from bench import timeline as timeline_module
 from bench.model_config import vocab_size_of
-from bench.results import environment, read_result, speedups, write_result
+from bench.results import (
+    command_line,
+    environment,
+    read_result,
+    result_name,
+    short_device_name,
+    speedups,
+    write_result,
+)
 from bench.workloads import WORKLOADS, Workload, make_requests
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
@@ -249,3 +260,102 @@ def test_serving_counts_failures(fake_server, tmp_path):
     result = read_result(out)
     assert result["metrics"]["failed"] == 4 and result["metrics"]["ttft_ms"]["p50"] is None
     assert result["errors"] and "404" in result["errors"][0]
+
+
+def test_results_are_never_overwritten(tmp_path):
+    write_result(tmp_path / "r.json", {"a": 1})
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        write_result(tmp_path / "r.json", {"a": 2})
+    assert read_result(tmp_path / "r.json") == {"a": 1}
+
+
+def test_result_names_say_what_ran():
+    env = {"git_commit": "043b376f4b540d13", "git_dirty": False,
+           "device_name": "NVIDIA H100 80GB HBM3"}
+    assert result_name("step-profile", env, "bs1") == "step-profile-h100-043b376f-bs1.json"
+    assert short_device_name("AMD EPYC") == "cpu"
+    assert command_line(["/x/y.py", "--a"]) == "python /x/y.py --a"
+    assert command_line([str(Path(throughput.__file__)), "--model", "m"]) == \
+        "python -m bench.throughput --model m"
+
+
+def requests_file(tmp_path, vocab_size: int) -> Path:
+    requests = make_requests(Workload("custom", 3, (4, 12), (3, 6), seed=2), vocab_size)
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps([{"prompt": prompt, "max_tokens": params.max_tokens,
+                                 "temperature": params.temperature,
+                                 "ignore_eos": params.ignore_eos}
+                                for prompt, params in requests]))
+    return path
+
+
+def test_probe_counts_every_step_and_records_a_decode_step(qwen3_dir, tmp_path):
+    requests = json.loads(requests_file(tmp_path, vocab_size_of(qwen3_dir)).read_text())
+    out, timeline_out = tmp_path / "probe.json", tmp_path / "timeline-v9.9-abc.json"
+    result = probe.main(["--model", qwen3_dir, "--load-format", "auto", "--device", "cpu",
+                         "--requests", str(tmp_path / "requests.json"), "--out", str(out),
+                         "--timeline-out", str(timeline_out)])
+    summary = result["summary"]
+    prompt_tokens = sum(len(r["prompt"]) for r in requests)
+    output_tokens = sum(r["max_tokens"] for r in requests)
+    # a paged engine computes no padding and no finished rows
+    assert summary["prefill"]["prompt_tokens"] == summary["prefill"]["tokens_computed"] \
+        == prompt_tokens
+    assert summary["decode"]["idle_rows"] == 0
+    assert summary["prefill"]["tokens_out"] + summary["decode"]["tokens_out"] == output_tokens
+    assert summary["decode"]["steps"] == max(r["max_tokens"] for r in requests) - 1
+    assert result["hooked"] == ["model", "forward", "sample", "output"]
+    step = result["decode_step"]
+    assert step["rows"] == 3 and step["cpu_ops"] > 10 and step["kernels"] == 0
+    timeline = json.loads(timeline_out.read_text())
+    assert {p[0] for p in timeline["phases"]} >= {"forward", "sample", "output"}
+    png = timeline_module.draw_file(timeline_out)
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+def fake_run(run_dir: Path, probe_result: dict | None = None) -> Path:
+    """A run folder as bench.stages writes it, with made-up numbers."""
+    hf = {"output_tokens_per_s": 100.0, "batch_size": 64}
+    env = {"git_commit": "c0", "device_name": "Some GPU", "torch": "2.x",
+           "timestamp": "2026-01-01T00:00:00+00:00"}
+    workload = {"name": "course", "num_prompts": 64, "input_len": [64, 256],
+                "output_len": [32, 128], "temperature": 0.6}
+    stages = []
+    for tag, tok_s in (("v0.0-a", 25.0), ("v0.1-b", 400.0)):
+        name = f"throughput-{tag[:4]}-c0.json"
+        write_result(run_dir / name, {"env": env, "metrics": {"output_tokens_per_s": tok_s},
+                                      "hf_baseline": hf})
+        stages.append({"tag": tag, "commit": "c0" * 4, "throughput": name})
+    if probe_result:
+        write_result(run_dir / "probe-v0.1-c0.json", probe_result)
+        stages[1]["probe"] = "probe-v0.1-c0.json"
+    write_result(run_dir / "hf-baseline.json", {"metrics": hf})
+    write_result(run_dir / "run.json", {"run_id": run_dir.name, "command": "python -m x",
+                                        "started": "2026-01-01T00:00:00", "workload": workload,
+                                        "model": "m", "notes": [], "stages": stages,
+                                        "hf_baseline": "hf-baseline.json"})
+    return run_dir
+
+
+def test_stage_table_and_plot_come_from_one_run(tmp_path):
+    run_dir = fake_run(tmp_path / "20260101-000000-gpu-course")
+    table = plot_stages.render_table(run_dir)
+    assert "| v0.1 | `c0c0c0c0` | 400.0 | 16.00× | 4.00× |" in table
+    assert "| HF `generate` (batch 64) | transformers | 100.0 |" in table
+    assert "20260101-000000-gpu-course" in table
+    plot_stages.main(["--run", str(run_dir), "--table", str(tmp_path / "stages.md"),
+                      "--plot", str(tmp_path / "stages.png")])
+    assert plot_stages.table_run(tmp_path / "stages.md") is not None
+    assert (tmp_path / "stages.png").stat().st_size > 10_000
+
+
+def test_a_run_archived_elsewhere_is_adopted_once(tmp_path, monkeypatch):
+    run_dir = fake_run(tmp_path / "made" / "20260101-000000-gpu-course")
+    archive = tmp_path / "run.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(run_dir, arcname=run_dir.name)
+    monkeypatch.setattr(stages, "RUNS_DIR", tmp_path / "runs")
+    adopted = stages.adopt(str(archive), stage_table=False)
+    assert (adopted / "run.json").exists() and (adopted / "stages.png").exists()
+    with pytest.raises(FileExistsError):
+        stages.adopt(str(archive), stage_table=False)

@@ -1,0 +1,183 @@
+"""The course is as trustworthy as the code: every number a chapter states is the number in its
+result file, generated tables are what their files give, the stage table comes from one run, and
+each chapter quotes its own stage's code. The self-tests below show that a wrong number fails."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import chapters, plot_stages
+from bench.results import REPO_ROOT
+
+CHAPTERS = sorted((REPO_ROOT / "milestones").glob("[0-9][0-9]/README.md"))
+SNIPPET = re.compile(r'^--8<-- "([^"]+)"', re.M)
+GLOSSARY = REPO_ROOT / "docs" / "glossary.md"
+ABBREVIATIONS = REPO_ROOT / "docs" / "includes" / "abbreviations.md"
+
+
+@pytest.mark.parametrize("page", chapters.chapter_files(), ids=lambda p: p.parent.name + p.stem)
+def test_every_number_and_table_matches_its_result_file(page):
+    report = chapters.process(page)
+    assert not report.errors, "\n".join(report.errors)
+
+
+@pytest.mark.parametrize("page", CHAPTERS, ids=lambda p: p.parent.name)
+def test_each_chapter_states_its_measurements_from_files(page):
+    report = chapters.process(page)
+    assert report.numbers >= 10 and report.blocks >= 2
+
+
+def test_stage_table_is_exactly_what_its_run_renders():
+    run_dir = plot_stages.table_run()
+    assert run_dir is not None, "milestones/stages.md names no run"
+    assert plot_stages.TABLE.read_text() == plot_stages.render_table(run_dir)
+
+
+def test_every_run_folder_lists_its_files_in_its_manifest():
+    for manifest_path in sorted((REPO_ROOT / "milestones" / "runs").glob("*/run.json")):
+        manifest = json.loads(manifest_path.read_text())
+        listed = {"run.json", "stages.md", "stages.png", manifest.get("hf_baseline")}
+        for stage in manifest["stages"]:
+            listed |= {stage.get(key) for key in ("throughput", "probe", "timeline",
+                                                  "timeline_png")}
+            if stage.get("timeline"):  # drawn later by --adopt where the run had no matplotlib
+                listed.add(Path(stage["timeline"]).with_suffix(".png").name)
+        listed.discard(None)
+        present = {path.name for path in manifest_path.parent.iterdir()}
+        assert listed - {"stages.md", "stages.png"} <= present, manifest_path
+        assert present <= listed, f"{manifest_path.parent.name}: not in run.json: " \
+                                  f"{sorted(present - listed)}"
+
+
+def milestone_tags() -> dict[str, str]:
+    from bench.stages import milestone_tags
+
+    try:
+        return milestone_tags()
+    except (subprocess.CalledProcessError, OSError):
+        return {}
+
+
+@pytest.mark.parametrize("page", CHAPTERS, ids=lambda p: p.parent.name)
+def test_a_tagged_stage_chapter_quotes_its_own_tag(page):
+    number = int(page.parent.name)
+    tags = [tag for tag in milestone_tags() if tag.startswith(f"v0.{number}-")]
+    if not tags:
+        pytest.skip("no tag for this stage yet (or no git history): it may quote the tree")
+    own = f".stages/{tags[0]}/"
+    for path in SNIPPET.findall(page.read_text()):
+        if path.startswith(("milestones/", "docs/")):
+            continue
+        assert path.startswith(own), f"{page.parent.name} quotes {path}, not {own}..."
+
+
+def test_glossary_defines_every_hover_term_and_the_course_terms():
+    glossary = GLOSSARY.read_text()
+    terms = re.findall(r"^\*\[(.+?)\]:", ABBREVIATIONS.read_text(), re.M)
+    assert len(terms) >= 20
+    defined = {line.strip().lower() for line in glossary.splitlines()
+               if line and not line.startswith((" ", "#", ":"))}
+    defined |= {name.strip() for line in defined for name in line.split(",")}
+    missing = [t for t in terms if not {t.lower(), t.lower().rstrip("s")} & defined]
+    assert not missing, f"hover terms without a glossary entry: {missing}"
+    for term in ("TTFT", "TPOT", "ITL", "p50", "SSE", "GIL", "SM", "SDPA", "GQA", "MHA", "CSR",
+                 "indptr", "NHD", "prefill", "decode", "roofline", "launch-bound", "page",
+                 "preemption", "CUDA graph", "bucket", "watermark", "token budget",
+                 "max_num_seqs", "scheduler output", "fused kernel", "kernel launch"):
+        assert term.lower() in defined, f"glossary lacks {term}"
+
+
+def test_mermaid_is_served_from_the_site_itself():
+    config = (REPO_ROOT / "mkdocs.yml").read_text()
+    (script,) = re.findall(r"^\s+- (assets/javascripts/mermaid[^\s]+\.js)$", config, re.M)
+    assert (REPO_ROOT / "docs" / script).stat().st_size > 1_000_000
+
+
+# --- the checker itself: a wrong number, a stale table, a cross-run ratio all fail ------------
+
+
+def write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def throughput(tok_s: float, hf: float = 100.0, commit: str = "abcdef12") -> dict:
+    metrics = {"output_tokens_per_s": tok_s, "requests_per_s": 1.0, "wall_time_s": 10.0}
+    return {"env": {"git_commit": commit, "git_tag": None, "device_name": "X",
+                    "timestamp": "2026-01-01T00:00:00", "command": "python -m bench.x"},
+            "metrics": metrics,
+            "hf_baseline": {**metrics, "output_tokens_per_s": hf, "batch_size": 64}}
+
+
+def page_with(tmp_path, body: str, results: dict) -> Path:
+    lines = [f"<!-- result {name}: {path} -->" for name, path in results.items()]
+    return write(tmp_path / "chapter.md", "\n".join(lines) + "\n\n" + body + "\n")
+
+
+def errors(page: Path, write_blocks: bool = False) -> list[str]:
+    return chapters.process(page, write=write_blocks).errors
+
+
+def test_a_number_that_disagrees_with_its_file_fails(tmp_path):
+    a = write(tmp_path / "a.json", throughput(30.06))
+    good = page_with(tmp_path, "**30.1**<!-- = a.metrics.output_tokens_per_s --> tok/s", {"a": a})
+    assert errors(good) == []
+    bad = page_with(tmp_path, "**30.2**<!-- = a.metrics.output_tokens_per_s --> tok/s", {"a": a})
+    assert "30.2 but a.metrics.output_tokens_per_s" in errors(bad)[0]
+    too_precise = page_with(tmp_path, "30.06<!-- = a.metrics.output_tokens_per_s -->", {"a": a})
+    assert errors(too_precise) == []
+    rounded_wrong = page_with(tmp_path, "30.07<!-- = a.metrics.output_tokens_per_s -->", {"a": a})
+    assert errors(rounded_wrong)
+
+
+def test_numbers_with_separators_units_and_arithmetic(tmp_path):
+    a = write(tmp_path / "a.json", {"n": 2216, "f": 0.008038, "rows": [{"ms": 52.03}]})
+    page = page_with(tmp_path, "2,216<!-- = a.n --> kernels, 0.8 %<!-- = 100 * a.f -->, "
+                     "**52.0 ms**<!-- = a.rows[0].ms -->, 79<!-- = a.n / 28 --> per layer",
+                     {"a": a})
+    assert errors(page) == []
+
+
+def test_a_ratio_across_two_runs_fails_and_within_one_run_passes(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    write(run / "run.json", {"stages": []})
+    a, b = write(run / "a.json", throughput(300.0)), write(run / "b.json", throughput(100.0))
+    other = write(tmp_path / "other.json", throughput(100.0, hf=90.0))
+    same = page_with(tmp_path, "3.0×<!-- = a.metrics.output_tokens_per_s / "
+                     "b.metrics.output_tokens_per_s -->", {"a": a, "b": b, "c": other})
+    assert errors(same) == []
+    mixed = page_with(tmp_path, "3.0×<!-- = a.metrics.output_tokens_per_s / "
+                      "c.metrics.output_tokens_per_s -->", {"a": a, "b": b, "c": other})
+    assert "different runs" in errors(mixed)[0]
+
+
+def test_markers_need_a_number_a_declared_name_and_an_existing_file(tmp_path):
+    a = write(tmp_path / "a.json", throughput(30.0))
+    assert "must follow the number" in errors(
+        page_with(tmp_path, "fast<!-- = a.metrics.output_tokens_per_s -->", {"a": a}))[0]
+    assert "not a declared result" in errors(
+        page_with(tmp_path, "30<!-- = b.metrics.output_tokens_per_s -->", {"a": a}))[0]
+    assert "no file" in errors(page_with(tmp_path, "", {"a": tmp_path / "missing.json"}))[0]
+    assert "not allowed" in errors(
+        page_with(tmp_path, "1<!-- = __import__('os') -->", {"a": a}))[0]
+
+
+def test_a_stale_generated_table_fails_until_it_is_regenerated(tmp_path):
+    a = write(tmp_path / "a.json", throughput(30.0))
+    page = page_with(tmp_path, "<!-- begin throughput a -->\n| stale |\n<!-- end throughput -->",
+                     {"a": a})
+    assert "differs from its files" in errors(page)[0]
+    assert errors(page, write_blocks=True) == []
+    assert errors(page) == [] and "| output tokens/s | 30.0 | 100.0 |" in page.read_text()
+    write(a, throughput(31.0))  # the file changes: the table no longer matches it
+    assert "differs from its files" in errors(page)[0]
+
+
+def test_markers_inside_code_blocks_are_examples_not_markers(tmp_path):
+    page = page_with(tmp_path, "```markdown\n1.0<!-- = nothing.here -->\n"
+                     "<!-- begin throughput x -->\n<!-- end throughput -->\n```", {})
+    assert errors(page) == []
