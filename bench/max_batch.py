@@ -4,8 +4,11 @@
 
 Requests are taken in workload order, as a FIFO scheduler takes them. Stage 1 reserves, for every
 row of a batch, room for the longest prompt plus the largest max_tokens in the batch; that is
-arithmetic. For pages we run the real Scheduler and PageAllocator (no model needed): the first
-batch it admits from the same queue is the answer.
+arithmetic. For pages we run the real Scheduler and PageAllocator (no model needed): how many
+requests its first step admits from the same queue is the answer. (Stage 2's scheduler promised
+each request pages for its prompt plus max_tokens; from stage 3 on, admission takes the prompt's
+pages only and later steps take more or preempt, so this counts requests running at once at the
+start, not at the peak.)
 """
 
 import argparse
@@ -39,12 +42,11 @@ def paged_max_batch(lengths: list[tuple[int, int]], num_pages: int, page_size: i
     from serve.sampling_params import SamplingParams
 
     allocator = PageAllocator(num_pages, page_size)
-    scheduler = Scheduler(allocator, max_model_len=1 << 20, max_batch_size=1 << 20,
-                          max_num_batched_tokens=1 << 30, batch_wait_ms=0)
+    scheduler = Scheduler(allocator, max_num_seqs=1 << 20, max_num_batched_tokens=1 << 30)
     for n, (prompt_len, output_len) in enumerate(lengths):
-        scheduler.add(Request(str(n), [0] * prompt_len, SamplingParams(max_tokens=output_len)))
-    requests, _ = scheduler.next_batch()
-    return len(requests)
+        scheduler.add(Request(str(n), [0] * prompt_len, SamplingParams(max_tokens=output_len),
+                              max_tokens=output_len, sampling_seed=0))
+    return len(scheduler.schedule().scheduled)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,7 +8,8 @@ bench.stages runs this file in every stage's exported tree, so that `import serv
 stage's engine. It therefore imports nothing from bench/ (the tree's own bench/ is an older copy)
 and relies only on what every stage keeps: `LLM(...).engine` with add_request, step,
 has_unfinished_requests and abort_request, `engine.runner.model`, and, where they exist,
-`engine.runner.forward`, `engine.sampler` and `engine.output_processor.process_token`.
+`engine.runner.forward` (`engine.runner.logits` once the runner samples too), the sampler
+(`engine.sampler`, later `engine.runner.sampler`) and `engine.output_processor.process_token`.
 
 For the requests in --requests it records:
 
@@ -104,12 +105,17 @@ def instrument(engine, recorder: Recorder) -> list[str]:
 
     engine.runner.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     hooked.append("model")
-    if callable(getattr(engine.runner, "forward", None)):
-        engine.runner.forward = timed(recorder, "forward", engine.runner.forward)
+    runner = engine.runner
+    # From stage 3 the runner samples too: its `logits` is the model's part of the step.
+    forward_name = "logits" if callable(getattr(runner, "execute", None)) else "forward"
+    if callable(getattr(runner, forward_name, None)):
+        setattr(runner, forward_name, timed(recorder, "forward", getattr(runner, forward_name)))
         hooked.append("forward")
-    if callable(getattr(engine, "sampler", None)):
-        engine.sampler = TimedSampler(engine.sampler, recorder)
-        hooked.append("sample")
+    for owner in (engine, runner):  # the engine's sampler up to stage 2, the runner's after
+        if callable(getattr(owner, "sampler", None)):
+            owner.sampler = TimedSampler(owner.sampler, recorder)
+            hooked.append("sample")
+            break
     processor = getattr(engine, "output_processor", None)
     if callable(getattr(processor, "process_token", None)):
         processor.process_token = timed(recorder, "output", processor.process_token)

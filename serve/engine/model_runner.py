@@ -100,10 +100,11 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> list[int]:
         """Run one step and sample; returns one token id per sampled row."""
         inputs = self.staging.to_device(inputs)  # one host-to-device copy per step
-        logits = self._logits(inputs)  # [sampled rows, vocab]
+        logits = self.logits(inputs)  # [sampled rows, vocab]
         return self.sampler(logits, inputs.sampling).tolist()  # the step's one host sync
 
-    def _logits(self, inputs: StepInputs) -> torch.Tensor:
+    def logits(self, inputs: StepInputs) -> torch.Tensor:
+        """The model over inputs already on the device: the sampled rows' logits."""
         self.backend.plan(inputs.attention)  # once per step, shared by every layer
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
         return self.model.compute_logits(hidden[inputs.sample_indices])
@@ -112,4 +113,4 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step and return the sampled rows' logits, sampling nothing (tests, profiling)."""
-        return self._logits(self.staging.to_device(inputs))
+        return self.logits(self.staging.to_device(inputs))
