@@ -21,6 +21,7 @@ from bench.model_config import (
     vocab_size_of,
 )
 from bench.results import environment, ratio, write_result
+from bench.step_log import StepLog
 from bench.workloads import add_workload_args, make_requests, workload_from_args
 from serve import LLM, RequestOutput, SamplingParams
 
@@ -75,9 +76,15 @@ def benchmark_engine(llm: LLM, requests: Requests, warmup: bool) -> dict:
               "tokens each", flush=True)
         run_engine(llm, warmup)
     print(f"nanoserve: {len(requests)} requests", flush=True)
+    step_log = StepLog.attach(llm.engine)
+    preemptions_before = engine_preemptions(llm)
     outputs, wall_time = run_engine(llm, requests)
     num_output_tokens = check_output_lengths(outputs, requests)
     num_input_tokens = sum(len(prompt) for prompt, _ in requests)
+    extra = {}
+    if step_log is not None:
+        extra["steps"] = step_log.summary()
+        extra["num_preemptions"] = engine_preemptions(llm) - preemptions_before
     return {
         "num_requests": len(requests),
         "wall_time_s": wall_time,
@@ -87,7 +94,13 @@ def benchmark_engine(llm: LLM, requests: Requests, warmup: bool) -> dict:
         "input_tokens_per_s": num_input_tokens / wall_time,
         "output_tokens_per_s": num_output_tokens / wall_time,
         "total_tokens_per_s": (num_input_tokens + num_output_tokens) / wall_time,
+        **extra,
     }
+
+
+def engine_preemptions(llm: LLM) -> int:
+    """Requests the engine has preempted so far (0 for an engine that never preempts)."""
+    return getattr(getattr(llm.engine, "scheduler", None), "num_preemptions", 0)
 
 
 def print_table(metrics: dict, hf_metrics: dict | None) -> None:

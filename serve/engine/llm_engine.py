@@ -66,7 +66,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the request needs {num_prompt + max_tokens - 1} tokens of KV cache "
                 f"({num_prompt} in the prompt, up to {max_tokens} generated) and the pool holds "
-                f"{capacity}: lower max_tokens, or start the server with more --num-pages", blame)
+                f"{capacity}: lower max_tokens, or give the pool more pages (--num-pages)", blame)
         params = prompt.params
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
         request = Request(request_id, prompt.prompt_token_ids, params, max_tokens, seed,

@@ -1,0 +1,233 @@
+"""Two stages side by side on one workload, offline and online, in one run on one machine.
+
+    python -m bench.compare --stages-dir .stages --baseline v0.2-paged-kv \\
+        --current v0.3-continuous-batching --workload nano-vllm --pools default 8192 \\
+        --rates 4 16 64 inf --online-prompts 64 --archive $OUT/compare.tar.gz
+
+Offline, each stage's own `bench.throughput` runs in the stage's own tree once per KV pool size
+(`default`: the engine sizes the pool from free memory; a number: that many pages, the same for
+both stages). Online, each stage's own server is started from its tree, and this checkout's
+`bench.serving` streams the workload to it at each request rate (Poisson arrivals; inf sends
+everything at once). Everything lands in a new folder milestones/runs/<run id>/ (the UTC start,
+device and "compare-<workload>"), with run.json naming what ran and compare.md, the tables the
+chapter includes. `--adopt FILE` unpacks an archived run into milestones/runs/.
+"""
+
+import argparse
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.model_config import resolve_device
+from bench.results import (
+    REPO_ROOT,
+    command_line,
+    environment,
+    read_result,
+    short_device_name,
+    write_result,
+)
+from bench.stages import (
+    RUNS_DIR,
+    load_stages,
+    run,
+    short_commit,
+    short_stage,
+    stage_env,
+    workload_flags,
+)
+from bench.workloads import add_workload_args, workload_from_args
+
+SERVER_START_TIMEOUT_S = 600  # a fresh machine compiles FlashInfer's kernels at the first step
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare",
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="the earlier stage's tag")
+    parser.add_argument("--current", required=True,
+                        help="this checkout, as the stage TAG (tagged or not yet)")
+    parser.add_argument("--stages-dir", help="stages exported earlier with --export-only")
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device-name", help="names the run (default: h100, cpu, ...)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--pools", nargs="*", default=["default"],
+                        help="KV pool sizes for the offline runs: default, or a page count")
+    parser.add_argument("--rates", nargs="*", default=[],
+                        help="request rates for the online runs (req/s, or inf)")
+    parser.add_argument("--online-prompts", type=int, help="requests per online run "
+                        "(default: the workload's)")
+    parser.add_argument("--server-args", default="", help="extra flags for both servers")
+    parser.add_argument("--results-dir", default=str(RUNS_DIR))
+    parser.add_argument("--archive", metavar="FILE", help="also pack the run folder into FILE")
+    parser.add_argument("--adopt", metavar="FILE",
+                        help="unpack a run archived elsewhere into milestones/runs/; runs nothing")
+    add_workload_args(parser)
+    return parser.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class StageServer:
+    """A stage's own server (`python -m serve` in its tree) for the duration of a with-block."""
+
+    def __init__(self, folder: Path, env: dict, flags: list[str], log: Path) -> None:
+        self.port = free_port()
+        command = [sys.executable, "-m", "serve", *flags, "--port", str(self.port),
+                   "--log-level", "warning"]
+        print(f"$ (cd {folder}) {' '.join(command)} &", flush=True)
+        self.log = log.open("w")
+        self.process = subprocess.Popen(command, cwd=folder, env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "StageServer":
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}: see "
+                                   f"{self.log.name}")
+            try:
+                urllib.request.urlopen(f"{self.base_url}/health", timeout=2)
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the server did not start") from None
+                time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
+    if args.adopt:
+        return adopt(args.adopt)
+    workload = workload_from_args(args)
+    device = resolve_device(args.device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        stage_args = argparse.Namespace(stages_dir=args.stages_dir, only=[args.baseline],
+                                        current=args.current)
+        tags, folders, _ = load_stages(stage_args, scratch)
+        env = environment(device)
+        device_name = args.device_name or short_device_name(env["device_name"])
+        run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-compare-{workload.name}"
+        run_dir = Path(args.results_dir).resolve() / run_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+        # the stages run in their own trees: a model directory must not be a relative path
+        model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+        model_flags = ["--model", model, "--load-format", args.load_format,
+                       "--max-model-len", str(args.max_model_len)]
+        manifest = {"kind": "compare_run", "run_id": run_id, "command": command_line(),
+                    "started": started.isoformat(timespec="seconds"), "env": env,
+                    "workload": workload.to_dict(), "model": args.model,
+                    "baseline": args.baseline, "current": args.current, "offline": [],
+                    "online": []}
+        for tag, commit in tags.items():
+            folder, name = folders[tag], f"{short_stage(tag)}-{short_commit(commit)}"
+            stage = stage_env(folder, tag, commit)
+            for pool in args.pools:
+                out = run_dir / f"throughput-{name}-pool-{pool}.json"
+                engine_flags = [] if pool == "default" else ["--engine-arg", f"num_pages={pool}"]
+                run([sys.executable, "-m", "bench.throughput", *model_flags, "--device",
+                     args.device, "--warmup", *workload_flags(workload), *engine_flags,
+                     "--out", str(scratch / out.name)], folder, stage)
+                write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
+                                   "tag": tag, "pool": pool})
+                manifest["offline"].append({"tag": tag, "pool": pool, "file": out.name})
+            if not args.rates:
+                continue
+            with StageServer(folder, stage, [*model_flags, *args.server_args.split()],
+                             run_dir / f"server-{name}.log") as server:
+                for rate in args.rates:
+                    out = run_dir / f"serving-{name}-r{rate}.json"
+                    prompts = ["--num-prompts", str(args.online_prompts)] \
+                        if args.online_prompts else []
+                    run([sys.executable, "-m", "bench.serving", "--base-url", server.base_url,
+                         *workload_flags(workload), *prompts, "--request-rate", rate,
+                         "--out", str(scratch / out.name)], REPO_ROOT,
+                        {**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                    write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
+                                       "tag": tag, "server_commit": commit})
+                    manifest["online"].append({"tag": tag, "rate": rate, "file": out.name})
+        manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")
+        write_result(run_dir / "run.json", manifest)
+    (run_dir / "compare.md").write_text(render(run_dir))
+    print((run_dir / "compare.md").read_text())
+    if args.archive:
+        with tarfile.open(args.archive, "w:gz") as tar:
+            tar.add(run_dir, arcname=run_id)
+        print(f"packed {run_dir} into {args.archive}")
+    return run_dir
+
+
+def render(run_dir: Path) -> str:
+    """The run's tables: offline throughput per pool, online latency per rate."""
+    manifest = read_result(run_dir / "run.json")
+    base = manifest["baseline"]
+    lines = ["| KV pool | stage | output tok/s | vs " + short_stage(base) + " | preemptions "
+             "| mean batch |", "|---|---|---|---|---|---|"]
+    offline = {(e["tag"], e["pool"]): read_result(run_dir / e["file"])
+               for e in manifest["offline"]}
+    for (tag, pool), result in offline.items():
+        metrics = result["metrics"]
+        tok_s = metrics["output_tokens_per_s"]
+        base_tok_s = offline.get((base, pool), result)["metrics"]["output_tokens_per_s"]
+        mean_batch = (metrics.get("steps") or {}).get("mean_batch")
+        batch = f"{mean_batch:.1f}" if mean_batch else "—"
+        lines.append(f"| {pool} | {short_stage(tag)} | {tok_s:.1f} | {tok_s / base_tok_s:.2f}x "
+                     f"| {metrics.get('num_preemptions', '—')} | {batch} |")
+    if manifest["online"]:
+        lines += ["", "| rate (req/s) | stage | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
+                  "| output tok/s |", "|---|---|---|---|---|"]
+        for entry in manifest["online"]:
+            metrics = read_result(run_dir / entry["file"])["metrics"]
+            ttft, tpot = metrics["ttft_ms"], metrics["tpot_ms"]
+            lines.append(f"| {entry['rate']} | {short_stage(entry['tag'])} | "
+                         f"{ttft['p50']:.0f} / {ttft['p99']:.0f} | "
+                         f"{tpot['p50']:.1f} / {tpot['p99']:.1f} | "
+                         f"{metrics['output_tokens_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def adopt(archive: str) -> Path:
+    with tarfile.open(archive) as tar:
+        names = {Path(member.name).parts[0] for member in tar.getmembers()}
+        if len(names) != 1:
+            raise ValueError(f"{archive} should hold one run folder, not {sorted(names)}")
+        run_dir = RUNS_DIR / names.pop()
+        if run_dir.exists():
+            raise FileExistsError(f"{run_dir} exists: a run is adopted once")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(RUNS_DIR, **safe)
+    print(f"adopted {run_dir.relative_to(REPO_ROOT)}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
