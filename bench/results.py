@@ -27,12 +27,19 @@ def _git(*args: str) -> str | None:
 
 
 def git_info() -> dict:
+    # A harness that runs a tree it exported itself (bench.stages, bench.compare) names that
+    # tree's commit in the environment: on the GPU machine the copy of the tree may sit beside a
+    # .git that is not its own (stale, or an older checkout), so the name given wins.
+    given = os.environ.get("BENCH_GIT_COMMIT")
+    if given:
+        commit, _, dirty = given.partition("-")
+        return {"git_commit": commit, "git_tag": os.environ.get("BENCH_GIT_TAG"),
+                "git_dirty": dirty == "dirty"}
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
-    # A copy of the tree without .git (the GPU machine gets one) names its commit in the env.
     return {
-        "git_commit": commit or os.environ.get("BENCH_GIT_COMMIT"),
-        "git_tag": _git("describe", "--tags", "--exact-match") or os.environ.get("BENCH_GIT_TAG"),
+        "git_commit": commit,
+        "git_tag": _git("describe", "--tags", "--exact-match"),
         # Changes to tracked files only (like `git describe --dirty`): result files written into
         # the tree must not mark the run as dirty. None when there is no commit to differ from.
         "git_dirty": None if commit is None or status is None else bool(status),

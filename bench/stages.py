@@ -229,9 +229,13 @@ def load_stages(args: argparse.Namespace, scratch: Path) -> tuple[dict, dict, di
         tags = {tag: commit for tag, commit in tags.items() if tag in args.only}
     folders = {tag: root / tag for tag in tags}
     if args.current:
-        env = environment("cpu")
-        commit = env["git_commit"] or head.get("git_commit") or "working-tree"
-        dirty = env["git_dirty"] if env["git_commit"] else head.get("git_dirty")
+        # The exporting checkout's commit (HEAD.json) first: the stages were exported from this
+        # very tree just before it travelled, while the GPU machine's .git may be stale.
+        if head.get("git_commit"):
+            commit, dirty = head["git_commit"], head.get("git_dirty")
+        else:
+            env = environment("cpu")
+            commit, dirty = env["git_commit"] or "working-tree", env["git_dirty"]
         tags[args.current] = commit + ("-dirty" if dirty else "")
         folders[args.current] = REPO_ROOT
     return tags, folders, head
@@ -274,8 +278,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         tags, folders, head = load_stages(args, scratch)
-        if head.get("git_commit") and not environment("cpu")["git_commit"]:
-            os.environ["BENCH_GIT_COMMIT"] = head["git_commit"]  # a copy without .git
+        if head.get("git_commit"):  # this harness's own commit, as exported (see load_stages)
+            os.environ["BENCH_GIT_COMMIT"] = head["git_commit"] + (
+                "-dirty" if head.get("git_dirty") else "")
         env = environment(device)
         device_name = args.device_name or short_device_name(env["device_name"])
         run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-{workload.name}"
