@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         write_result(run_dir / "run.json", manifest)
     (run_dir / "compare.md").write_text(render(run_dir))
     print((run_dir / "compare.md").read_text())
+    try:
+        plot_ttft(run_dir)
+    except ImportError:
+        print("matplotlib is missing: ttft.png is drawn later (--adopt)")
     if args.archive:
         with tarfile.open(args.archive, "w:gz") as tar:
             tar.add(run_dir, arcname=run_id)
@@ -218,6 +222,42 @@ def render(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_ttft(run_dir: Path) -> Path | None:
+    """ttft.png: p50 time to first token against request rate, one line per stage."""
+    manifest = read_result(run_dir / "run.json")
+    if not manifest["online"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_stage: dict[str, list[tuple[str, float, float]]] = {}
+    for entry in manifest["online"]:
+        ttft = read_result(run_dir / entry["file"])["metrics"]["ttft_ms"]
+        by_stage.setdefault(entry["tag"], []).append((entry["rate"], ttft["p50"], ttft["p99"]))
+    rates = list(dict.fromkeys(entry["rate"] for entry in manifest["online"]))
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for color, (tag, points) in zip(("tab:blue", "tab:orange"), by_stage.items(),
+                                    strict=False):
+        x = [rates.index(rate) for rate, _, _ in points]
+        axis.plot(x, [p50 / 1000 for _, p50, _ in points], marker="o", color=color,
+                  label=f"{short_stage(tag)} p50")
+        axis.plot(x, [p99 / 1000 for _, _, p99 in points], linestyle="--", color=color,
+                  alpha=0.6, label=f"{short_stage(tag)} p99")
+    axis.set_xticks(range(len(rates)), [f"{r} req/s" if r != "inf" else "all at once"
+                                        for r in rates])
+    axis.set_yscale("log")
+    axis.set_ylabel("time to first token (s, log)")
+    num_prompts = read_result(run_dir / manifest["online"][0]["file"])["workload"]["num_prompts"]
+    axis.set_title(f"{manifest['workload']['name']} lengths, {num_prompts} requests per rate")
+    axis.legend()
+    fig.tight_layout()
+    out = run_dir / "ttft.png"
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def adopt(archive: str) -> Path:
     with tarfile.open(archive) as tar:
         names = {Path(member.name).parts[0] for member in tar.getmembers()}
@@ -228,6 +268,8 @@ def adopt(archive: str) -> Path:
             raise FileExistsError(f"{run_dir} exists: a run is adopted once")
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(RUNS_DIR, **safe)
+    if not (run_dir / "ttft.png").exists():
+        plot_ttft(run_dir)
     print(f"adopted {run_dir.relative_to(REPO_ROOT)}")
     return run_dir
 
