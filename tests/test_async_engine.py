@@ -12,7 +12,7 @@ import pytest
 
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
-from serve.engine.errors import EngineDeadError, PromptTooLongError
+from serve.engine.errors import EngineDeadError, PromptTooLongError, RequestFailedError
 from serve.engine.llm_engine import LLMEngine
 from serve.sampling_params import SamplingParams
 
@@ -189,3 +189,29 @@ def test_shutdown_fails_requests_in_flight(engine, monkeypatch):
                 pass
 
     asyncio.run(asyncio.wait_for(shut_down_mid_stream(), timeout=10))
+
+
+def test_a_fault_of_one_request_fails_that_request_alone(engine, monkeypatch):
+    """A request whose output processing raises (its detokenizer, a stop check) ends with an
+    error; the request beside it and the engine go on."""
+    processor = engine.engine.output_processor
+    process_token = processor.process_token
+
+    def failing_for_one(request, token_id):
+        if request.request_id == "bad" and len(request.output_token_ids) == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return process_token(request, token_id)
+
+    monkeypatch.setattr(processor, "process_token", failing_for_one)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def both():
+        return await asyncio.gather(run_to_end(engine, "def f():", params, "bad"),
+                                    run_to_end(engine, "def g():", params, "good"),
+                                    return_exceptions=True)
+
+    bad, good = asyncio.run(asyncio.wait_for(both(), timeout=30))
+    assert isinstance(bad, RequestFailedError) and "UnicodeDecodeError" in str(bad)
+    assert len(good[-1].token_ids) == 12 and good[-1].finish_reason == "length"
+    assert engine.is_healthy
+    assert engine.engine.allocator.num_used_pages == 0  # the failed request's pages are back
