@@ -11,7 +11,9 @@ A chapter states three kinds of thing about its measurements (see docs/writing-c
       447.3<!-- = v01.metrics.output_tokens_per_s -->
   The check computes the expression from the files and fails unless it rounds to the number as
   written (to as many decimals as are shown). A division between files of two different runs
-  fails too: a ratio is only taken within one run;
+  fails too: a ratio is only taken within one run. Besides sum, len, min, max and abs, an
+  expression may read a profiled step's CPU ops: sum(cpu_op_us(t1, "aten::linear")) / 1000 is
+  the milliseconds that op took in timeline file t1;
 - a generated block:  <!-- begin throughput v00 v01 --> ... <!-- end throughput -->
   whose content is rendered from the files (tables, provenance boxes); --write fills it in, the
   check fails when it differs from what the files give.
@@ -79,12 +81,25 @@ def wrap(data, result: Result):
     return Value(data, result) if isinstance(data, (dict, list)) else data
 
 
-FUNCTIONS: dict[str, Callable] = {"sum": sum, "len": len, "min": min, "max": max, "abs": abs}
+def cpu_op_us(timeline: dict, name: str) -> list[float]:
+    """The durations (us) of the top-level CPU ops called `name` in one profiled step, read from
+    a bench/probe.py timeline file: sum() of them is the CPU time the step spent in that op,
+    len() how many calls it made, max() its longest call."""
+    if not isinstance(timeline, dict) or not {"names", "cpu"} <= timeline.keys():
+        raise ValueError("cpu_op_us reads a timeline file (bench/probe.py's names and cpu)")
+    if name not in timeline["names"]:  # a misspelt op fails rather than counting zero
+        raise ValueError(f"no CPU op {name!r} in this timeline")
+    index = timeline["names"].index(name)
+    return [duration for op, _, duration in timeline["cpu"] if op == index]
+
+
+FUNCTIONS: dict[str, Callable] = {"sum": sum, "len": len, "min": min, "max": max, "abs": abs,
+                                  "cpu_op_us": cpu_op_us}
 
 
 def evaluate(expression: str, results: dict[str, Result]) -> tuple[float, set[str]]:
-    """The expression's value and the runs it read. Only names, keys, indexes, numbers,
-    + - * / and a few functions are allowed: a chapter is not a place for code."""
+    """The expression's value and the runs it read. Only names, keys, indexes, numbers, quoted
+    strings, + - * / and a few functions are allowed: a chapter is not a place for code."""
     tree = ast.parse(expression, mode="eval")
     runs: set[str] = set()
     divides = False
@@ -116,8 +131,10 @@ def evaluate(expression: str, results: dict[str, Result]) -> tuple[float, set[st
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                 node.func.id in FUNCTIONS and not node.keywords:
             args = [visit(arg) for arg in node.args]
-            args = [arg.data if isinstance(arg, Value) else arg for arg in args]
-            return FUNCTIONS[node.func.id](*args)
+            value = FUNCTIONS[node.func.id](
+                *[arg.data if isinstance(arg, Value) else arg for arg in args])
+            source = next((arg.result for arg in args if isinstance(arg, Value)), None)
+            return wrap(value, source) if source else value  # a list stays indexable
         raise ValueError(f"not allowed in a number's expression: {ast.unparse(node)!r}")
 
     value = visit(tree)

@@ -39,6 +39,8 @@ def test_stage_table_is_exactly_what_its_run_renders():
 def test_every_run_folder_lists_its_files_in_its_manifest():
     for manifest_path in sorted((REPO_ROOT / "milestones" / "runs").glob("*/run.json")):
         manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") == "compare_run":
+            continue  # bench.compare's runs: tests/test_compare_runs.py
         listed = {"run.json", "stages.md", "stages.png", manifest.get("hf_baseline")}
         for stage in manifest["stages"]:
             listed |= {stage.get(key) for key in ("throughput", "probe", "timeline",
@@ -181,3 +183,29 @@ def test_markers_inside_code_blocks_are_examples_not_markers(tmp_path):
     page = page_with(tmp_path, "```markdown\n1.0<!-- = nothing.here -->\n"
                      "<!-- begin throughput x -->\n<!-- end throughput -->\n```", {})
     assert errors(page) == []
+
+
+def test_cpu_op_us_reads_a_profiled_steps_cpu_ops_from_a_timeline_file(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    write(run / "run.json", {"stages": []})
+    timeline = write(run / "timeline.json", {
+        "names": ["aten::linear", "aten::scaled_dot_product_attention"],
+        "cpu": [[0, 0.0, 10.0], [1, 10.0, 3000.0], [0, 3010.0, 12.0], [1, 3022.0, 500.0]]})
+    probe = write(run / "probe.json", {"decode_step": {"step_ms": 7.0}})
+    sdpa = 'cpu_op_us(t, "aten::scaled_dot_product_attention")'
+    page = page_with(tmp_path, f"3.5 ms<!-- = sum({sdpa}) / 1000 --> in "
+                     f"2<!-- = len({sdpa}) --> calls, the longest 3.0<!-- = max({sdpa}) / 1000 -->"
+                     f" ms, the second 0.5<!-- = {sdpa}[1] / 1000 --> ms: "
+                     f"50 %<!-- = 100 * sum({sdpa}) / 1000 / p.decode_step.step_ms -->",
+                     {"t": timeline, "p": probe})
+    assert errors(page) == []
+    assert "no CPU op 'aten::sdpa'" in errors(
+        page_with(tmp_path, '1<!-- = len(cpu_op_us(t, "aten::sdpa")) -->', {"t": timeline}))[0]
+    assert "reads a timeline file" in errors(
+        page_with(tmp_path, '1<!-- = len(cpu_op_us(p, "aten::linear")) -->', {"p": probe}))[0]
+    other = write(tmp_path / "other.json", {"decode_step": {"step_ms": 7.0}})
+    assert "different runs" in errors(page_with(
+        tmp_path, f"50<!-- = 100 * sum({sdpa}) / 1000 / o.decode_step.step_ms -->",
+        {"t": timeline, "o": other}))[0]
+    assert "not allowed" in errors(page_with(
+        tmp_path, '1<!-- = len(cpu_op_us(t, name="aten::linear")) -->', {"t": timeline}))[0]
