@@ -297,13 +297,14 @@ def parse_trace(prof, step: dict) -> dict:
         "phase_ms": dict(phase_ms),
         "kernels_by_phase": dict(kernels_by_phase),
     }
+    gpu_events, sync_events = [event(e) for e in gpu], [event(e) for e in syncs]
     return {
         "summary": summary,
-        "names": list(names),
+        "names": list(names),  # after every event is named: kernels and syncs too
         "phases": phases,
         "cpu": cpu_ops,
-        "gpu": [event(e) for e in gpu],
-        "syncs": [event(e) for e in syncs],
+        "gpu": gpu_events,
+        "syncs": sync_events,
     }
 
 
