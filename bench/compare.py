@@ -37,6 +37,7 @@ from bench.results import (
 from bench.stages import (
     RUNS_DIR,
     load_stages,
+    name_harness_commit,
     run,
     short_commit,
     short_stage,
@@ -133,9 +134,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         stage_args = argparse.Namespace(stages_dir=args.stages_dir, only=[args.baseline],
                                         current=args.current)
         tags, folders, head = load_stages(stage_args, scratch)
-        if head.get("git_commit"):  # this harness's own commit, as exported (see load_stages)
-            os.environ["BENCH_GIT_COMMIT"] = head["git_commit"] + (
-                "-dirty" if head.get("git_dirty") else "")
+        name_harness_commit(head)
         env = environment(device)
         device_name = args.device_name or short_device_name(env["device_name"])
         run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-compare-{workload.name}"

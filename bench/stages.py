@@ -241,6 +241,14 @@ def load_stages(args: argparse.Namespace, scratch: Path) -> tuple[dict, dict, di
     return tags, folders, head
 
 
+def name_harness_commit(head: dict) -> None:
+    """Results name this harness's own commit as exported (HEAD.json, see load_stages), not what
+    a stale .git beside the tree says."""
+    if head.get("git_commit"):
+        os.environ["BENCH_GIT_COMMIT"] = head["git_commit"] + (
+            "-dirty" if head.get("git_dirty") else "")
+
+
 def adopt(archive: str, stage_table: bool) -> Path:
     """Unpack a run folder archived on another machine and redraw what derives from it."""
     with tarfile.open(archive) as tar:
@@ -278,9 +286,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         tags, folders, head = load_stages(args, scratch)
-        if head.get("git_commit"):  # this harness's own commit, as exported (see load_stages)
-            os.environ["BENCH_GIT_COMMIT"] = head["git_commit"] + (
-                "-dirty" if head.get("git_dirty") else "")
+        name_harness_commit(head)
         env = environment(device)
         device_name = args.device_name or short_device_name(env["device_name"])
         run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-{workload.name}"
