@@ -91,15 +91,16 @@ tags:
 chapters: venv
 	$(PY) -m bench.chapters --write
 
-# One run of every milestone tag's own code on the same workload: a new folder under
-# milestones/runs/, then the stage table and plot redrawn from it. BENCH_ARGS adds flags, e.g.
+# One run of every milestone tag's own code on the same workload: each stage's results beside its
+# chapter in milestones/NN/, the run's manifest in a new folder under milestones/runs/, then the
+# stage table and plot redrawn from it. BENCH_ARGS adds flags, e.g.
 # BENCH_ARGS="--current v0.3-continuous-batching".
 bench-stages: venv stage-sources
 	$(PY) -m bench.stages --stages-dir .stages $(BENCH_ARGS)
 
 # The same pipeline end to end on a CPU in about a minute: demo model, 4 short requests, results
-# in /tmp (the course's tables are left alone).
+# in /tmp/nanoserve-results/, laid out like milestones/ (the course's files are left alone).
 bench-stages-smoke: venv stage-sources $(DEMO_MODEL)
 	$(PY) -m bench.stages --stages-dir .stages --model $(DEMO_MODEL) --load-format auto \
 		--device cpu --max-model-len 512 --num-prompts 4 --input-len 8:24 --output-len 4:12 \
-		--results-dir /tmp/nanoserve-runs --no-stage-table $(BENCH_ARGS)
+		--results-dir /tmp/nanoserve-results --no-stage-table $(BENCH_ARGS)

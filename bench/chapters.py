@@ -5,15 +5,17 @@
 
 A chapter states three kinds of thing about its measurements (see docs/writing-chapters.md):
 
-- a declaration, once per result file it uses:  <!-- result v01: milestones/runs/<run>/x.json -->
+- a declaration, once per result file it uses:  <!-- result v01: milestones/01/x.json -->
   (a file from before results recorded their command may add it: `... x.json | python -m ...`);
 - a number in the prose, followed by the expression it equals:
       447.3<!-- = v01.metrics.output_tokens_per_s -->
   The check computes the expression from the files and fails unless it rounds to the number as
   written (to as many decimals as are shown). A division between files of two different runs
-  fails too: a ratio is only taken within one run. Besides sum, len, min, max and abs, an
-  expression may read a profiled step's CPU ops: sum(cpu_op_us(t1, "aten::linear")) / 1000 is
-  the milliseconds that op took in timeline file t1;
+  fails too: a ratio is only taken within one run (a file's run is the manifest
+  milestones/runs/<run id>/run.json that lists it; any other file is a run of its own).
+  Besides sum, len, min, max and abs, an expression may read a profiled step's CPU ops:
+  sum(cpu_op_us(t1, "aten::linear")) / 1000 is the milliseconds that op took in timeline
+  file t1;
 - a generated block:  <!-- begin throughput v00 v01 --> ... <!-- end throughput -->
   whose content is rendered from the files (tables, provenance boxes); --write fills it in, the
   check fails when it differs from what the files give.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.results import REPO_ROOT, read_result
+from bench.run_files import RUNS_DIR, listed_files, resolve
 
 DECLARATION = re.compile(r"<!-- result (?P<name>\w+): (?P<path>[^|>]+?)"
                          r"(?: \| (?P<command>.+?))? -->")
@@ -52,16 +55,40 @@ class Result:
     path: Path
     data: dict
     command: str | None = None
+    run_json: Path | None = None  # the manifest of the run the file belongs to
 
     @property
     def run(self) -> str:
-        """The files of one bench.stages run share a folder with its run.json manifest; any
-        other file is a run of its own."""
-        return str(self.path.parent if (self.path.parent / "run.json").exists() else self.path)
+        """The files of one run (bench.stages, bench.compare) are one run wherever they sit;
+        any other file is a run of its own."""
+        return str(self.run_json or self.path)
 
     def manifest(self) -> dict | None:
-        run_json = self.path.parent / "run.json"
-        return read_result(run_json) if run_json.exists() and run_json != self.path else None
+        return read_result(self.run_json) if self.run_json and self.run_json != self.path \
+            else None
+
+
+def run_index() -> dict[Path, Path]:
+    """{file: the run.json that lists it} for every run under milestones/runs/."""
+    index = {}
+    for run_json in sorted(RUNS_DIR.glob("*/run.json")):
+        for listed in listed_files(read_result(run_json)):
+            index[resolve(run_json.parent, listed)] = run_json
+    return index
+
+
+def run_json_of(path: Path, data, index: dict[Path, Path]) -> Path | None:
+    """The manifest of the run a result belongs to: the one its run_id names, which must list
+    it; a file without a run_id (a timeline, a file from before results carried one) is found
+    by the manifest that lists it; a file in no run has none."""
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    if not run_id:
+        return index.get(path)
+    run_json = RUNS_DIR / run_id / "run.json"
+    if path != run_json and index.get(path) != run_json:
+        raise ValueError(f"{shown(path)} is a file of run {run_id}, but "
+                         f"{shown(run_json)} does not list it")
+    return run_json
 
 
 class Value:
@@ -350,14 +377,20 @@ def line_of(text: str, index: int) -> int:
 
 
 def load_results(text: str, report: Report) -> dict[str, Result]:
-    results = {}
+    results, index = {}, run_index()
     for match in DECLARATION.finditer(text):
         path = REPO_ROOT / match["path"].strip()
         if not path.exists():
             report.error(f"result {match['name']}: no file {match['path']}",
                          line_of(text, match.start()))
             continue
-        results[match["name"]] = Result(match["name"], path, read_result(path), match["command"])
+        data = read_result(path)
+        try:
+            run_json = run_json_of(path, data, index)
+        except ValueError as exc:
+            report.error(f"result {match['name']}: {exc}", line_of(text, match.start()))
+            continue
+        results[match["name"]] = Result(match["name"], path, data, match["command"], run_json)
     return results
 
 

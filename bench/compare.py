@@ -8,9 +8,12 @@ Offline, each stage's own `bench.throughput` runs in the stage's own tree once p
 (`default`: the engine sizes the pool from free memory; a number: that many pages, the same for
 both stages). Online, each stage's own server is started from its tree, and this checkout's
 `bench.serving` streams the workload to it at each request rate (Poisson arrivals; inf sends
-everything at once). Everything lands in a new folder milestones/runs/<run id>/ (the UTC start,
-device and "compare-<workload>"), with run.json naming what ran and compare.md, the tables the
-chapter includes. `--adopt FILE` unpacks an archived run into milestones/runs/.
+everything at once). The run is named after its UTC start, device and "compare-<workload>"; each
+stage's results go beside its chapter, in milestones/NN/ (bench-<device>-<commit>-<workload>-
+pool-<pool>-<run start>.json offline, serving-…-r<rate>-….json online), and the run's own folder
+milestones/runs/<run id>/ holds run.json (what ran, and the path of every file), the servers'
+logs, compare.md (the tables the chapter includes) and ttft.png. `--adopt FILE` unpacks an
+archived run into milestones/.
 """
 
 import argparse
@@ -19,7 +22,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -34,12 +36,11 @@ from bench.results import (
     short_device_name,
     write_result,
 )
+from bench.run_files import MILESTONES, RunFiles, pack, resolve, short_commit, unpack
 from bench.stages import (
-    RUNS_DIR,
     load_stages,
     name_harness_commit,
     run,
-    short_commit,
     short_stage,
     stage_env,
     workload_flags,
@@ -69,10 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--online-prompts", type=int, help="requests per online run "
                         "(default: the workload's)")
     parser.add_argument("--server-args", default="", help="extra flags for both servers")
-    parser.add_argument("--results-dir", default=str(RUNS_DIR))
-    parser.add_argument("--archive", metavar="FILE", help="also pack the run folder into FILE")
+    parser.add_argument("--results-dir", default=str(MILESTONES),
+                        help="a folder laid out like milestones/: each stage's files go into "
+                             "its NN/, the run's own into runs/<run id>/")
+    parser.add_argument("--archive", metavar="FILE", help="also pack the run's files into FILE")
     parser.add_argument("--adopt", metavar="FILE",
-                        help="unpack a run archived elsewhere into milestones/runs/; runs nothing")
+                        help="unpack a run archived elsewhere into milestones/; runs nothing")
     add_workload_args(parser)
     return parser.parse_args(argv)
 
@@ -137,9 +140,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         name_harness_commit(head)
         env = environment(device)
         device_name = args.device_name or short_device_name(env["device_name"])
-        run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-compare-{workload.name}"
-        run_dir = Path(args.results_dir).resolve() / run_id
-        run_dir.mkdir(parents=True, exist_ok=False)
+        files = RunFiles.new(args.results_dir, started, device_name, workload.name, "compare-")
+        run_id, run_dir = files.run_id, files.folder
         # the stages run in their own trees: a model directory must not be a relative path
         model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
         model_flags = ["--model", model, "--load-format", args.load_format,
@@ -148,25 +150,27 @@ def main(argv: list[str] | None = None) -> Path | None:
                     "started": started.isoformat(timespec="seconds"), "env": env,
                     "workload": workload.to_dict(), "model": args.model,
                     "baseline": args.baseline, "current": args.current, "offline": [],
-                    "online": []}
+                    "online": [], "server_logs": []}
         for tag, commit in tags.items():
-            folder, name = folders[tag], f"{short_stage(tag)}-{short_commit(commit)}"
-            stage = stage_env(folder, tag, commit)
+            folder, stage = folders[tag], stage_env(folders[tag], tag, commit)
             for pool in args.pools:
-                out = run_dir / f"throughput-{name}-pool-{pool}.json"
+                out = files.stage_file("bench", tag, commit, "pool", pool)
                 engine_flags = [] if pool == "default" else ["--engine-arg", f"num_pages={pool}"]
                 run([sys.executable, "-m", "bench.throughput", *model_flags, "--device",
                      args.device, "--warmup", *workload_flags(workload), *engine_flags,
                      "--out", str(scratch / out.name)], folder, stage)
                 write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
                                    "tag": tag, "pool": pool})
-                manifest["offline"].append({"tag": tag, "pool": pool, "file": out.name})
+                manifest["offline"].append({"tag": tag, "pool": pool,
+                                            "file": files.listed(out)})
             if not args.rates:
                 continue
+            log = run_dir / f"server-{short_stage(tag)}-{short_commit(commit)}.log"
+            manifest["server_logs"].append(files.listed(log))
             with StageServer(folder, stage, [*model_flags, *args.server_args.split()],
-                             run_dir / f"server-{name}.log") as server:
+                             log) as server:
                 for rate in args.rates:
-                    out = run_dir / f"serving-{name}-r{rate}.json"
+                    out = files.stage_file("serving", tag, commit, f"r{rate}")
                     prompts = ["--num-prompts", str(args.online_prompts)] \
                         if args.online_prompts else []
                     run([sys.executable, "-m", "bench.serving", "--base-url", server.base_url,
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                         {**os.environ, "PYTHONPATH": str(REPO_ROOT)})
                     write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
                                        "tag": tag, "server_commit": commit})
-                    manifest["online"].append({"tag": tag, "rate": rate, "file": out.name})
+                    manifest["online"].append({"tag": tag, "rate": rate,
+                                               "file": files.listed(out)})
         manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         write_result(run_dir / "run.json", manifest)
@@ -186,9 +191,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     except ImportError:
         print("matplotlib is missing: ttft.png is drawn later (--adopt)")
     if args.archive:
-        with tarfile.open(args.archive, "w:gz") as tar:
-            tar.add(run_dir, arcname=run_id)
-        print(f"packed {run_dir} into {args.archive}")
+        pack(run_dir, args.archive)
     return run_dir
 
 
@@ -198,7 +201,7 @@ def render(run_dir: Path) -> str:
     base = manifest["baseline"]
     lines = ["| KV pool | stage | output tok/s | vs " + short_stage(base) + " | preemptions "
              "| mean batch |", "|---|---|---|---|---|---|"]
-    offline = {(e["tag"], e["pool"]): read_result(run_dir / e["file"])
+    offline = {(e["tag"], e["pool"]): read_result(resolve(run_dir, e["file"]))
                for e in manifest["offline"]}
     for (tag, pool), result in offline.items():
         metrics = result["metrics"]
@@ -212,7 +215,7 @@ def render(run_dir: Path) -> str:
         lines += ["", "| rate (req/s) | stage | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
                   "| output tok/s |", "|---|---|---|---|---|"]
         for entry in manifest["online"]:
-            metrics = read_result(run_dir / entry["file"])["metrics"]
+            metrics = read_result(resolve(run_dir, entry["file"]))["metrics"]
             ttft, tpot = metrics["ttft_ms"], metrics["tpot_ms"]
             lines.append(f"| {entry['rate']} | {short_stage(entry['tag'])} | "
                          f"{ttft['p50']:.0f} / {ttft['p99']:.0f} | "
@@ -233,7 +236,7 @@ def plot_ttft(run_dir: Path) -> Path | None:
 
     by_stage: dict[str, list[tuple[str, float, float]]] = {}
     for entry in manifest["online"]:
-        ttft = read_result(run_dir / entry["file"])["metrics"]["ttft_ms"]
+        ttft = read_result(resolve(run_dir, entry["file"]))["metrics"]["ttft_ms"]
         by_stage.setdefault(entry["tag"], []).append((entry["rate"], ttft["p50"], ttft["p99"]))
     rates = list(dict.fromkeys(entry["rate"] for entry in manifest["online"]))
     fig, axis = plt.subplots(figsize=(6, 4))
@@ -248,7 +251,8 @@ def plot_ttft(run_dir: Path) -> Path | None:
                                         for r in rates])
     axis.set_yscale("log")
     axis.set_ylabel("time to first token (s, log)")
-    num_prompts = read_result(run_dir / manifest["online"][0]["file"])["workload"]["num_prompts"]
+    first = read_result(resolve(run_dir, manifest["online"][0]["file"]))
+    num_prompts = first["workload"]["num_prompts"]
     axis.set_title(f"{manifest['workload']['name']} lengths, {num_prompts} requests per rate")
     axis.legend()
     fig.tight_layout()
@@ -257,19 +261,12 @@ def plot_ttft(run_dir: Path) -> Path | None:
     return out
 
 
-def adopt(archive: str) -> Path:
-    with tarfile.open(archive) as tar:
-        names = {Path(member.name).parts[0] for member in tar.getmembers()}
-        if len(names) != 1:
-            raise ValueError(f"{archive} should hold one run folder, not {sorted(names)}")
-        run_dir = RUNS_DIR / names.pop()
-        if run_dir.exists():
-            raise FileExistsError(f"{run_dir} exists: a run is adopted once")
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(RUNS_DIR, **safe)
+def adopt(archive: str, root: Path = MILESTONES) -> Path:
+    """Unpack a run archived on another machine; draw ttft.png where it could not."""
+    run_dir = unpack(archive, root)
     if not (run_dir / "ttft.png").exists():
         plot_ttft(run_dir)
-    print(f"adopted {run_dir.relative_to(REPO_ROOT)}")
+    print(f"adopted {run_dir}")
     return run_dir
 
 

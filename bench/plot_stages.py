@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from bench.results import REPO_ROOT, read_result
+from bench.run_files import resolve
 
 TABLE = REPO_ROOT / "milestones" / "stages.md"
 PLOT = REPO_ROOT / "docs" / "assets" / "stages.png"
@@ -21,16 +22,17 @@ RUN_MARKER = re.compile(r"<!-- stage table of run (\S+) ")
 
 
 def load_run(run_dir: str | Path) -> dict:
-    """The run's manifest, HF baseline and (throughput, probe or None) per stage, in order."""
+    """The run's manifest, HF baseline and (throughput, probe or None) per stage, in order; the
+    manifest names each file (the stages' beside their chapters, milestones/NN/)."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "run.json").read_text())
     stages = []
     for entry in manifest["stages"]:
-        throughput = read_result(run_dir / entry["throughput"])
-        probe = read_result(run_dir / entry["probe"]) if entry.get("probe") else None
+        throughput = read_result(resolve(run_dir, entry["throughput"]))
+        probe = read_result(resolve(run_dir, entry["probe"])) if entry.get("probe") else None
         stages.append((entry, throughput, probe))
     if manifest.get("hf_baseline"):
-        hf = read_result(run_dir / manifest["hf_baseline"])["metrics"]
+        hf = read_result(resolve(run_dir, manifest["hf_baseline"]))["metrics"]
     else:  # runs from before hf-baseline.json: every stage carries the same baseline
         hf = stages[0][1]["hf_baseline"]
         if any(t["hf_baseline"] != hf for _, t, _ in stages):
@@ -85,8 +87,8 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
         f"{workload['input_len'][0]}–{workload['input_len'][1]} tokens, outputs of "
         f"{workload['output_len'][0]}–{workload['output_len'][1]} tokens, temperature "
         f"{workload['temperature']}, ignore_eos; model `{manifest.get('model')}` "
-        f"({manifest.get('load_format', 'dummy')} weights). Files: "
-        f"`{relative(run['dir'])}/`.",
+        f"({manifest.get('load_format', 'dummy')} weights). Its files are listed in "
+        f"`{relative(run['dir'] / 'run.json')}`.",
     ]
     for note in manifest.get("notes", []):
         lines.append(f"    {note.rstrip('.')}.")

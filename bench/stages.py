@@ -11,17 +11,19 @@ One run measures, one after the other on the same machine:
    number), then bench/probe.py: what each step computed (padding and finished rows included)
    and where its time went, and one decode step under torch.profiler (the timeline picture).
 
-Everything goes into a new folder milestones/runs/<run id>/, named after when, where and what
-ran (`20261126-093000-h100-course`), that nothing ever overwrites: run.json (the manifest: the
-command, the machine, which file holds what), hf-baseline.json, and per stage
-throughput-<stage>-<commit>.json, probe-….json, timeline-….json and .png; then the run's own
-stages.md and stages.png. Last, milestones/stages.md and docs/assets/stages.png are redrawn from
-this run alone (bench.plot_stages --run): every ratio in them is between numbers of this run.
+The run is named after when, where and what ran (`20261126-093000-h100-course`), and nothing
+ever overwrites its files (bench/run_files.py). Each stage's files go beside its chapter, in
+milestones/NN/: bench-<device>-<commit>-<workload>-<run start>.json (throughput), probe-….json,
+timeline-….json and .png. What concerns every stage goes into the run's own folder
+milestones/runs/<run id>/: run.json (the manifest: the command, the machine, the path of every
+file), hf-baseline.json, and the run's stages.md and stages.png. Last, milestones/stages.md and
+docs/assets/stages.png are redrawn from this run alone (bench.plot_stages --run): every ratio in
+them is between numbers of this run.
 
 On a machine without the repository's history (the GPU machine gets a bare copy of the tree),
 export the stages first (`make stage-sources` writes .stages/), carry that folder there and pass
-`--stages-dir .stages`; `--archive FILE.tar.gz` packs the run folder into one file to bring back,
-and `--adopt FILE.tar.gz`, run in the repository, unpacks it into milestones/runs/, draws what
+`--stages-dir .stages`; `--archive FILE.tar.gz` packs the run's files into one file to bring
+back, and `--adopt FILE.tar.gz`, run in the repository, unpacks them into milestones/, draws what
 the GPU machine could not, and redraws the stage table and plot from it.
 """
 
@@ -33,7 +35,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -49,11 +50,11 @@ from bench.results import (
     short_device_name,
     write_result,
 )
+from bench.run_files import MILESTONES, RunFiles, listed_files, pack, resolve, unpack
 from bench.workloads import Workload, add_workload_args, make_requests, workload_from_args
 
 STAGES_FILE = "stages.json"  # written by --export-only: tag -> commit
 HEAD_FILE = "HEAD.json"  # written by --export-only: the exporting checkout's commit
-RUNS_DIR = REPO_ROOT / "milestones" / "runs"
 PROBE = REPO_ROOT / "bench" / "probe.py"
 FLASHINFER_BACKEND = Path("serve/attention/flashinfer_backend.py")
 
@@ -91,11 +92,6 @@ def export_stages(dest: Path) -> dict[str, str]:
 def short_stage(tag: str) -> str:
     """v0.3-paged-kv -> v0.3 (file names)."""
     return tag.split("-")[0]
-
-
-def short_commit(commit: str) -> str:
-    """The first 8 hex digits, and whether the tree had changes: 8fa243d5, 8fa243d5-dirty."""
-    return commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def workload_flags(workload: Workload) -> list[str]:
@@ -169,12 +165,12 @@ def probe_budget(throughput: dict, num_requests: int, budget_s: float) -> int | 
     return max(2, int(num_requests * budget_s / wall))
 
 
-def draw_timeline(json_path: Path) -> Path | None:
+def draw_timeline(json_path: Path, tag: str) -> Path | None:
     """The timeline picture, where matplotlib is installed (else --adopt draws it later)."""
     from bench import timeline
 
     try:
-        return timeline.draw_file(json_path)
+        return timeline.draw_file(json_path, label=short_stage(tag))
     except ImportError:
         print("matplotlib is missing: the timeline picture is drawn later (--adopt)")
         return None
@@ -195,8 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="*", help="run just these tags")
     parser.add_argument("--current", metavar="TAG",
                         help="also run this checkout as stage TAG (a stage not yet tagged)")
-    parser.add_argument("--results-dir", default=str(RUNS_DIR),
-                        help="the run folder is made inside this one")
+    parser.add_argument("--results-dir", default=str(MILESTONES),
+                        help="a folder laid out like milestones/: each stage's files go into "
+                             "its NN/, the run's own into runs/<run id>/")
     parser.add_argument("--no-probe", action="store_true", help="throughput only")
     parser.add_argument("--probe-budget-s", type=float, default=20.0,
                         help="a stage whose throughput run took longer is probed on fewer "
@@ -204,10 +201,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-prewarm", action="store_true",
                         help="don't compile FlashInfer's kernels in the background during the "
                              "first stage (cleaner, about 100 s longer on a fresh machine)")
-    parser.add_argument("--archive", metavar="FILE", help="also pack the run folder into FILE")
+    parser.add_argument("--archive", metavar="FILE", help="also pack the run's files into FILE")
     parser.add_argument("--adopt", metavar="FILE",
-                        help="unpack a run archived elsewhere into milestones/runs/ and redraw "
-                             "the stage table and plot from it; runs nothing")
+                        help="unpack a run archived elsewhere into milestones/ and redraw the "
+                             "stage table and plot from it; runs nothing")
     parser.add_argument("--no-stage-table", action="store_true",
                         help="leave milestones/stages.md and docs/assets/stages.png alone")
     add_workload_args(parser)
@@ -249,21 +246,13 @@ def name_harness_commit(head: dict) -> None:
             "-dirty" if head.get("git_dirty") else "")
 
 
-def adopt(archive: str, stage_table: bool) -> Path:
-    """Unpack a run folder archived on another machine and redraw what derives from it."""
-    with tarfile.open(archive) as tar:
-        names = {Path(member.name).parts[0] for member in tar.getmembers()}
-        if len(names) != 1:
-            raise ValueError(f"{archive} should hold one run folder, not {sorted(names)}")
-        run_dir = RUNS_DIR / names.pop()
-        if run_dir.exists():
-            raise FileExistsError(f"{run_dir} exists: a run is adopted once")
-        # the "data" filter (no links out, no absolute paths) where this Python has it
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(RUNS_DIR, **safe)
-    for timeline_json in sorted(run_dir.glob("timeline-*.json")):
-        if not timeline_json.with_suffix(".png").exists():
-            print(draw_timeline(timeline_json))
+def adopt(archive: str, stage_table: bool, root: Path = MILESTONES) -> Path:
+    """Unpack a run archived on another machine and redraw what derives from it."""
+    run_dir = unpack(archive, root)
+    for stage in read_result(run_dir / "run.json")["stages"]:
+        timeline_json = resolve(run_dir, stage["timeline"]) if stage.get("timeline") else None
+        if timeline_json and not timeline_json.with_suffix(".png").exists():
+            print(draw_timeline(timeline_json, stage["tag"]))
     if not (run_dir / "stages.png").exists():
         plot_stages.write_plot(plot_stages.load_run(run_dir), run_dir / "stages.png")
     if stage_table:
@@ -289,9 +278,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         name_harness_commit(head)
         env = environment(device)
         device_name = args.device_name or short_device_name(env["device_name"])
-        run_id = f"{started:%Y%m%d-%H%M%S}-{device_name}-{workload.name}"
-        run_dir = Path(args.results_dir).resolve() / run_id
-        run_dir.mkdir(parents=True, exist_ok=False)
+        files = RunFiles.new(args.results_dir, started, device_name, workload.name)
+        run_id, run_dir = files.run_id, files.folder
         print(f"run {run_id}: {', '.join(tags)} -> {run_dir}", flush=True)
 
         requests = make_requests(workload, vocab_size_of(args.model))
@@ -306,7 +294,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                     "started": started.isoformat(timespec="seconds"), "env": env,
                     "workload": workload.to_dict(), "model": args.model,
                     "load_format": args.load_format, "device_name": device_name,
-                    "notes": [], "hf_baseline": "hf-baseline.json", "stages": []}
+                    "notes": [], "hf_baseline": files.listed(run_dir / "hf-baseline.json"),
+                    "stages": []}
 
         # the baseline once, with this checkout's harness, shared by every stage below
         hf_out = scratch / "hf.json"
@@ -327,13 +316,14 @@ def main(argv: list[str] | None = None) -> Path | None:
             manifest["notes"].append(prewarm.note())
 
         for tag, commit in tags.items():
-            folder, name = folders[tag], f"{short_stage(tag)}-{short_commit(commit)}"
+            folder = folders[tag]
             if prewarm and tag in flashinfer_stages:
                 prewarm.wait()
                 prewarm = None
             entry = {"tag": tag, "commit": commit, "current": tag == args.current}
             # the stage's own harness (throughput), in the stage's own tree
-            scratch_out = scratch / f"throughput-{name}.json"
+            out = files.stage_file("bench", tag, commit)
+            scratch_out = scratch / out.name
             run([sys.executable, "-m", "bench.throughput", *model_args, "--warmup",
                  *workload_flags(workload), "--out", str(scratch_out)],
                 folder, stage_env(folder, tag, commit))
@@ -341,11 +331,11 @@ def main(argv: list[str] | None = None) -> Path | None:
             result.update({"run_id": run_id, "hf_baseline": hf["metrics"],
                            "ratio_vs_hf": ratio(result["metrics"]["output_tokens_per_s"],
                                                 hf["metrics"]["output_tokens_per_s"])})
-            entry["throughput"] = f"throughput-{name}.json"
-            write_result(run_dir / entry["throughput"], result)
+            write_result(out, result)
+            entry["throughput"] = files.listed(out)
             if not args.no_probe:
-                entry.update(probe_stage(args, folder, tag, commit, name, run_dir, scratch,
-                                         model_args, requests_file, result, len(requests)))
+                entry.update(probe_stage(args, folder, tag, commit, files, scratch, model_args,
+                                         requests_file, result, len(requests)))
             manifest["stages"].append(entry)
         if prewarm:
             prewarm.wait()
@@ -363,18 +353,19 @@ def main(argv: list[str] | None = None) -> Path | None:
     if not args.no_stage_table:
         plot_stages.main(["--run", str(run_dir)])
     if args.archive:
-        with tarfile.open(args.archive, "w:gz") as tar:
-            tar.add(run_dir, arcname=run_id)
-        print(f"packed {run_dir} into {args.archive}")
-    print(f"run {run_id} done: {run_dir}")
+        pack(run_dir, args.archive)
+    print(f"run {run_id} done: {run_dir}, and each stage's files in its folder beside it:")
+    print("\n".join(f"  {listed}" for listed in listed_files(read_result(run_dir / "run.json"))))
     return run_dir
 
 
-def probe_stage(args, folder: Path, tag: str, commit: str, name: str, run_dir: Path,
-                scratch: Path, model_args: list[str], requests_file: Path, throughput: dict,
+def probe_stage(args, folder: Path, tag: str, commit: str, files: RunFiles, scratch: Path,
+                model_args: list[str], requests_file: Path, throughput: dict,
                 num_requests: int) -> dict:
     """bench/probe.py in the stage's tree; returns the manifest entries of its files."""
-    probe_out, timeline_out = scratch / f"probe-{name}.json", run_dir / f"timeline-{name}.json"
+    out, timeline_out = files.stage_file("probe", tag, commit), files.stage_file("timeline", tag,
+                                                                                 commit)
+    probe_out = scratch / out.name
     command = [sys.executable, str(PROBE), *model_args, "--requests", str(requests_file),
                "--out", str(probe_out), "--timeline-out", str(timeline_out)]
     limit = probe_budget(throughput, num_requests, args.probe_budget_s)
@@ -384,15 +375,16 @@ def probe_stage(args, folder: Path, tag: str, commit: str, name: str, run_dir: P
         command.append("--compare-attention-backends")
     if timeline_out.exists():
         raise FileExistsError(timeline_out)
+    timeline_out.parent.mkdir(parents=True, exist_ok=True)
     run(command, folder, stage_env(folder, tag, commit))
     probe = json.loads(probe_out.read_text())
     probe.update({"env": throughput["env"], "run_id": throughput["run_id"], "tag": tag,
                   "commit": commit})
-    write_result(run_dir / f"probe-{name}.json", probe)
-    entry = {"probe": f"probe-{name}.json", "timeline": timeline_out.name}
-    png = draw_timeline(timeline_out)
+    write_result(out, probe)
+    entry = {"probe": files.listed(out), "timeline": files.listed(timeline_out)}
+    png = draw_timeline(timeline_out, tag)
     if png:
-        entry["timeline_png"] = png.name
+        entry["timeline_png"] = files.listed(png)
     return entry
 
 

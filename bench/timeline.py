@@ -1,7 +1,8 @@
 """Draw one profiled decode step (bench/probe.py's timeline JSON) as a picture.
 
-    python -m bench.timeline milestones/runs/<run>/timeline-v0.1-043b376f.json [--out x.png]
-    python -m bench.timeline milestones/runs/<run>          # every timeline of a run
+    python -m bench.timeline milestones/01/timeline-h100-043b376f-course-20261125-213914.json \
+        [--out x.png] [--label v0.1]
+    python -m bench.timeline milestones/01          # every timeline in the folder
 
 Three rows share one time axis: the engine calls (the model's forward, sampling, output
 processing), the PyTorch ops the CPU runs (each one launches GPU work), and the GPU kernels.
@@ -84,24 +85,24 @@ def draw(timeline: dict, out: str | Path, label: str) -> None:
     plt.close(fig)
 
 
-def draw_file(path: Path, out: Path | None = None) -> Path:
-    """timeline-<stage>-<commit>.json -> the .png beside it (or out)."""
+def draw_file(path: Path, out: Path | None = None, label: str | None = None) -> Path:
+    """timeline-….json -> the .png beside it (or out), titled with label (default: the name)."""
     out = out or path.with_suffix(".png")
-    label = path.stem.removeprefix("timeline-").rsplit("-", 1)[0]
-    draw(load(path), out, label)
+    draw(load(path), out, label or path.stem.removeprefix("timeline-"))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.timeline",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="a timeline JSON, or a run folder (draws each one in it)")
+    parser.add_argument("path", help="a timeline JSON, or a folder (draws each one in it)")
     parser.add_argument("--out", help="the PNG (one timeline only; default: beside the JSON)")
+    parser.add_argument("--label", help="the picture's title starts with this (e.g. v0.1)")
     args = parser.parse_args(argv)
     path = Path(args.path)
     files = sorted(path.glob("timeline-*.json")) if path.is_dir() else [path]
     for file in files:
-        print(draw_file(file, Path(args.out) if args.out else None))
+        print(draw_file(file, Path(args.out) if args.out else None, args.label))
 
 
 if __name__ == "__main__":

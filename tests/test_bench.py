@@ -25,6 +25,7 @@ from bench.results import (
     speedups,
     write_result,
 )
+from bench.run_files import RunFiles, pack, resolve, stage_folder, unpack
 from bench.workloads import WORKLOADS, Workload, make_requests
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
@@ -313,8 +314,9 @@ def test_probe_counts_every_step_and_records_a_decode_step(qwen3_dir, tmp_path):
     assert png.exists() and png.stat().st_size > 10_000
 
 
-def fake_run(run_dir: Path, probe_result: dict | None = None) -> Path:
-    """A run folder as bench.stages writes it, with made-up numbers."""
+def fake_run(root: Path, probe_result: dict | None = None) -> Path:
+    """A run as bench.stages lays it out under root (milestones/), with made-up numbers."""
+    files = RunFiles(root, "20260101-000000-gpu-course", "gpu", "course")
     hf = {"output_tokens_per_s": 100.0, "batch_size": 64}
     env = {"git_commit": "c0", "device_name": "Some GPU", "torch": "2.x",
            "timestamp": "2026-01-01T00:00:00+00:00"}
@@ -322,23 +324,37 @@ def fake_run(run_dir: Path, probe_result: dict | None = None) -> Path:
                 "output_len": [32, 128], "temperature": 0.6}
     stages = []
     for tag, tok_s in (("v0.0-a", 25.0), ("v0.1-b", 400.0)):
-        name = f"throughput-{tag[:4]}-c0.json"
-        write_result(run_dir / name, {"env": env, "metrics": {"output_tokens_per_s": tok_s},
-                                      "hf_baseline": hf})
-        stages.append({"tag": tag, "commit": "c0" * 4, "throughput": name})
+        out = files.stage_file("bench", tag, "c0" * 4)
+        write_result(out, {"env": env, "metrics": {"output_tokens_per_s": tok_s},
+                           "hf_baseline": hf, "run_id": files.run_id})
+        stages.append({"tag": tag, "commit": "c0" * 4, "throughput": files.listed(out)})
     if probe_result:
-        write_result(run_dir / "probe-v0.1-c0.json", probe_result)
-        stages[1]["probe"] = "probe-v0.1-c0.json"
-    write_result(run_dir / "hf-baseline.json", {"metrics": hf})
-    write_result(run_dir / "run.json", {"run_id": run_dir.name, "command": "python -m x",
-                                        "started": "2026-01-01T00:00:00", "workload": workload,
-                                        "model": "m", "notes": [], "stages": stages,
-                                        "hf_baseline": "hf-baseline.json"})
-    return run_dir
+        out = files.stage_file("probe", "v0.1-b", "c0" * 4)
+        write_result(out, probe_result)
+        stages[1]["probe"] = files.listed(out)
+    write_result(files.folder / "hf-baseline.json", {"metrics": hf})
+    write_result(files.folder / "run.json", {
+        "run_id": files.run_id, "command": "python -m x", "started": "2026-01-01T00:00:00",
+        "workload": workload, "model": "m", "notes": [], "stages": stages,
+        "hf_baseline": files.listed(files.folder / "hf-baseline.json")})
+    return files.folder
+
+
+def test_a_runs_stage_files_lie_beside_their_chapters():
+    files = RunFiles(Path("/r/milestones"), "20261125-213914-h100-course", "h100", "course")
+    out = files.stage_file("bench", "v0.2-paged-kv", "9e80078f3021eee9")
+    assert out == Path("/r/milestones/02/bench-h100-9e80078f-course-20261125-213914.json")
+    assert files.listed(out) == "milestones/02/bench-h100-9e80078f-course-20261125-213914.json"
+    assert resolve(files.folder, files.listed(out)) == out
+    assert files.stage_file("serving", "v0.3-x", "7fa5f39f-dirty", "r16").name == \
+        "serving-h100-7fa5f39f-dirty-course-r16-20261125-213914.json"
+    assert [stage_folder(t) for t in ("v0.0-a", "v0.10-b", "v1.0-c")] == ["00", "10", "11"]
+    with pytest.raises(ValueError):
+        stage_folder("nightly")
 
 
 def test_stage_table_and_plot_come_from_one_run(tmp_path):
-    run_dir = fake_run(tmp_path / "20260101-000000-gpu-course")
+    run_dir = fake_run(tmp_path / "milestones")
     table = plot_stages.render_table(run_dir)
     assert "| v0.1 | `c0c0c0c0` | 400.0 | 16.00× | 4.00× |" in table
     assert "| HF `generate` (batch 64) | transformers | 100.0 |" in table
@@ -349,13 +365,20 @@ def test_stage_table_and_plot_come_from_one_run(tmp_path):
     assert (tmp_path / "stages.png").stat().st_size > 10_000
 
 
-def test_a_run_archived_elsewhere_is_adopted_once(tmp_path, monkeypatch):
-    run_dir = fake_run(tmp_path / "made" / "20260101-000000-gpu-course")
+def test_a_run_archived_elsewhere_is_adopted_once(tmp_path):
+    run_dir = fake_run(tmp_path / "made")
     archive = tmp_path / "run.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(run_dir, arcname=run_dir.name)
-    monkeypatch.setattr(stages, "RUNS_DIR", tmp_path / "runs")
-    adopted = stages.adopt(str(archive), stage_table=False)
+    pack(run_dir, archive)
+    adopted = stages.adopt(str(archive), stage_table=False, root=tmp_path / "milestones")
+    assert adopted == tmp_path / "milestones" / "runs" / run_dir.name
     assert (adopted / "run.json").exists() and (adopted / "stages.png").exists()
+    assert sorted(p.name for p in (tmp_path / "milestones" / "01").iterdir()) == [
+        "bench-gpu-c0c0c0c0-course-20260101-000000.json"]
     with pytest.raises(FileExistsError):
-        stages.adopt(str(archive), stage_table=False)
+        stages.adopt(str(archive), stage_table=False, root=tmp_path / "milestones")
+    stray = tmp_path / "stray.tar.gz"
+    with tarfile.open(stray, "w:gz") as tar:
+        tar.add(run_dir, arcname=f"runs/{run_dir.name}")
+        tar.add(archive, arcname="notes/run.tar.gz")
+    with pytest.raises(ValueError, match="not a run's file"):
+        unpack(stray, tmp_path / "elsewhere")

@@ -11,6 +11,7 @@ import pytest
 
 from bench import chapters, plot_stages
 from bench.results import REPO_ROOT
+from bench.run_files import MILESTONES, RUNS_DIR, listed_files, resolve, stage_folder
 
 CHAPTERS = sorted((REPO_ROOT / "milestones").glob("[0-9][0-9]/README.md"))
 SNIPPET = re.compile(r'^--8<-- "([^"]+)"', re.M)
@@ -36,22 +37,34 @@ def test_stage_table_is_exactly_what_its_run_renders():
     assert plot_stages.TABLE.read_text() == plot_stages.render_table(run_dir)
 
 
-def test_every_run_folder_lists_its_files_in_its_manifest():
-    for manifest_path in sorted((REPO_ROOT / "milestones" / "runs").glob("*/run.json")):
-        manifest = json.loads(manifest_path.read_text())
+def test_every_stage_run_lists_its_files_in_its_manifest():
+    for run_dir in [path.parent for path in sorted(RUNS_DIR.glob("*/run.json"))]:
+        manifest = json.loads((run_dir / "run.json").read_text())
         if manifest.get("kind") == "compare_run":
             continue  # bench.compare's runs: tests/test_compare_runs.py
-        listed = {"run.json", "stages.md", "stages.png", manifest.get("hf_baseline")}
-        for stage in manifest["stages"]:
-            listed |= {stage.get(key) for key in ("throughput", "probe", "timeline",
-                                                  "timeline_png")}
-            if stage.get("timeline"):  # drawn later by --adopt where the run had no matplotlib
-                listed.add(Path(stage["timeline"]).with_suffix(".png").name)
-        listed.discard(None)
-        present = {path.name for path in manifest_path.parent.iterdir()}
-        assert listed - {"stages.md", "stages.png"} <= present, manifest_path
-        assert present <= listed, f"{manifest_path.parent.name}: not in run.json: " \
-                                  f"{sorted(present - listed)}"
+        for stage in manifest["stages"]:  # each stage's files beside its chapter
+            for key in ("throughput", "probe", "timeline", "timeline_png"):
+                if stage.get(key):
+                    path = resolve(run_dir, stage[key])
+                    assert path.exists(), f"{run_dir.name}: no {stage[key]}"
+                    assert path.parent == MILESTONES / stage_folder(stage["tag"]), stage[key]
+        in_run_dir = {resolve(run_dir, f) for f in listed_files(manifest)} | {
+            run_dir / name for name in ("run.json", "stages.md", "stages.png")}
+        strays = set(run_dir.iterdir()) - in_run_dir
+        assert not strays, f"{run_dir.name}: not in run.json: {sorted(p.name for p in strays)}"
+
+
+def test_every_result_of_a_run_is_in_its_runs_manifest():
+    """A result that carries a run_id is one of that run's files: its manifest lists it, so a
+    ratio of two of its numbers and the stage table stay within one run."""
+    listed = {run_json.parent.name: {resolve(run_json.parent, f) for f in
+                                     listed_files(json.loads(run_json.read_text()))}
+              for run_json in RUNS_DIR.glob("*/run.json")}
+    for path in sorted(MILESTONES.glob("[0-9][0-9]/*.json")):
+        run_id = json.loads(path.read_text()).get("run_id")
+        if run_id:
+            assert path in listed.get(run_id, set()), \
+                f"{path.relative_to(REPO_ROOT)}: run {run_id}'s run.json does not list it"
 
 
 def milestone_tags() -> dict[str, str]:
@@ -144,10 +157,20 @@ def test_numbers_with_separators_units_and_arithmetic(tmp_path):
     assert errors(page) == []
 
 
-def test_a_ratio_across_two_runs_fails_and_within_one_run_passes(tmp_path):
-    run = tmp_path / "runs" / "r1"
-    write(run / "run.json", {"stages": []})
-    a, b = write(run / "a.json", throughput(300.0)), write(run / "b.json", throughput(100.0))
+def one_run(tmp_path, monkeypatch, files: dict[str, dict]) -> dict[str, Path]:
+    """A run r1 under tmp_path/milestones/ as bench.stages lays it out: each file beside its
+    stage's chapter (milestones/01/a.json), listed in milestones/runs/r1/run.json."""
+    monkeypatch.setattr(chapters, "RUNS_DIR", tmp_path / "milestones" / "runs")
+    paths = {name: write(tmp_path / "milestones" / name, data) for name, data in files.items()}
+    write(tmp_path / "milestones" / "runs" / "r1" / "run.json", {"run_id": "r1", "stages": [
+        {"tag": "v0.1-x", "throughput": f"milestones/{name}"} for name in files]})
+    return paths
+
+
+def test_a_ratio_across_two_runs_fails_and_within_one_run_passes(tmp_path, monkeypatch):
+    paths = one_run(tmp_path, monkeypatch, {"01/a.json": {**throughput(300.0), "run_id": "r1"},
+                                            "02/b.json": {**throughput(100.0), "run_id": "r1"}})
+    a, b = paths["01/a.json"], paths["02/b.json"]  # one run, two stages' folders
     other = write(tmp_path / "other.json", throughput(100.0, hf=90.0))
     same = page_with(tmp_path, "3.0×<!-- = a.metrics.output_tokens_per_s / "
                      "b.metrics.output_tokens_per_s -->", {"a": a, "b": b, "c": other})
@@ -155,6 +178,9 @@ def test_a_ratio_across_two_runs_fails_and_within_one_run_passes(tmp_path):
     mixed = page_with(tmp_path, "3.0×<!-- = a.metrics.output_tokens_per_s / "
                       "c.metrics.output_tokens_per_s -->", {"a": a, "b": b, "c": other})
     assert "different runs" in errors(mixed)[0]
+    # a file of a run sits in the same folder but its run's manifest does not list it
+    stray = write(tmp_path / "milestones" / "02" / "c.json", {**throughput(1.0), "run_id": "r1"})
+    assert "does not list it" in errors(page_with(tmp_path, "", {"c": stray}))[0]
 
 
 def test_markers_need_a_number_a_declared_name_and_an_existing_file(tmp_path):
@@ -185,13 +211,14 @@ def test_markers_inside_code_blocks_are_examples_not_markers(tmp_path):
     assert errors(page) == []
 
 
-def test_cpu_op_us_reads_a_profiled_steps_cpu_ops_from_a_timeline_file(tmp_path):
-    run = tmp_path / "runs" / "r1"
-    write(run / "run.json", {"stages": []})
-    timeline = write(run / "timeline.json", {
-        "names": ["aten::linear", "aten::scaled_dot_product_attention"],
-        "cpu": [[0, 0.0, 10.0], [1, 10.0, 3000.0], [0, 3010.0, 12.0], [1, 3022.0, 500.0]]})
-    probe = write(run / "probe.json", {"decode_step": {"step_ms": 7.0}})
+def test_cpu_op_us_reads_a_profiled_steps_cpu_ops_from_a_timeline_file(tmp_path, monkeypatch):
+    # a timeline carries no run_id: the manifest that lists it makes it one of the run's files
+    paths = one_run(tmp_path, monkeypatch, {
+        "01/timeline.json": {
+            "names": ["aten::linear", "aten::scaled_dot_product_attention"],
+            "cpu": [[0, 0.0, 10.0], [1, 10.0, 3000.0], [0, 3010.0, 12.0], [1, 3022.0, 500.0]]},
+        "01/probe.json": {"decode_step": {"step_ms": 7.0}, "run_id": "r1"}})
+    timeline, probe = paths["01/timeline.json"], paths["01/probe.json"]
     sdpa = 'cpu_op_us(t, "aten::scaled_dot_product_attention")'
     page = page_with(tmp_path, f"3.5 ms<!-- = sum({sdpa}) / 1000 --> in "
                      f"2<!-- = len({sdpa}) --> calls, the longest 3.0<!-- = max({sdpa}) / 1000 -->"

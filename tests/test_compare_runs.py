@@ -1,14 +1,14 @@
-"""bench.compare's run folders: every file is in the manifest, and compare.md (which chapters
-include) is exactly what the run's result files render."""
+"""bench.compare's runs: each stage's results lie beside its chapter, the manifest lists every
+file, and compare.md (which chapters include) is exactly what the run's result files render."""
 
 import json
 
 import pytest
 
 from bench.compare import render
-from bench.results import REPO_ROOT
+from bench.run_files import MILESTONES, RUNS_DIR, listed_files, resolve, stage_folder
 
-RUNS = [path.parent for path in sorted((REPO_ROOT / "milestones" / "runs").glob("*/run.json"))
+RUNS = [path.parent for path in sorted(RUNS_DIR.glob("*/run.json"))
         if json.loads(path.read_text()).get("kind") == "compare_run"]
 
 
@@ -20,12 +20,13 @@ def test_compare_table_is_what_its_files_render(run_dir):
 @pytest.mark.parametrize("run_dir", RUNS, ids=[run.name for run in RUNS])
 def test_every_file_of_a_compare_run_is_in_its_manifest(run_dir):
     manifest = json.loads((run_dir / "run.json").read_text())
-    listed = {"run.json", "compare.md"} | {e["file"] for e in manifest["offline"]} | {
-        e["file"] for e in manifest["online"]}
+    for entry in manifest["offline"] + manifest["online"]:  # beside its stage's chapter
+        assert resolve(run_dir, entry["file"]).parent == MILESTONES / stage_folder(entry["tag"])
+    listed = {resolve(run_dir, file) for file in listed_files(manifest)}
+    assert all(path.exists() for path in listed)
     if manifest["online"]:
-        listed |= {"ttft.png"} | {f"server-{name}.log" for name in
-                                  {e["file"].split("-r")[0].removeprefix("serving-")
-                                   for e in manifest["online"]}}
-    present = {path.name for path in run_dir.iterdir()}
-    assert listed <= present
-    assert present <= listed, f"not in run.json: {sorted(present - listed)}"
+        assert len(manifest["server_logs"]) == len({e["tag"] for e in manifest["online"]})
+        listed.add(run_dir / "ttft.png")
+    listed |= {run_dir / "run.json", run_dir / "compare.md"}
+    strays = set(run_dir.iterdir()) - listed
+    assert not strays, f"not in run.json: {sorted(path.name for path in strays)}"
