@@ -39,6 +39,7 @@ from bench.results import (
 from bench.run_files import MILESTONES, RunFiles, pack, resolve, short_commit, unpack
 from bench.stages import (
     load_stages,
+    model_path,
     name_harness_commit,
     run,
     short_stage,
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         device_name = args.device_name or short_device_name(env["device_name"])
         files = RunFiles.new(args.results_dir, started, device_name, workload.name, "compare-")
         run_id, run_dir = files.run_id, files.folder
-        # the stages run in their own trees: a model directory must not be a relative path
-        model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-        model_flags = ["--model", model, "--load-format", args.load_format,
+        model_flags = ["--model", model_path(args.model), "--load-format", args.load_format,
                        "--max-model-len", str(args.max_model_len)]
         manifest = {"kind": "compare_run", "run_id": run_id, "command": command_line(),
                     "started": started.isoformat(timespec="seconds"), "env": env,

@@ -104,6 +104,12 @@ def workload_flags(workload: Workload) -> list[str]:
     return ["--workload", workload.name] if workload.name != "custom" else flags
 
 
+def model_path(model: str) -> str:
+    """A model directory as an absolute path (the stages run in their own trees), or the name of
+    a shipped config as it is."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
 def stage_env(folder: Path, tag: str, commit: str) -> dict:
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "BENCH_GIT_COMMIT": commit, "BENCH_GIT_TAG": tag,
@@ -288,7 +294,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             [{"prompt": prompt, "max_tokens": params.max_tokens,
               "temperature": params.temperature, "ignore_eos": params.ignore_eos}
              for prompt, params in requests]))
-        model_args = ["--model", args.model, "--load-format", args.load_format,
+        model_args = ["--model", model_path(args.model), "--load-format", args.load_format,
                       "--device", args.device, "--max-model-len", str(args.max_model_len)]
         manifest = {"kind": "stages_run", "run_id": run_id, "command": command_line(),
                     "started": started.isoformat(timespec="seconds"), "env": env,
