@@ -4,8 +4,9 @@ Each chapter is written once, next to its stage, as milestones/NN/README.md, so 
 GitHub too. This hook adds those chapters to the site as pages at milestones/NN/, and the files
 next to them (result JSON, logs, pictures, and the run folders under milestones/runs/) as
 static files at the same paths; docs/assets/ is also reachable as docs/assets/. So a relative
-link in a chapter, `../runs/<run>/timeline-v0.1-043b376f.png` or `../../docs/assets/stages.png`,
-resolves the same way on the site as on GitHub, and a broken one fails `mkdocs build --strict`.
+link in a chapter, `../01/timeline-h100-043b376f-course-20261125-213914.png` or
+`../../docs/assets/stages.png`, resolves the same way on the site as on GitHub, and a broken one
+fails `mkdocs build --strict`.
 """
 
 from pathlib import Path
