@@ -60,9 +60,9 @@ class Scheduler:
         are admitted, oldest first, while the token budget, max_num_seqs and free pages allow."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        queue = list(self.running)  # running requests not yet given a slot this step
+        queue = deque(self.running)  # running requests not yet given a slot this step
         while queue and budget > 0:
-            request = queue.pop(0)
+            request = queue.popleft()
             # The token sampled last step is computed now; its K/V may need a fresh page.
             while not request.page_table.grow_to(request.num_tokens):
                 victim = queue.pop() if queue else request  # the most recently admitted
