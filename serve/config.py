@@ -25,6 +25,7 @@ class EngineConfig:
     num_pages: int | None = None  # KV pool size; default: measured from free GPU memory
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use, pool included
     attention_backend: str = "auto"  # auto | torch | flashinfer
+    enforce_eager: bool = False  # never replay CUDA graphs: every step launches its kernels
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

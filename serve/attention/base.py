@@ -11,9 +11,11 @@ class AttentionBackend(Protocol):
     """Attention over the paged KV pool. `plan` runs once per step, `forward` once per layer."""
 
     name: str
+    supports_cuda_graphs: bool  # whether a decode step's forward can be captured and replayed
 
-    def plan(self, meta: AttentionMetadata) -> None:
-        """Prepare anything that depends only on the step's shapes (shared by all layers)."""
+    def plan(self, meta: AttentionMetadata, for_cuda_graph: bool = False) -> None:
+        """Prepare anything that depends only on the step's shapes (shared by all layers).
+        for_cuda_graph: plan the decode wrapper a captured graph of meta.num_seqs rows reads."""
 
     def forward(
         self,

@@ -9,6 +9,10 @@ schedule once per layer: every layer of a step has the same shapes, only its pag
 A step where every sequence feeds one token goes to the decode wrapper (a kernel made for one
 query row); any other step, prompts and chunks alike, goes to the prefill wrapper with a causal
 mask. Both take the pool in FlashInfer's NHD layout: [num_pages, page_size, kv_heads, head_dim].
+
+For CUDA graphs there is one more decode wrapper per captured batch size, in FlashInfer's
+CUDA-graph mode: its index arrays live in fixed buffers, which `plan` refills before each replay,
+and its kernels are launched with the same grid whatever the sequence lengths.
 """
 
 import torch
@@ -22,6 +26,7 @@ MAX_CUDA_CORE_GROUP_SIZE = 4  # above this, decode runs on tensor cores (see __i
 
 class FlashInferAttentionBackend:
     name = "flashinfer"
+    supports_cuda_graphs = True
 
     def __init__(
         self,
@@ -37,32 +42,55 @@ class FlashInferAttentionBackend:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype = page_size, dtype
         # One scratch buffer for both wrappers: a step is either a decode or a prefill, never both.
-        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         # FlashInfer's CUDA-core decode kernel is compiled only for 1, 2, 3, 4 or 8 query heads
         # per KV head (DISPATCH_GQA_GROUP_SIZE); with use_tensor_cores it runs the prefill kernel
         # on one query row per sequence, which takes any group size and is the faster choice for
         # large groups anyway. So groups 1-4 use CUDA cores and groups 5-8 use tensor cores.
-        group_size = num_heads // num_kv_heads
+        self.use_tensor_cores = num_heads // num_kv_heads > MAX_CUDA_CORE_GROUP_SIZE
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, kv_layout="NHD", use_tensor_cores=group_size > MAX_CUDA_CORE_GROUP_SIZE
+            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
         )
+        self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         self.wrapper = self.prefill  # the wrapper planned for the current step
 
+    # --8<-- [start:graph_wrappers]
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_kv_pages: int) -> None:
+        """One CUDA-graph decode wrapper per batch size. Their index buffers are shared (only
+        one step runs at a time) and hold up to max_kv_pages page ids."""
+        import flashinfer
+
+        device = self.workspace.device
+        max_size = max(batch_sizes)
+        indptr = torch.zeros(max_size + 1, dtype=torch.int32, device=device)
+        indices = torch.zeros(max_kv_pages, dtype=torch.int32, device=device)
+        last_page_len = torch.zeros(max_size, dtype=torch.int32, device=device)
+        self.graph_decode = {
+            size: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True,
+                use_tensor_cores=self.use_tensor_cores,
+                paged_kv_indptr_buffer=indptr[: size + 1], paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last_page_len[:size])
+            for size in batch_sizes
+        }
+    # --8<-- [end:graph_wrappers]
+
     # --8<-- [start:plan]
-    def plan(self, meta: AttentionMetadata) -> None:
+    def plan(self, meta: AttentionMetadata, for_cuda_graph: bool = False) -> None:
         # FlashInfer's plan builds its schedule on the host, so it reads the indptr and
         # last-page-length arrays there: meta keeps them on the host, and plan never waits for
         # the GPU. It copies them and its schedule to the GPU itself (asynchronously).
         # kv_indices is only read on the GPU, so it is a device tensor.
         # sm_scale is left at FlashInfer's default, head_dim**-0.5, as in the torch backend.
         if meta.is_decode:
-            self.decode.plan(
+            # A graph's wrapper for its batch size (the graph was captured reading its buffers).
+            self.wrapper = self.graph_decode[meta.num_seqs] if for_cuda_graph else self.decode
+            self.wrapper.plan(
                 meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                 q_data_type=self.dtype, kv_data_type=self.dtype,
             )
-            self.wrapper = self.decode
         else:
             self.prefill.plan(
                 meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,

@@ -13,13 +13,14 @@ from serve.attention.metadata import AttentionMetadata
 
 class TorchAttentionBackend:
     name = "torch"
+    supports_cuda_graphs = False  # plan() reads the step's lengths on the host, per sequence
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.sequences: list[tuple[int, int, int, int]] = []
 
-    def plan(self, meta: AttentionMetadata) -> None:
+    def plan(self, meta: AttentionMetadata, for_cuda_graph: bool = False) -> None:
         # Per sequence, once per step: (first new token, new tokens, first page, cached tokens).
         query_lens = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).tolist()
         self.sequences = list(zip(meta.qo_indptr[:-1].tolist(), query_lens,

@@ -4,10 +4,12 @@ import torch
 
 
 class KVPool:
-    """K and V for every layer: [num_layers, num_pages, page_size, kv_heads, head_dim] each.
+    """K and V for every layer: [num_layers, num_pages + 1, page_size, kv_heads, head_dim] each.
 
     The layout of one layer, [pages, page_size, kv_heads, head_dim], is what FlashInfer calls
-    NHD; the torch backend reads the same tensors.
+    NHD; the torch backend reads the same tensors. Pages 0 .. num_pages-1 are the requests';
+    the one after them, pad_page, belongs to nobody: the padding rows of a CUDA-graph batch
+    write their K/V there and read it back, so no request's page is ever touched by them.
     """
 
     def __init__(
@@ -20,10 +22,11 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_pages + 1, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_pages, self.page_size = num_pages, page_size
+        self.pad_page = num_pages
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's (K pages, V pages), views into the pool."""

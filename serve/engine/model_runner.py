@@ -1,4 +1,5 @@
-"""Owns the model on its device: loads it, sizes the KV pool, runs a step's inputs.
+"""Owns the model on its device: loads it, sizes the KV pool, captures the decode CUDA graphs,
+runs a step's inputs.
 
 The runner knows nothing of requests or pages: it executes plain StepInputs (token ids,
 positions, slots, the attention index arrays, which rows to sample) and returns tokens.
@@ -10,6 +11,7 @@ import torch
 
 from serve.attention import make_backend
 from serve.config import EngineConfig
+from serve.engine.cuda_graph import CudaGraphRunner, graph_batch_sizes, pad_decode_inputs
 from serve.engine.kv_pool import KVPool
 from serve.engine.sampler import Sampler
 from serve.engine.step_inputs import DeviceStaging, StepInputs, build_step_inputs
@@ -41,10 +43,37 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.staging = DeviceStaging(self.device)
-        num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len)
+        graph_sizes = self._graph_batch_sizes(config)
+        if graph_sizes:  # index buffers for the longest pages list a batch could ever have
+            pages_per_seq = -(-max_model_len // self.page_size)
+            self.backend.enable_cuda_graphs(graph_sizes,
+                                            config.max_num_seqs * pages_per_seq + graph_sizes[-1])
+        num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len,
+                                                                 graph_sizes)
         self.kv_pool = self._make_pool(num_pages)
         self._bind(self.kv_pool)
         logger.info("KV pool: %s", self.kv_pool.describe())
+        self.graphs: CudaGraphRunner | None = None
+        if graph_sizes:  # after the pool: a graph records the addresses of the pages it writes
+            self.graphs = self._graph_runner(graph_sizes, self.kv_pool)
+            self.graphs.capture()
+
+    def _graph_batch_sizes(self, config: EngineConfig) -> list[int]:
+        """The decode batch sizes to capture, or [] where steps run eagerly."""
+        if self.device.type != "cuda":
+            return []
+        if config.enforce_eager:
+            logger.info("CUDA graphs: off (enforce_eager)")
+            return []
+        if not self.backend.supports_cuda_graphs:
+            logger.info("CUDA graphs: off (the %s attention backend cannot be captured)",
+                        self.backend.name)
+            return []
+        return graph_batch_sizes(config.max_num_seqs)
+
+    def _graph_runner(self, batch_sizes: list[int], kv_pool: KVPool) -> CudaGraphRunner:
+        return CudaGraphRunner(self.model, self.backend, batch_sizes, self.page_size,
+                               kv_pool.pad_page, self.device)
 
     def _make_pool(self, num_pages: int) -> KVPool:
         cfg = self.hf_config
@@ -62,13 +91,17 @@ class ModelRunner:
                                      cfg.num_key_value_heads, head_dim_of(cfg), self.dtype)
 
     # --8<-- [start:pool_size]
-    def _num_pages_that_fit(self, config: EngineConfig, max_model_len: int) -> int:
-        """As many pages as the memory left after the weights and the largest step's activations.
+    def _num_pages_that_fit(self, config: EngineConfig, max_model_len: int,
+                            graph_sizes: list[int]) -> int:
+        """As many pages as the memory left after the weights, the largest step's activations
+        and the CUDA graphs.
 
         On a GPU we measure: run the biggest step the engine will ever run (one sequence of
-        max_num_batched_tokens tokens) and read the peak allocation; the pool gets what is left
-        of gpu_memory_utilization x the card. On a CPU there is nothing to measure against, so
-        the pool holds a few full-length sequences, within CPU_KV_POOL_BYTES.
+        max_num_batched_tokens tokens) and read the peak allocation, then capture the largest
+        decode graph (the graphs share one memory pool, so it needs the most) and read how much
+        memory that took; the pool gets what is left of gpu_memory_utilization x the card. On a
+        CPU there is nothing to measure against, so the pool holds a few full-length sequences,
+        within CPU_KV_POOL_BYTES.
         """
         pages_per_seq = -(-max_model_len // self.page_size)
         if self.device.type != "cuda":
@@ -84,33 +117,52 @@ class ModelRunner:
                                        self.page_size))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - scratch.num_bytes
+        graph_bytes = 0
+        if graph_sizes:
+            probe = self._graph_runner(graph_sizes[-1:], scratch)
+            probe.capture()
+            graph_bytes = probe.memory_bytes
+            del probe
         del scratch
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info()
-        budget = config.gpu_memory_utilization * total - peak
+        budget = config.gpu_memory_utilization * total - peak - graph_bytes
         if budget < pages_per_seq * self._bytes_per_page():
             raise ValueError(f"after the weights and activations ({peak / 2**30:.1f} GiB) there is "
                              "no room for one full-length sequence's KV pages: lower "
                              "--max-model-len or raise --gpu-memory-utilization")
-        return int(budget // self._bytes_per_page())
+        return int(budget // self._bytes_per_page()) - 1  # the pool adds its padding page
     # --8<-- [end:pool_size]
 
     # --8<-- [start:forward]
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> list[int]:
         """Run one step and sample; returns one token id per sampled row."""
-        inputs = self.staging.to_device(inputs)  # one host-to-device copy per step
+        inputs = self.to_device(inputs)
         logits = self.logits(inputs)  # [sampled rows, vocab]
         return self.sampler(logits, inputs.sampling).tolist()  # the step's one host sync
 
+    def to_device(self, inputs: StepInputs) -> StepInputs:
+        """Pad a decode step to its graph's batch size, then copy it in one host-to-device
+        transfer."""
+        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
+        if bucket is not None:
+            inputs = pad_decode_inputs(inputs, bucket, self.kv_pool.pad_page)
+        return self.staging.to_device(inputs)
+
     def logits(self, inputs: StepInputs) -> torch.Tensor:
-        """The model over inputs already on the device: the sampled rows' logits."""
-        self.backend.plan(inputs.attention)  # once per step, shared by every layer
-        hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
+        """The model over inputs already on the device: the sampled rows' logits. A step whose
+        shape was captured replays its graph; any other runs eagerly."""
+        graphs = self.graphs
+        if graphs is not None and graphs.bucket_for(inputs) == inputs.attention.num_seqs:
+            hidden = graphs.replay(inputs)
+        else:
+            self.backend.plan(inputs.attention)  # once per step, shared by every layer
+            hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
         return self.model.compute_logits(hidden[inputs.sample_indices])
     # --8<-- [end:forward]
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step and return the sampled rows' logits, sampling nothing (tests, profiling)."""
-        return self.logits(self.staging.to_device(inputs))
+        return self.logits(self.to_device(inputs))

@@ -149,6 +149,10 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
         help="auto: flashinfer on CUDA when installed, else torch",
     )
     parser.add_argument(
+        "--enforce-eager", action="store_true",
+        help="run every step eagerly: capture no CUDA graphs (slower decode, faster start-up)",
+    )
+    parser.add_argument(
         "--batch-wait-ms", type=finite_float(), default=None,
         help="ignored: requests join the running batch at every step (kept so that older "
         "command lines still start)",
@@ -185,6 +189,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_pages=args.num_pages,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
     )
 
 
