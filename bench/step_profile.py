@@ -75,20 +75,33 @@ def profile_batch(llm: LLM, batch_size: int, input_len: int, output_len: int) ->
             "total_s": sum(step_times)}
 
 
-def count_decode_kernels(llm: LLM) -> int | None:
-    """How many GPU kernels one decode step of a single request launches."""
+def count_decode_kernels(llm: LLM) -> tuple[int, int] | None:
+    """One decode step of a single request: (GPU kernels run, launch calls the host made).
+
+    The two differ once the step replays a CUDA graph: its kernels still run one by one on the
+    GPU, but the host launches them all with one cudaGraphLaunch.
+    """
     if llm.engine.runner.device.type != "cuda":
         return None
     engine = llm.engine
     engine.add_request("kernels", list(range(10, 74)), SamplingParams(max_tokens=3,
                                                                       ignore_eos=True))
     engine.step()  # prefill
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         engine.step()
         synchronize()
     while engine.has_unfinished_requests():
         engine.step()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(1 for e in events if e.name.startswith(LAUNCH_CALLS))
+    return kernels, launches
+
+
+# CUDA runtime and driver calls that start work on the GPU (kernels, graphs, copies, memsets)
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch",
+                "cudaMemcpyAsync", "cudaMemsetAsync")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,9 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     weights = weight_bytes(runner.model)
     kv_per_token = kv_bytes_per_token(llm.engine.hf_config, runner.dtype)
     profile_batch(llm, 1, 16, 4)  # warm up kernels and allocator
-    kernels = count_decode_kernels(llm)
-    if kernels is not None:
-        print(f"GPU kernels in one decode step (batch 1): {kernels}")
+    counts = count_decode_kernels(llm)
+    kernels, launches = counts if counts is not None else (None, None)
+    if counts is not None:
+        print(f"one decode step (batch 1): {kernels} GPU kernels, {launches} launch calls")
+    graphs = runner.graphs if getattr(runner, "graphs", None) is not None else None
+    cuda_graphs = graphs and {"batch_sizes": graphs.batch_sizes,
+                              "capture_s": graphs.capture_seconds,
+                              "memory_bytes": graphs.memory_bytes}
 
     rows = []
     for batch_size in args.batch_sizes:
@@ -149,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
               "workload": {"input_len": args.input_len, "output_len": args.output_len},
               "engine_args": {"model": args.model, "load_format": args.load_format, **extra},
               "bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
-              "kv_bytes_per_token": kv_per_token, "decode_kernels_bs1": kernels, "rows": rows}
+              "kv_bytes_per_token": kv_per_token, "decode_kernels_bs1": kernels,
+              "decode_launches_bs1": launches, "cuda_graphs": cuda_graphs, "rows": rows}
     if args.out:
         write_result(args.out, result)
     return result
