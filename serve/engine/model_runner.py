@@ -43,6 +43,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.staging = DeviceStaging(self.device)
+        self.graphs: CudaGraphRunner | None = None  # captured once the pool exists
         graph_sizes = self._graph_batch_sizes(config)
         if graph_sizes:  # index buffers for the longest pages list a batch could ever have
             pages_per_seq = -(-max_model_len // self.page_size)
@@ -53,7 +54,6 @@ class ModelRunner:
         self.kv_pool = self._make_pool(num_pages)
         self._bind(self.kv_pool)
         logger.info("KV pool: %s", self.kv_pool.describe())
-        self.graphs: CudaGraphRunner | None = None
         if graph_sizes:  # after the pool: a graph records the addresses of the pages it writes
             self.graphs = self._graph_runner(graph_sizes, self.kv_pool)
             self.graphs.capture()
