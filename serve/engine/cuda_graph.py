@@ -100,6 +100,7 @@ class CudaGraphRunner:
         """Record one graph per bucket, largest first: they share one memory pool, and each
         smaller graph fits in the memory the larger ones already reserved."""
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # as torch.cuda.graph does: cached blocks would blur the count
         free_before, _ = torch.cuda.mem_get_info()
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
