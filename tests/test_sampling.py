@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.sampler import Sampler, SamplingTensors, filtered_probs
+from serve.engine.sampler import (
+    Sampler,
+    SamplingTensors,
+    exponential_noise,
+    exponential_race,
+    filtered_probs,
+    noise_key,
+)
 from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SAMPLING_EPS
 
 
@@ -269,3 +276,31 @@ def test_a_bad_prompt_leaves_the_llm_usable(llm):
     assert not llm.engine.has_unfinished_requests()  # the good prompt was taken back
     out = llm.generate(["next"], SamplingParams(max_tokens=2), use_tqdm=False)
     assert len(out[0].token_ids) == 2
+
+
+def test_the_smallest_noise_never_lets_a_filtered_token_win():
+    """At seed 0, position 2990, token 3277's hash is the largest there is; float32 once rounded
+    its uniform up to 1, its noise to 0 and its score to inf (NaN where filtered away), so it
+    won whatever its probability. It is just another unlikely token now."""
+    vocab, token = 4096, 3277
+    logits = torch.zeros(2, vocab)
+    logits[:, 0] = 30.0  # token 0 carries all but about 1e-13 of each token's mass
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=1)]
+    rows = SamplingTensors.build(params, seeds=[0, 0], positions=[2990, 2990], vocab=vocab)
+    sampler = Sampler(vocab, torch.device("cpu"))
+    noise = exponential_noise(rows.noise_keys, sampler.salted_ids)
+    assert noise[0].argmin().item() == token and 0 < noise[0, token].item() < 1e-7
+    assert sampler(logits, rows).tolist() == [0, 0]
+
+
+def test_the_race_traces_as_one_graph():
+    """What lets torch.compile fuse the race into one GPU kernel: no Python branch on tensor
+    values, no graph break (fullgraph=True would raise). Traced here without compiling."""
+    probs = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    keys = torch.tensor([noise_key(seed, 5) for seed in (1, 2, 3)])
+    salted_ids = Sampler(1000, torch.device("cpu")).salted_ids
+    traced = torch.compile(exponential_race.__wrapped__, dynamic=True, fullgraph=True,
+                           backend="eager")
+    expected = (probs / exponential_noise(keys, salted_ids)).argmax(dim=-1)
+    assert traced(probs, keys, salted_ids).tolist() == expected.tolist()
+    assert exponential_race(probs, keys, salted_ids).tolist() == expected.tolist()
