@@ -1,9 +1,17 @@
-"""Rotary position embedding (RoPE), with Llama 3's frequency scaling."""
+"""Rotary position embedding (RoPE), with Llama 3's frequency scaling.
+
+Rotating q and k (and, for Qwen3, normalizing each of their heads first) is one `fused` function:
+on a GPU the cos/sin lookup, the rotation and the norm run in one kernel per tensor instead of
+some thirty small ones.
+"""
 
 import math
 
 import torch
 from torch import nn
+
+from serve.layers.fused import fused
+from serve.layers.norm import RMSNorm, rms_norm_math
 
 
 def rope_parameters(config) -> dict:
@@ -51,12 +59,58 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return rope(positions, q, k, self.cos, self.sin)
+
+    def norm_and_rotate(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        q_norm: RMSNorm, k_norm: RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm every head of q and k (q_norm, k_norm: RMSNorm over head_dim), then rotate."""
+        return qk_norm_rope(positions, q, k, q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps,
+                            self.cos, self.sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_math(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x rotated in float32 (rotate-half layout), rounded back to x's dtype."""
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+# --8<-- [start:rope]
+@fused
+def rope(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by each token's position, as new tensors (q and k may be views)."""
+    cos = cos_cache[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]: one row per token
+    sin = sin_cache[positions].unsqueeze(1)
+    return rotate_math(q, cos, sin), rotate_math(k, cos, sin)
+# --8<-- [end:rope]
+
+
+# --8<-- [start:qk_norm_rope]
+@fused
+def qk_norm_rope(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_eps: float,
+    k_weight: torch.Tensor,
+    k_eps: float,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3: every head of q and k normalized over head_dim, then rotated, as new tensors.
+    One function, so the normalized heads need not go to memory and back before the rotation."""
+    cos = cos_cache[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
+    sin = sin_cache[positions].unsqueeze(1)
+    q = rms_norm_math(q, q_weight, q_eps)
+    k = rms_norm_math(k, k_weight, k_eps)
+    return rotate_math(q, cos, sin), rotate_math(k, cos, sin)
+# --8<-- [end:qk_norm_rope]
