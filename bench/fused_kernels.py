@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from bench.results import environment, write_result
-from serve.layers.activation import silu_and_mul
-from serve.layers.norm import add_rms_norm, rms_norm
-from serve.layers.rotary import RotaryEmbedding, qk_norm_rope, rope
+from serve.layers.activation import silu_and_mul_math
+from serve.layers.fused import fused
+from serve.layers.norm import add_rms_norm_math, rms_norm_math
+from serve.layers.rotary import RotaryEmbedding, qk_norm_rope_math, rope_math
 
 SHAPES = {  # the sizes of one decoder layer
     "qwen3-0.6b": {"hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128,
@@ -34,8 +35,10 @@ SHAPES = {  # the sizes of one decoder layer
                      "intermediate": 14336},
 }
 NUM_TOKENS = (1, 64, 256, 2048)
-OURS = {"add_rms_norm": add_rms_norm, "rms_norm": rms_norm, "qk_norm_rope": qk_norm_rope,
-        "rope": rope, "silu_and_mul": silu_and_mul}
+# Each op's torch code (the layers' reference, "eager"), and the same code under torch.compile
+OURS = {"add_rms_norm": add_rms_norm_math, "rms_norm": rms_norm_math,
+        "qk_norm_rope": qk_norm_rope_math, "rope": rope_math, "silu_and_mul": silu_and_mul_math}
+COMPILED = {op: fused(fn) for op, fn in OURS.items()}
 VARIANTS = ("eager", "fused", "flashinfer")
 EPS = 1e-6
 MAX_POSITIONS = 4096
@@ -186,7 +189,7 @@ def measure(call: Callable, calls: int, repeats: int) -> dict:
 def run_case(op: str, shape: dict, num_tokens: int, flashinfer, calls: int, repeats: int) -> dict:
     """Every variant of one op at one size: {variant: measurements or {"error": ...}}."""
     args = make_inputs(op, shape, num_tokens, "cuda")
-    reference = as_tuple(OURS[op].__wrapped__(*to_float32(args)))
+    reference = as_tuple(OURS[op](*to_float32(args)))
     results = {}
     for variant in VARIANTS:
         try:
@@ -195,7 +198,7 @@ def run_case(op: str, shape: dict, num_tokens: int, flashinfer, calls: int, repe
                     raise flashinfer  # recorded below, like any other failure
                 call = flashinfer_call(op, flashinfer, args)
             else:
-                call = ours_call(OURS[op] if variant == "fused" else OURS[op].__wrapped__, args)
+                call = ours_call(COMPILED[op] if variant == "fused" else OURS[op], args)
             diff = max_abs_diff(call(), reference)  # the first call: in place ops see fresh data
             results[variant] = {"max_abs_diff": diff, **measure(call, calls, repeats)}
         except Exception as error:  # one variant failing must not end the bench

@@ -3,14 +3,19 @@
 import torch
 import torch.nn.functional as F
 
-from serve.layers.fused import fused
+from serve.layers import kernels
 
 
 # --8<-- [start:silu_and_mul]
-@fused
+def silu_and_mul_math(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [num_tokens, 2 * intermediate_size] -> [num_tokens, intermediate_size]. On a GPU
     one kernel reads each half once and writes the product; no silu(gate) in between."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if kernels.use_flashinfer(gate_up):
+        return kernels.flashinfer.activation.silu_and_mul(gate_up)
+    return silu_and_mul_math(gate_up)
 # --8<-- [end:silu_and_mul]

@@ -1,14 +1,14 @@
 """RMSNorm, computed in float32 like the reference implementation so logits match.
 
-The math lives in a plain function; `fused` turns each entry point into one GPU kernel, so the
-residual add and the eight torch ops of the norm read and write the activation once. A fused
-function calls the plain math, never another fused function: each must trace as one graph.
+In torch the norm is eight kernels (cast, square, mean, add, rsqrt, multiply, cast, multiply),
+each reading and writing the whole activation; on a GPU one FlashInfer kernel does the residual
+add and the norm in one pass (serve/layers/kernels.py). The torch code is the reference.
 """
 
 import torch
 from torch import nn
 
-from serve.layers.fused import fused
+from serve.layers import kernels
 
 
 # --8<-- [start:rms_norm]
@@ -21,21 +21,32 @@ def rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * x.to(dtype)
 
 
-@fused
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., dim], rows may be strided (q's heads inside the merged qkv output)."""
+    if kernels.use_flashinfer(x):
+        return kernels.flashinfer.norm.rmsnorm(x, weight, eps)  # a new tensor
     return rms_norm_math(x, weight, eps)
 # --8<-- [end:rms_norm]
 
 
 # --8<-- [start:add_rms_norm]
-@fused
+def add_rms_norm_math(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add x into the residual stream, then normalize it: returns (normed, new residual)."""
+    residual = x + residual
+    return rms_norm_math(residual, weight, eps), residual
+
+
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add x into the residual stream, then normalize it: returns (normed, new residual).
-    Both are new tensors; the inputs are left as they were."""
-    residual = x + residual
-    return rms_norm_math(residual, weight, eps), residual
+    """add_rms_norm_math; on a GPU in place, one kernel: residual += x, then x = norm(residual).
+    The decoder never reads either input again, so overwriting them costs nothing."""
+    if kernels.use_flashinfer(x):
+        kernels.flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
+        return x, residual
+    return add_rms_norm_math(x, residual, weight, eps)
 # --8<-- [end:add_rms_norm]
 
 

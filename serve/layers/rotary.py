@@ -1,8 +1,8 @@
 """Rotary position embedding (RoPE), with Llama 3's frequency scaling.
 
-Rotating q and k (and, for Qwen3, normalizing each of their heads first) is one `fused` function:
-on a GPU the cos/sin lookup, the rotation and the norm run in one kernel per tensor instead of
-some thirty small ones.
+In torch, rotating q and k is some thirty small kernels (the cos/sin lookup, halves, negation,
+products, casts); on a GPU one FlashInfer kernel rotates both in place (serve/layers/kernels.py).
+The torch code is the reference.
 """
 
 import math
@@ -10,8 +10,8 @@ import math
 import torch
 from torch import nn
 
-from serve.layers.fused import fused
-from serve.layers.norm import RMSNorm, rms_norm_math
+from serve.layers import kernels
+from serve.layers.norm import RMSNorm, rms_norm, rms_norm_math
 
 
 def rope_parameters(config) -> dict:
@@ -54,20 +54,35 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, head_dim]: the two halves share frequencies (rotate-half layout)
         self.register_buffer("cos", torch.cat([freqs, freqs], -1).cos(), persistent=False)
         self.register_buffer("sin", torch.cat([freqs, freqs], -1).sin(), persistent=False)
+        # FlashInfer's table: [max_positions, head_dim], cos of each frequency, then its sin
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], -1),
+                             persistent=False)
 
+    # --8<-- [start:forward]
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
-        return rope(positions, q, k, self.cos, self.sin)
+        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim], both
+        possibly views of the merged qkv output. On a GPU they are rotated in place."""
+        if kernels.use_flashinfer(q):
+            kernels.flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(
+                positions, q.flatten(1), k.flatten(1), q.shape[-1], self.cos_sin_cache,
+                is_neox=True)  # "neox": the rotate-half layout, as in rotate_math
+            return q, k
+        return rope_math(positions, q, k, self.cos, self.sin)
 
     def norm_and_rotate(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q_norm: RMSNorm, k_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm every head of q and k (q_norm, k_norm: RMSNorm over head_dim), then rotate."""
-        return qk_norm_rope(positions, q, k, q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps,
-                            self.cos, self.sin)
+        if kernels.use_flashinfer(q):  # three kernels: two norms, one rotation of both
+            q = rms_norm(q, q_norm.weight, q_norm.eps)
+            k = rms_norm(k, k_norm.weight, k_norm.eps)
+            return self(positions, q, k)
+        return qk_norm_rope_math(positions, q, k, q_norm.weight, q_norm.eps, k_norm.weight,
+                                 k_norm.eps, self.cos, self.sin)
+    # --8<-- [end:forward]
 
 
 def rotate_math(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,8 +93,7 @@ def rotate_math(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 # --8<-- [start:rope]
-@fused
-def rope(
+def rope_math(
     positions: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,8 +108,7 @@ def rope(
 
 
 # --8<-- [start:qk_norm_rope]
-@fused
-def qk_norm_rope(
+def qk_norm_rope_math(
     positions: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,8 +119,7 @@ def qk_norm_rope(
     cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3: every head of q and k normalized over head_dim, then rotated, as new tensors.
-    One function, so the normalized heads need not go to memory and back before the rotation."""
+    """Qwen3: every head of q and k normalized over head_dim, then rotated, as new tensors."""
     cos = cos_cache[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
     sin = sin_cache[positions].unsqueeze(1)
     q = rms_norm_math(q, q_weight, q_eps)

@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # the norm and the rotation run as one fused function
+        if self.qk_norm:  # Qwen3: each head of q and k is normalized before the rotation
             q, k = self.rotary.norm_and_rotate(positions, q, k, self.q_norm, self.k_norm)
         else:
             q, k = self.rotary(positions, q, k)
