@@ -42,6 +42,8 @@ class ModelRunner:
         )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(cfg.vocab_size, self.device)
+        if self.device.type == "cuda":
+            self.sampler.warm_up()
         self.staging = DeviceStaging(self.device)
         self.graphs: CudaGraphRunner | None = None  # captured once the pool exists
         graph_sizes = self._graph_batch_sizes(config)
