@@ -37,6 +37,8 @@ def measure_copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float | Non
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()  # give the gigabyte back: the engine sized its pool without it
     return num_bytes / statistics.median(times)
 
 
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
               "engine_args": {"model": args.model, "load_format": args.load_format, **extra},
               "bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
               "kv_bytes_per_token": kv_per_token, "decode_kernels_bs1": kernels,
-              "decode_launches_bs1": launches, "cuda_graphs": cuda_graphs, "rows": rows}
+              "decode_launches_bs1": launches, "cuda_graphs": cuda_graphs, "rows": rows,
+              "allocator_retries": (torch.cuda.memory_stats().get("num_alloc_retries")
+                                    if device.startswith("cuda") else None)}
     if args.out:
         write_result(args.out, result)
     return result
