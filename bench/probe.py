@@ -103,9 +103,21 @@ def instrument(engine, recorder: Recorder) -> list[str]:
         if isinstance(input_ids, torch.Tensor):
             recorder.tokens += input_ids.numel()
 
-    engine.runner.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-    hooked.append("model")
     runner = engine.runner
+    if callable(getattr(runner, "execute", None)):
+        # From stage 3 the runner takes a whole step's inputs: count them there, since from
+        # stage 4 a decode step replays a CUDA graph and never calls the model's forward.
+        execute = runner.execute
+
+        @functools.wraps(execute)
+        def counted_execute(inputs, *args, **kwargs):
+            recorder.tokens += inputs.num_tokens
+            return execute(inputs, *args, **kwargs)
+
+        runner.execute = counted_execute
+    else:
+        runner.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    hooked.append("model")
     # From stage 3 the runner samples too: its `logits` is the model's part of the step.
     forward_name = "logits" if callable(getattr(runner, "execute", None)) else "forward"
     if callable(getattr(runner, forward_name, None)):
