@@ -90,7 +90,29 @@ def environment(device: str = "auto") -> dict:
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu_state": gpu_state() if device.startswith("cuda") else None,
     }
+
+
+GPU_QUERY = ("clocks.sm", "clocks.max.sm", "clocks.mem", "power.draw", "power.limit",
+             "temperature.gpu", "utilization.gpu", "clocks_throttle_reasons.active")
+
+
+def gpu_state() -> dict | None:
+    """What nvidia-smi says of the GPU now, and how many processes hold it: two runs of the same
+    code that differ by 2x are told apart by clocks, power limits or a neighbour, if anything."""
+    try:
+        query = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_QUERY)}",
+                                "--format=csv,noheader,nounits", "-i", "0"],
+                               capture_output=True, text=True, timeout=10, check=True)
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader",
+                               "-i", "0"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in query.stdout.strip().split(",")]
+    state = dict(zip(GPU_QUERY, values, strict=False))
+    state["compute_processes"] = len(apps.stdout.split())
+    return state
 
 
 def write_result(path: str | Path, result: dict) -> None:

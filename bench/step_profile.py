@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.model_config import parse_engine_args, synchronize
-from bench.results import environment, write_result
+from bench.results import environment, gpu_state, write_result
 from serve import LLM, SamplingParams
 from serve.models.llama import head_dim_of
 
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             "total_s": timing["total_s"],
             "bytes_per_decode_step": floor_bytes,
             "roofline_step_ms": floor_bytes / bandwidth * 1e3 if bandwidth else None,
+            "gpu_state": gpu_state() if bandwidth else None,  # clocks right after the batch
         }
         row["roofline_fraction"] = (row["roofline_step_ms"] / row["decode_step_ms"]
                                     if bandwidth else None)
