@@ -22,3 +22,17 @@ def test_incremental_text_equals_full_decode(tokenizer):
         joined = "".join(detok.add(t) for t in ids)
         full = tokenizer.decode(ids, skip_special_tokens=True)
         assert joined == full.rstrip("\ufffd") or joined == full
+
+
+def test_the_stream_and_the_window_give_the_same_text(tokenizer):
+    """A fast tokenizer decodes through its DecodeStream; the two-window decode is the fallback
+    for any other tokenizer. Both emit exactly the same pieces."""
+    rng = random.Random(1)
+    prompt = tokenizer.encode("prompt: ", add_special_tokens=False)
+    for _ in range(50):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(40)]
+        streamed = IncrementalDetokenizer(tokenizer, prompt)
+        assert streamed.stream is not None
+        windowed = IncrementalDetokenizer(tokenizer, prompt)
+        windowed.stream = None
+        assert [streamed.add(t) for t in ids] == [windowed.add(t) for t in ids]

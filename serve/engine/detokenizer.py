@@ -2,6 +2,11 @@
 
 from transformers import PreTrainedTokenizerBase
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers older than 0.21
+    DecodeStream = None
+
 CONTEXT_TOKENS = 5  # prompt tokens decoded alongside, so a word's leading space comes out right
 
 
@@ -11,17 +16,25 @@ class IncrementalDetokenizer:
     A token can end in the middle of a UTF-8 character, and some tokenizers change how a token
     reads depending on what comes before it. So we decode a short window twice (with and without
     the newest tokens) and emit the difference, holding text back while it ends in a broken
-    character (U+FFFD).
+    character (U+FFFD). A fast (Rust) tokenizer does the same inside its own `DecodeStream`, one
+    call per token and several times quicker: at 256 requests a step, that is milliseconds.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int]) -> None:
         self.tokenizer = tokenizer
-        self.token_ids = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        context = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self.backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust core
+        self.stream = None
+        if self.backend is not None and DecodeStream is not None:
+            self.stream = DecodeStream(ids=context, skip_special_tokens=True)
+        self.token_ids = context
         self.prefix_offset = 0  # start of the decoding window
         self.read_offset = len(self.token_ids)  # tokens before this are already emitted
 
     def add(self, token_id: int) -> str:
         """Append one token and return the text that is now final."""
+        if self.stream is not None:
+            return self.stream.step(self.backend, token_id) or ""
         self.token_ids.append(token_id)
         decode = self.tokenizer.decode
         prefix = decode(self.token_ids[self.prefix_offset : self.read_offset],
