@@ -46,7 +46,8 @@ def synchronize() -> None:
 
 
 def parse_engine_args(pairs: list[str]) -> dict:
-    """`--engine-arg KEY=VALUE` flags as LLM(...) keyword arguments (numbers become numbers).
+    """`--engine-arg KEY=VALUE` flags as LLM(...) keyword arguments (numbers become numbers,
+    true/false become booleans).
 
     They carry a later stage's own settings (max_batch_size=128) through a CLI that every
     stage shares."""
@@ -55,6 +56,9 @@ def parse_engine_args(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--engine-arg wants KEY=VALUE, got {pair!r}")
+        if value.lower() in ("true", "false"):  # enforce_eager=false must not be truthy
+            parsed[key] = value.lower() == "true"
+            continue
         for convert in (int, float):
             try:
                 parsed[key] = convert(value)

@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['decode_tokens_per_s']:9.1f} tok/s  first step {row['first_step_ms']:8.1f} ms"
               + (f"  roofline {row['roofline_step_ms']:.3f} ms "
                  f"({100 * row['roofline_fraction']:.1f}%)" if bandwidth else ""))
-    # Counted last: once the profiler has run, CUPTI stays attached and slows every later graph
-    # launch (a batch-32 step measured 8.0 ms after it and 3.1 ms in a fresh process).
+    # Counted last, so that nothing the profiler leaves behind (CUPTI stays attached to the
+    # process) can touch the timings above.
     counts = count_decode_kernels(llm)
     kernels, launches = counts if counts is not None else (None, None)
     if counts is not None:

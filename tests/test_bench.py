@@ -382,3 +382,13 @@ def test_a_run_archived_elsewhere_is_adopted_once(tmp_path):
         tar.add(archive, arcname="notes/run.tar.gz")
     with pytest.raises(ValueError, match="not a run's file"):
         unpack(stray, tmp_path / "elsewhere")
+
+
+def test_engine_args_parse_numbers_and_booleans():
+    from bench.model_config import parse_engine_args
+
+    assert parse_engine_args(["max_num_seqs=8", "gpu_memory_utilization=0.5",
+                              "enforce_eager=false", "attention_backend=torch"]) == {
+        "max_num_seqs": 8, "gpu_memory_utilization": 0.5, "enforce_eager": False,
+        "attention_backend": "torch"}
+    assert parse_engine_args(["enforce_eager=True"]) == {"enforce_eager": True}
