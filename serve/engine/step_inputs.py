@@ -48,9 +48,11 @@ def build_step_inputs(
                                                                 strict=True))),
         dtype=torch.int32)
     # Per token: which sequence it belongs to, its position, and the slot its K/V go to.
-    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
-    positions = torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1][seq_of_token] \
-        + starts[seq_of_token]
+    num_tokens = int(qo_indptr[-1])
+    # (output_size: told the total, repeat_interleave skips a pass that costs ~0.4 ms on a CPU)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens,
+                                           output_size=num_tokens)
+    positions = torch.arange(num_tokens) - qo_indptr[:-1][seq_of_token] + starts[seq_of_token]
     page_of_token = kv_indices[kv_indptr[:-1][seq_of_token] + positions // page_size]
     slot_mapping = page_of_token.to(torch.int64) * page_size + positions % page_size
     attention = AttentionMetadata(
