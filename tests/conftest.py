@@ -46,3 +46,15 @@ def llama_dir(tmp_path_factory, tokenizer) -> str:
 def model_dir(request) -> str:
     """Each of the tiny model directories in turn (test ids: qwen3, qwen2, llama)."""
     return request.getfixturevalue(f"{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def gpu_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A small Qwen3 whose head_dim FlashInfer supports (64), with decisive random logits, for
+    the GPU tests (skipped where flashinfer is not installed)."""
+    pytest.importorskip("flashinfer")
+    return str(build_model_dir(
+        tmp_path_factory.mktemp("gpu-qwen3"), "qwen3", tokenizer, hidden_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+        num_hidden_layers=4,
+    ))

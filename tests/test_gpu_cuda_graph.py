@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.demo_model import build_model_dir
 from serve.engine.cuda_graph import pad_decode_inputs
 from serve.engine.sampler import SamplingTensors
 from serve.engine.step_inputs import build_step_inputs
@@ -26,18 +25,8 @@ PROMPTS = ["def main():", "import os\nimport sys\n", "class A(object):\n    def"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> str:
-    pytest.importorskip("flashinfer")
-    return str(build_model_dir(
-        tmp_path_factory.mktemp("graph-qwen3"), "qwen3", tokenizer, hidden_size=256,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
-        num_hidden_layers=4,
-    ))
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir) -> LLM:
-    return LLM(model_dir, dtype="bfloat16", max_num_seqs=MAX_NUM_SEQS, num_pages=512)
+def llm(gpu_model_dir) -> LLM:
+    return LLM(gpu_model_dir, dtype="bfloat16", max_num_seqs=MAX_NUM_SEQS, num_pages=512)
 
 
 def prefilled_decode_inputs(runner, num_seqs: int, seed: int):
@@ -91,11 +80,11 @@ def test_batches_above_the_largest_bucket_and_prefill_run_eagerly(llm):
     assert runner.forward(inputs).shape[0] == MAX_NUM_SEQS + 1
 
 
-def test_engine_tokens_agree_with_and_without_graphs(model_dir):
+def test_engine_tokens_agree_with_and_without_graphs(gpu_model_dir):
     """Greedy tokens agree except where a near-tie (bf16 rounding in a differently split
     attention reduction) sends the two continuations apart; every divergence must start at one."""
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    llms = {eager: LLM(model_dir, dtype="bfloat16", enforce_eager=eager, num_pages=1024,
+    llms = {eager: LLM(gpu_model_dir, dtype="bfloat16", enforce_eager=eager, num_pages=1024,
                        max_num_seqs=MAX_NUM_SEQS) for eager in (True, False)}
     assert llms[True].engine.runner.graphs is None and llms[False].engine.runner.graphs
     outputs = {eager: [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.demo_model import build_model_dir
 from serve.engine.step_inputs import build_step_inputs
 
 pytestmark = [
@@ -19,17 +18,6 @@ BACKENDS = ("torch", "flashinfer")
 TIE = 0.25  # bf16 logits of this size carry about 3 significant digits; attention kernels differ
 PROMPTS = ["def main():", "import os\nimport sys\n", "class A(object):\n    def",
            "for i in range(10):\n    print(i)\n" * 20]
-
-
-@pytest.fixture(scope="module")
-def gpu_model_dir(tmp_path_factory, tokenizer) -> str:
-    """A small Qwen3 whose head_dim FlashInfer supports (64), with decisive random logits."""
-    pytest.importorskip("flashinfer")
-    return str(build_model_dir(
-        tmp_path_factory.mktemp("gpu-qwen3"), "qwen3", tokenizer, hidden_size=256,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
-        num_hidden_layers=4,
-    ))
 
 
 def last_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
