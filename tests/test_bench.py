@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -312,6 +313,31 @@ def test_probe_counts_every_step_and_records_a_decode_step(qwen3_dir, tmp_path):
     assert {p[0] for p in timeline["phases"]} >= {"forward", "sample", "output"}
     png = timeline_module.draw_file(timeline_out)
     assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_probe_counts_the_tokens_of_a_step_that_never_calls_the_model(qwen3_dir, tmp_path):
+    """A replayed CUDA graph runs the model without calling its forward: the probe counts a
+    step's tokens where the runner takes them, so such a step is still seen as a decode step."""
+    from serve import LLM
+
+    engine = LLM(qwen3_dir, device="cpu", num_pages=64).engine
+    recorder = probe.Recorder()
+    probe.instrument(engine, recorder)
+    runner, vocab = engine.runner, engine.hf_config.vocab_size
+    replayed = []
+
+    def replay(inputs):  # stands in for a graph replay: the model's forward is not called
+        replayed.append(inputs.attention.num_seqs)
+        return torch.zeros(len(inputs.sample_indices), vocab)
+
+    requests = json.loads(requests_file(tmp_path, vocab).read_text())
+    lengths = probe.add_requests(engine, requests, "r", max_tokens=3)
+    started = set()
+    prefill = probe.run_step(engine, recorder, torch.device("cpu"), lengths, started)
+    runner.logits = replay
+    decode = probe.run_step(engine, recorder, torch.device("cpu"), lengths, started)
+    assert not probe.is_decode(prefill) and probe.is_decode(decode)
+    assert replayed == [len(requests)] and decode["tokens"] == decode["rows"] == len(requests)
 
 
 def fake_run(root: Path, probe_result: dict | None = None) -> Path:
