@@ -129,7 +129,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info()
         budget = config.gpu_memory_utilization * total - peak - graph_bytes
-        if budget < pages_per_seq * self._bytes_per_page():
+        if budget < (pages_per_seq + 1) * self._bytes_per_page():  # + the padding page
             raise ValueError(f"after the weights and activations ({peak / 2**30:.1f} GiB) there is "
                              "no room for one full-length sequence's KV pages: lower "
                              "--max-model-len or raise --gpu-memory-utilization")
