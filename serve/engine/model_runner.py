@@ -27,6 +27,12 @@ CPU_KV_POOL_BYTES = 1 << 30  # on a CPU, without --num-pages: at most 1 GiB of K
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_path: str, max_model_len: int):
         self.device = config.torch_device()
+        if self.device.type == "cuda":
+            # The host only builds small index tensors, which torch's intra-op thread pool (a
+            # thread per core) cannot speed up; and when other processes compete for the
+            # cores, its threads wait on each other: bench.host_overhead measured a 32-request
+            # step's host work 3x slower with one busy neighbour. vLLM sets one thread too.
+            torch.set_num_threads(1)
         self.dtype = config.torch_dtype()
         self.hf_config = hf_config
         self.model = build_model(

@@ -1,0 +1,99 @@
+"""The host's own work in one engine step, without the model: scheduling, building the step's
+inputs, output processing. Measured per batch size, with torch's intra-op threads at each given
+count, alone and beside busy processes that compete for the cores.
+
+    python -m bench.host_overhead --model .models/tiny-qwen3 --batch-sizes 1 32 256 \\
+        --threads 1 2 --busy-neighbours 0 1 --out host-overhead.json
+
+The runner's `execute` is replaced by a stub that returns a token per row, so the numbers are the
+engine's Python and host tensor work alone, on any machine (the model is not run).
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+from bench.results import environment, write_result
+from serve import LLM, SamplingParams
+
+PROMPT_LEN = 290
+WARMUP_STEPS = 20
+
+
+@contextmanager
+def busy_neighbours(count: int):
+    """count processes that spin on a core each until the block ends."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(count)]
+    try:
+        time.sleep(0.5 if count else 0)  # let them get scheduled
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def host_step_us(llm: LLM, batch_size: int, steps: int) -> float:
+    """Median host time of a decode step of batch_size requests, the model stubbed out."""
+    engine = llm.engine
+    ids = [f"host-{batch_size}-{i}" for i in range(batch_size)]
+    params = SamplingParams(temperature=0.6, max_tokens=WARMUP_STEPS + steps + 2,
+                            ignore_eos=True)
+    for request_id in ids:
+        engine.add_request(request_id, list(range(10, 10 + PROMPT_LEN)), params)
+    runner = engine.runner
+    real_execute = runner.execute
+    runner.execute = lambda inputs: [5] * len(inputs.sample_indices)
+    try:
+        times = []
+        for step in range(WARMUP_STEPS + steps):
+            start = time.perf_counter()
+            engine.step()
+            if step >= WARMUP_STEPS:
+                times.append(time.perf_counter() - start)
+    finally:
+        runner.execute = real_execute
+        for request_id in ids:
+            engine.abort_request(request_id)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
+    parser.add_argument("--busy-neighbours", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    llm = LLM(args.model, device="cpu", num_pages=max(args.batch_sizes) * 160,
+              max_model_len=2048)
+    rows = []
+    for neighbours in args.busy_neighbours:
+        with busy_neighbours(neighbours):
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for batch_size in args.batch_sizes:
+                    us = host_step_us(llm, batch_size, args.steps)
+                    rows.append({"busy_neighbours": neighbours, "threads": threads,
+                                 "batch_size": batch_size, "host_step_us": us})
+                    print(f"neighbours {neighbours}  threads {threads}  bs {batch_size:4d}  "
+                          f"host step {us:8.0f} us", flush=True)
+    result = {"kind": "host_overhead", "env": environment("cpu"), "model": args.model,
+              "prompt_len": PROMPT_LEN, "rows": rows}
+    if args.out:
+        write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
