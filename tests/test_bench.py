@@ -418,3 +418,19 @@ def test_engine_args_parse_numbers_and_booleans():
         "max_num_seqs": 8, "gpu_memory_utilization": 0.5, "enforce_eager": False,
         "attention_backend": "torch"}
     assert parse_engine_args(["enforce_eager=True"]) == {"enforce_eager": True}
+
+
+def test_host_overhead_measures_each_batch_thread_and_neighbour_count(qwen3_dir, tmp_path):
+    from bench import host_overhead
+
+    threads = torch.get_num_threads()
+    try:
+        result = host_overhead.main(["--model", qwen3_dir, "--batch-sizes", "1", "3",
+                                     "--threads", "1", "--busy-neighbours", "0", "1",
+                                     "--steps", "3", "--out", str(tmp_path / "host.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["busy_neighbours"], r["threads"], r["batch_size"]) for r in result["rows"]] == \
+        [(0, 1, 1), (0, 1, 3), (1, 1, 1), (1, 1, 3)]
+    assert all(r["host_step_us"] > 0 for r in result["rows"])
+    assert json.loads((tmp_path / "host.json").read_text())["kind"] == "host_overhead"

@@ -71,6 +71,10 @@ def test_replay_equals_eager_launch_for_every_bucket_and_ragged_batches(llm, num
     torch.testing.assert_close(replayed, plain, rtol=0, atol=0.05)
 
 
+def test_the_engine_keeps_torch_to_one_host_thread(llm):
+    assert torch.get_num_threads() == 1
+
+
 def test_batches_above_the_largest_bucket_and_prefill_run_eagerly(llm):
     runner = llm.engine.runner
     inputs = prefilled_decode_inputs(runner, MAX_NUM_SEQS + 1, seed=0)
