@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model, device="cpu", num_pages=max(args.batch_sizes) * 160,
-              max_model_len=2048)
+    max_model_len = PROMPT_LEN + WARMUP_STEPS + args.steps + 2  # what the longest request needs
+    llm = LLM(args.model, device="cpu", max_model_len=max_model_len,
+              num_pages=max(args.batch_sizes) * (max_model_len // 16 + 1))
     rows = []
     for neighbours in args.busy_neighbours:
         with busy_neighbours(neighbours):
