@@ -61,7 +61,8 @@ def title(timeline: dict, label: str) -> str:
             if s["kernels"] else ", no GPU")
     unprofiled = (f" ({s['unprofiled_step_ms']:.1f} ms without the profiler)"
                   if s.get("unprofiled_step_ms") else "")
-    return (f"{label}: one decode step, {s['rows']} rows: {s['step_ms']:.1f} ms under the "
+    rows = f"{s['rows']} row{'' if s['rows'] == 1 else 's'}"
+    return (f"{label}: one decode step, {rows}: {s['step_ms']:.1f} ms under the "
             f"profiler{unprofiled}{busy}, {s['kernels']:,} kernels")
 
 

@@ -120,9 +120,12 @@ class Sampler:
         ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
         self.salted_ids = ids * TOKEN_SALT & MASK32  # [vocab], computed once
 
+    @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the race now, for one row and for many (torch.compile makes one kernel for
-        each), so that the first request that samples does not wait seconds for the compiler."""
+        each), so that the first request that samples does not wait seconds for the compiler.
+        Under inference mode, as the runner samples: a compile made in another grad mode fails
+        its guards there and compiles again, in the middle of a step."""
         for rows in (1, 2):
             weights = torch.ones(rows, len(self.salted_ids), device=self.salted_ids.device)
             keys = torch.zeros(rows, dtype=torch.int64, device=self.salted_ids.device)
