@@ -120,6 +120,7 @@ class Sampler:
         ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
         self.salted_ids = ids * TOKEN_SALT & MASK32  # [vocab], computed once
 
+    # --8<-- [start:warm_up]
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the race now, for one row and for many (torch.compile makes one kernel for
@@ -130,6 +131,7 @@ class Sampler:
             weights = torch.ones(rows, len(self.salted_ids), device=self.salted_ids.device)
             keys = torch.zeros(rows, dtype=torch.int64, device=self.salted_ids.device)
             exponential_race(weights, keys, self.salted_ids)
+    # --8<-- [end:warm_up]
 
     # --8<-- [start:sample]
     def __call__(self, logits: torch.Tensor, rows: SamplingTensors) -> torch.Tensor:
