@@ -51,7 +51,13 @@ from bench.results import (
     write_result,
 )
 from bench.run_files import MILESTONES, RunFiles, listed_files, pack, resolve, unpack
-from bench.workloads import Workload, add_workload_args, make_requests, workload_from_args
+from bench.workloads import (
+    Workload,
+    add_workload_args,
+    make_requests,
+    requests_as_json,
+    workload_from_args,
+)
 
 STAGES_FILE = "stages.json"  # written by --export-only: tag -> commit
 HEAD_FILE = "HEAD.json"  # written by --export-only: the exporting checkout's commit
@@ -290,10 +296,7 @@ def main(argv: list[str] | None = None) -> Path | None:
 
         requests = make_requests(workload, vocab_size_of(args.model))
         requests_file = scratch / "requests.json"
-        requests_file.write_text(json.dumps(
-            [{"prompt": prompt, "max_tokens": params.max_tokens,
-              "temperature": params.temperature, "ignore_eos": params.ignore_eos}
-             for prompt, params in requests]))
+        requests_file.write_text(json.dumps(requests_as_json(requests)))
         model_args = ["--model", model_path(args.model), "--load-format", args.load_format,
                       "--device", args.device, "--max-model-len", str(args.max_model_len)]
         manifest = {"kind": "stages_run", "run_id": run_id, "command": command_line(),

@@ -1,6 +1,13 @@
-"""Named benchmark workloads, and the deterministic random requests each one stands for."""
+"""Named benchmark workloads, and the deterministic random requests each one stands for.
+
+    python -m bench.workloads --model qwen3-0.6b --workload course --out requests.json
+
+writes a workload's requests as the JSON that bench/probe.py reads (--requests), the file
+bench.stages hands every stage's probe.
+"""
 
 import argparse
+import json
 import random
 from dataclasses import asdict, dataclass, replace
 
@@ -63,6 +70,13 @@ def make_requests(workload: Workload, vocab_size: int) -> list[tuple[list[int], 
     return requests
 
 
+def requests_as_json(requests: list[tuple[list[int], SamplingParams]]) -> list[dict]:
+    """What bench/probe.py reads: one {prompt, max_tokens, temperature, ignore_eos} per request."""
+    return [{"prompt": prompt, "max_tokens": params.max_tokens,
+             "temperature": params.temperature, "ignore_eos": params.ignore_eos}
+            for prompt, params in requests]
+
+
 def parse_range(text: str) -> tuple[int, int]:
     """'A:B' -> (A, B); a single 'N' means exactly N."""
     low, _, high = text.partition(":")
@@ -101,3 +115,22 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     if workload != named:
         workload = replace(workload, name="custom")
     return workload
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.model_config import vocab_size_of  # reads the model's config: only for the CLI
+
+    parser = argparse.ArgumentParser(prog="python -m bench.workloads",
+                                     description="write a workload's requests for bench/probe.py")
+    parser.add_argument("--model", required=True, help="whose vocabulary the prompts draw from")
+    parser.add_argument("--out", required=True)
+    add_workload_args(parser)
+    args = parser.parse_args(argv)
+    requests = make_requests(workload_from_args(args), vocab_size_of(args.model))
+    with open(args.out, "x") as file:  # a new file: nothing overwrites a requests file in use
+        json.dump(requests_as_json(requests), file)
+    print(f"{args.out}: {len(requests)} requests")
+
+
+if __name__ == "__main__":
+    main()

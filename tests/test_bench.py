@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench import hf_baseline, plot_stages, probe, serving, stages, throughput
+from bench import hf_baseline, plot_stages, probe, serving, stages, throughput, workloads
 from bench import timeline as timeline_module
 from bench.model_config import vocab_size_of
 from bench.results import (
@@ -84,6 +84,17 @@ def test_workloads_are_deterministic_and_in_range():
         assert 5 <= params.max_tokens <= 7 and params.ignore_eos
     nano = WORKLOADS["nano-vllm"]
     assert (nano.num_prompts, nano.input_len, nano.output_len) == (256, (100, 1024), (100, 1024))
+
+
+def test_the_workloads_cli_writes_the_requests_the_probe_reads(tiny_config_dir, tmp_path):
+    out = tmp_path / "requests.json"
+    workloads.main(["--model", tiny_config_dir, "--workload", "course", "--out", str(out)])
+    expected = make_requests(WORKLOADS["course"], TINY_QWEN3["vocab_size"])
+    assert json.loads(out.read_text()) == [
+        {"prompt": prompt, "max_tokens": params.max_tokens, "temperature": params.temperature,
+         "ignore_eos": params.ignore_eos} for prompt, params in expected]
+    with pytest.raises(FileExistsError):  # never overwrites a requests file
+        workloads.main(["--model", tiny_config_dir, "--out", str(out)])
 
 
 def test_result_env_has_the_keys_and_round_trips(tmp_path):
