@@ -255,7 +255,17 @@ def test_an_abort_storm_leaves_no_pages_or_requests_behind(qwen3_dir):
                     if n >= 3:
                         break  # leaving the block closes the connection mid-stream
 
-        threads = [threading.Thread(target=leave_after_two_chunks, args=(i,)) for i in range(40)]
+        def stay_to_the_end(i: int) -> None:
+            body = {"prompt": f"y = {i}", "ignore_eos": True, "max_tokens": 50}
+            response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+            finished.append(response.json()["choices"][0]["finish_reason"])
+
+        # Three stayers need 3 x 14 pages of the 16, so the scheduler must preempt
+        # whatever else the leavers' timing does; the leavers then abort preempted
+        # requests as well as running and waiting ones.
+        finished: list[str] = []
+        threads = [threading.Thread(target=stay_to_the_end, args=(i,)) for i in range(3)]
+        threads += [threading.Thread(target=leave_after_two_chunks, args=(i,)) for i in range(40)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -265,3 +275,4 @@ def test_an_abort_storm_leaves_no_pages_or_requests_behind(qwen3_dir):
         assert metric(base_url, "nanoserve:num_requests_running") == 0
         assert metric(base_url, "nanoserve:num_requests_waiting") == 0
         assert metric(base_url, "nanoserve:num_preemptions_total") > 0
+        assert finished == ["length"] * 3
