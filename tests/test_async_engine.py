@@ -215,3 +215,25 @@ def test_a_fault_of_one_request_fails_that_request_alone(engine, monkeypatch):
     assert len(good[-1].token_ids) == 12 and good[-1].finish_reason == "length"
     assert engine.is_healthy
     assert engine.engine.allocator.num_used_pages == 0  # the failed request's pages are back
+
+
+def test_every_token_a_caller_sees_is_already_counted_in_the_stats(engine):
+    """Metrics never lag the stream: a step's stats are published before its outputs go out.
+    The listener is slow on purpose, so that the other order would show at every step."""
+    counted = []
+
+    def slow_listener(stats):
+        time.sleep(0.02)
+        counted.append(stats.num_generation_tokens)
+
+    engine.add_stats_listener(slow_listener)
+
+    async def tokens_seen_and_counted() -> list[tuple[int, int]]:
+        seen = []
+        async for output in engine.generate("def main():", GREEDY, "a"):
+            seen.append((len(output.token_ids), sum(counted)))
+        return seen
+
+    seen = asyncio.run(tokens_seen_and_counted())
+    assert len(seen) == GREEDY.max_tokens
+    assert all(num_seen <= num_counted for num_seen, num_counted in seen)

@@ -73,7 +73,7 @@ class AsyncEngine:
         # One worker: a fast tokenizer must not be called from two threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._stats_listeners: list[Callable[[EngineStats], None]] = []
-        self.latest_stats: EngineStats | None = None  # published after every loop iteration
+        self.latest_stats: EngineStats | None = None  # each step's, before its outputs go out
         self.error: BaseException | None = None  # what killed the loop, if anything did
         self.on_fatal: Callable[[BaseException], None] | None = None  # called when it died
 
@@ -195,10 +195,11 @@ class AsyncEngine:
                     self._apply(command)
                 if self._drain_deadline is not None:
                     self._end_for_shutdown()
-                if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        self._deliver(output)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                # Stats first: a client that has a token finds it counted in the metrics.
                 self._publish(self.engine.take_stats())
+                for output in outputs:
+                    self._deliver(output)
                 busy = self.engine.has_unfinished_requests()
                 with self._wakeup:
                     self._busy = busy
