@@ -84,8 +84,13 @@ class RunFiles:
 
 
 def resolve(run_dir: Path, listed: str) -> Path:
-    """The file a manifest in run_dir names, under the results root that holds run_dir."""
-    return run_dir.parent.parent / PurePosixPath(listed).relative_to(LISTED_ROOT)
+    """The file a manifest in run_dir names, under the results root that holds run_dir. A bare
+    name is a file in run_dir itself: the two oldest runs (20261125-1206, -1230) kept every file
+    in their folder, and committed results are never rewritten to move them."""
+    path = PurePosixPath(listed)
+    if len(path.parts) == 1:
+        return run_dir / path
+    return run_dir.parent.parent / path.relative_to(LISTED_ROOT)
 
 
 def listed_files(manifest: dict) -> list[str]:
