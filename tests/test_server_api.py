@@ -5,6 +5,7 @@ is noise, so the tests compare the API's answers with each other and with the to
 """
 
 import json
+import shutil
 
 import pytest
 from fastapi.testclient import TestClient
@@ -358,9 +359,16 @@ def test_unknown_route_uses_the_error_body_too(client):
     assert error_of(client.get("/v1/nothing-here"), status=404)["type"] == "NotFoundError"
 
 
-def test_chat_needs_a_chat_template(client, engine, monkeypatch):
-    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
-    error = error_of(client.post("/v1/chat/completions", json={"messages": CHAT}))
+def test_chat_needs_a_chat_template(qwen3_dir, tmp_path):
+    model_dir = shutil.copytree(qwen3_dir, tmp_path / "no-template")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (model_dir / name).unlink(missing_ok=True)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir), device="cpu")))
+    with TestClient(build_app(engine, model_name=MODEL)) as client:
+        error = error_of(client.post("/v1/chat/completions", json={"messages": CHAT}))
     assert error["param"] == "messages" and "no chat template" in error["message"]
 
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve.config import EngineConfig
 from serve.demo_model import build_model_dir
 from serve.engine.async_engine import AsyncEngine
+from serve.engine.input_processor import InputProcessor
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
 from serve.server.lifecycle import run_server
@@ -134,6 +135,39 @@ def test_sigterm_drains_then_exits_zero(long_context_dir):
     assert long[-1] == short[-1] == "[DONE]"
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_cleanly(long_context_dir):
+    """The first SIGINT drains; the second stops now: every stream ends with an error event
+    and [DONE], and the process exits 130 (it used to abort with status 134)."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--model", long_context_dir, "--port", str(port),
+         "--device", "cpu", "--shutdown-timeout", "60", "--log-level", "error"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_until(lambda: _healthy(base_url), timeout=60), "the server did not start"
+        streams = [([], threading.Event()) for _ in range(3)]
+        threads = [threading.Thread(target=stream_events, args=(
+            base_url, {"prompt": f"x{i}", "ignore_eos": True, "max_tokens": None}, *stream))
+            for i, stream in enumerate(streams)]
+        for thread in threads:
+            thread.start()
+        assert all(started.wait(30) for _, started in streams)
+        server.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=20) == 130
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        server.kill()
+    for events, _ in streams:
+        assert "shut down" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+    assert "terminate called" not in server.stderr.read()
+
+
 def _healthy(base_url: str) -> bool:
     try:
         return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
@@ -172,15 +206,15 @@ def server(qwen3_dir):
 
 def test_a_slow_chat_template_does_not_delay_health(server, monkeypatch):
     base_url, engine = server
-    render = engine.engine.input_processor.render_chat
+    render = InputProcessor.render_chat  # patched on the class: each tokenizer thread has a copy
 
-    def slow_render(messages):
+    def slow_render(self, messages):
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:  # busy in Python, like jinja2 over a huge message
             pass
-        return render(messages)
+        return render(self, messages)
 
-    monkeypatch.setattr(engine.engine.input_processor, "render_chat", slow_render)
+    monkeypatch.setattr(InputProcessor, "render_chat", slow_render)
     chat = threading.Thread(target=lambda: httpx.post(
         f"{base_url}/v1/chat/completions", timeout=30,
         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
@@ -200,13 +234,13 @@ def test_slow_tokenizing_does_not_stall_the_streams(server, monkeypatch):
     released): the running streams must go on meanwhile, as they could not if the engine's
     thread did the tokenizing."""
     base_url, engine = server
-    process = engine.engine.input_processor.process
+    process = InputProcessor.process
 
-    def slow_process(prompt, params):
+    def slow_process(self, prompt, params):
         time.sleep(1.5)
-        return process(prompt, params)
+        return process(self, prompt, params)
 
-    monkeypatch.setattr(engine.engine.input_processor, "process", slow_process)
+    monkeypatch.setattr(InputProcessor, "process", slow_process)
     events, started, times = [], threading.Event(), []
     stream = threading.Thread(target=stream_events, args=(
         base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": 500}, events, started, times))
@@ -280,3 +314,35 @@ def test_an_abort_storm_leaves_no_pages_or_requests_behind(qwen3_dir):
         assert metric(base_url, "nanoserve:num_requests_waiting") == 0
         assert metric(base_url, "nanoserve:num_preemptions_total") > 0
         assert finished == ["length"] * 3
+
+
+def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(qwen3_dir):
+    """100 clients send headers and half a body, then nothing: each gets a 408 and its socket
+    is closed once the body timeout passes (they used to be held open forever)."""
+    engine = make_engine(qwen3_dir)
+    with ServerThread(build_app(engine, model_name="m", body_timeout_s=1.0)) as server:
+        sockets = []
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"prompt": "')
+            sockets.append(sock)
+        started = time.monotonic()
+        answers = []
+        for sock in sockets:
+            received = b""
+            while chunk := sock.recv(4096):  # until the server closes the connection
+                received += chunk
+            answers.append(received)
+            sock.close()
+        elapsed = time.monotonic() - started
+        # the server still serves everyone else
+        response = httpx.post(f"http://127.0.0.1:{server.port}/v1/completions",
+                              json={"prompt": "x", "max_tokens": 2}, timeout=30)
+    assert response.status_code == 200
+    assert elapsed < 10
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == \
+            "RequestTimeoutError"

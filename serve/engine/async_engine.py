@@ -3,8 +3,8 @@
 The engine is not thread-safe, so only the loop thread touches it. Callers talk to that thread
 through a command queue (add, abort), and the thread hands each step's outputs back to the
 caller's event loop with `call_soon_threadsafe`, one asyncio.Queue per request. Prompts are
-tokenized in a worker thread of their own, so that neither the callers' event loop nor the
-engine's steps wait for a long prompt or a slow chat template.
+tokenized on worker threads of their own (TokenizerPool), so that neither the callers' event
+loop nor the engine's steps wait for a long prompt or a slow chat template.
 """
 
 import asyncio
@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from serve.engine.errors import EngineDeadError, EngineShuttingDownError, Reques
 from serve.engine.input_processor import EngineInput, Prompt
 from serve.engine.request import RequestOutput
 from serve.engine.stats import EngineStats
+from serve.engine.tokenizer_pool import TokenizerPool
 from serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ class AsyncEngine:
         self._busy = False  # the engine has unfinished requests (written by the loop thread)
         self._streams: dict[str, _Stream] = {}  # touched by the loop thread only
         self._thread: threading.Thread | None = None
-        # One worker: a fast tokenizer must not be called from two threads at once.
-        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._tokenizers = TokenizerPool(engine.input_processor)
         self._stats_listeners: list[Callable[[EngineStats], None]] = []
         self.latest_stats: EngineStats | None = None  # each step's, before its outputs go out
         self.error: BaseException | None = None  # what killed the loop, if anything did
@@ -130,13 +129,18 @@ class AsyncEngine:
             return not self._thread.is_alive()
         return True
 
-    def shutdown(self) -> None:
-        """Stop the loop thread now; requests still in flight fail with EngineDeadError."""
+    def stop(self) -> None:
+        """Tell the loop thread to stop now, without waiting for it: requests still in flight
+        fail with EngineDeadError (safe to call from a signal handler)."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
+
+    def shutdown(self) -> None:
+        """Stop the loop thread now and wait for it to end (a second call does nothing more)."""
+        self.stop()
         self.wait_closed()
-        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self._tokenizers.shutdown()
 
     # --8<-- [start:generate]
     async def generate(
@@ -151,10 +155,8 @@ class AsyncEngine:
         """
         arrival_time = arrival_time or time.monotonic()
         self._check_admitting()  # refuse before tokenizing for nothing
-        loop = asyncio.get_running_loop()
-        engine_input = await loop.run_in_executor(
-            self._tokenizer_thread, self.engine.input_processor.process, prompt, params)
-        stream = _Stream(loop)
+        engine_input = await self._tokenizers.process(prompt, params)
+        stream = _Stream(asyncio.get_running_loop())
         self._send(_Add(request_id, engine_input, arrival_time, stream))
         done = False
         try:
