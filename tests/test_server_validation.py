@@ -115,7 +115,7 @@ def test_every_invalid_field_is_named_with_its_rule(client):
         "temperature should be a finite number (not NaN or Infinity), got NaN",
         "top_p should be > 0, got 0",
         "stop should be a string or an array of strings, got 5",
-        "stream should be a valid boolean, unable to interpret input, got \"maybe\"",
+        "stream should be a valid boolean, got \"maybe\"",
         "stop_token_ids[0] should be >= 0, got -2",
         "prompt[0] should be >= 0, got -1",
         "max_tokens should be >= 1, got 0",
@@ -275,3 +275,29 @@ def test_chat_response_and_chunks_match_openais_models(client):
 def test_completion_response_matches_openais_model(client):
     reply = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).json()
     oai.Completion.model_validate(reply, strict=True)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+@pytest.mark.parametrize(
+    "field, value, rule",
+    [
+        ("max_tokens", True, "should be a valid integer"),
+        ("max_tokens", "5", "should be a valid integer"),
+        ("max_tokens", 5.0, "should be a valid integer"),
+        ("temperature", True, "should be a valid number"),
+        ("temperature", "0.5", "should be a valid number"),
+        ("seed", "1", "should be a valid integer"),
+        ("top_k", False, "should be a valid integer"),
+        ("stream", "true", "should be a valid boolean"),
+        ("ignore_eos", 1, "should be a valid boolean"),
+    ],
+)
+def test_numbers_and_flags_are_not_coerced(client, endpoint, field, value, rule):
+    """OpenAI answers 400 to "max_tokens": true or "5"; pydantic's lax mode read them as 1, 5."""
+    body = {"prompt": "x"} if endpoint == "completions" else {"messages": CHAT}
+    error = error_of(client.post(f"/v1/{endpoint}", json={**body, field: value}))
+    assert error["param"] == field and error["message"].startswith(f"{field} {rule}")
+
+
+def test_an_integer_is_still_a_valid_float(client):
+    assert tokens_of(client, temperature=0, top_p=1, max_tokens=2)

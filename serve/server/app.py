@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
-from serve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from serve.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, BodyLimits
 from serve.server.metrics import ServerMetrics, log_while_busy
 from serve.server.protocol import (
     APIError,
@@ -33,15 +33,18 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestTooLargeError",
 }
 
 
-def error_response(status_code: int, info: ErrorInfo) -> Response:
+def error_response(status_code: int, info: ErrorInfo,
+                   headers: dict[str, str] | None = None) -> Response:
     # ASCII-escaped JSON: a message may quote the client's own text, and a lone surrogate in it
     # ("\ud800", which JSON can spell) cannot be encoded as UTF-8, but escaped it is valid JSON.
     body = json.dumps(ErrorResponse(error=info).model_dump(), ensure_ascii=True)
-    return Response(body, status_code=status_code, media_type="application/json")
+    return Response(body, status_code=status_code, media_type="application/json",
+                    headers=headers)
 
 
 # --8<-- [start:build_app]
@@ -49,13 +52,15 @@ def build_app(
     engine: AsyncEngine,
     model_name: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The app serving `engine` under `model_name` (default: the engine's model name).
 
     The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
     without its lifespan (an in-process test client) needs `engine.start()` first. While the
     engine is busy, the app logs its KV pages and requests every 10 s. A request body larger
-    than `max_request_bytes` gets a 413.
+    than `max_request_bytes` gets a 413, one that has not arrived within `body_timeout_s`
+    a 408.
     """
     served_name = model_name or engine.model_name
     created = int(time.time())
@@ -71,7 +76,7 @@ def build_app(
         engine.shutdown()
 
     app = FastAPI(title="nanoserve", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -135,7 +140,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, error: HTTPException) -> Response:
         error_type = _ERROR_TYPES.get(error.status_code, "APIError")
         info = ErrorInfo(message=str(error.detail), type=error_type)
-        return error_response(error.status_code, info)
+        return error_response(error.status_code, info, error.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(_: Request, error: ClientDisconnect) -> Response:

@@ -1,4 +1,7 @@
-"""A limit on the size of a request body: 413 once a body passes it, before it is read whole."""
+"""Limits on a request body: 413 once it passes a size, before it is read whole; 408 when it
+has not fully arrived within a time, so a client that stops sending cannot hold a connection."""
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -7,20 +10,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # token ids (~7 bytes each), while a body too big to be a prompt is refused before it is parsed,
 # held in memory or tokenized. A server for longer contexts raises --max-request-bytes.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+# The whole body must arrive within this many seconds of the first read: 4 MiB in 30 s is a
+# 140 kB/s link. A client that stops sending (or trickles a byte at a time) gets a 408.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
-class BodySizeLimit:
-    """Pure ASGI middleware: reading a body larger than `max_bytes` raises a 413.
+class BodyLimits:
+    """Pure ASGI middleware: reading a body larger than `max_bytes` raises a 413; a body not
+    complete `timeout_s` after the app began to read it raises a 408 that closes the connection.
 
     A body that declares its size (Content-Length) is refused at its first read, before any of
     it arrives; a chunked one (or one that lies about its size) is counted as it arrives. Nothing
-    is buffered here. The 413 is an HTTPException because FastAPI, which turns other errors met
-    while reading a body into a 400, passes an HTTPException on to the app's error handler.
+    is buffered here. The errors are HTTPExceptions because FastAPI, which turns other errors met
+    while reading a body into a 400, passes an HTTPException on to the app's error handler. Once
+    the body is complete, reads are not timed: the app then waits for the client to disconnect.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,16 +37,28 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         received = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, complete, deadline
+            if complete:
+                return await receive()
             if declared is not None and declared > self.max_bytes:
                 raise self._too_large()
-            message = await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body did not arrive within {self.timeout_s:g} s",
+                    headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise self._too_large()
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

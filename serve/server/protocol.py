@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, WrapValidator
 from serve.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 from serve.server.fields import Prompt, ReportOneBranch, Stop, StopTokenIds, Text
 
-REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False)
+# Strict: a number must be a JSON number and a flag a JSON boolean ("5" and true are not a
+# max_tokens, true is not a temperature), as OpenAI answers; an integer is a valid float.
+REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
 
 def _is_none(value: Any) -> bool:
