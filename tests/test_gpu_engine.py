@@ -54,3 +54,22 @@ def test_greedy_tokens_agree_between_backends(gpu_model_dir, page_size):
 def test_auto_picks_flashinfer_on_cuda(gpu_model_dir):
     llm = LLM(gpu_model_dir, dtype="bfloat16", num_pages=256)
     assert llm.engine.runner.backend.name == "flashinfer"
+
+
+def test_pool_sizing_stays_inside_a_short_rope_table(tmp_path, tokenizer):
+    """A model with 2,048 positions (TinyLlama's): the sizing step holds 16,384 tokens, which it
+    must run as sequences of at most 2,048 (one sequence of 16,384 read past the RoPE table
+    without an error on CUDA)."""
+    from serve.demo_model import build_model_dir
+
+    model_dir = build_model_dir(tmp_path / "short-rope", "qwen3", tokenizer, hidden_size=256,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                intermediate_size=512, num_hidden_layers=2,
+                                max_position_embeddings=2048)
+    torch.cuda.synchronize()
+    llm = LLM(str(model_dir), dtype="bfloat16", gpu_memory_utilization=0.3)
+    torch.cuda.synchronize()  # an out-of-bounds read would surface here as a CUDA error
+    assert llm.engine.max_model_len == 2048
+    out = llm.generate(["def main():"], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].token_ids) == 4

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve import LLM, SamplingParams
-from serve.engine.errors import InvalidRequestError
+from serve.engine.errors import PromptTooLongError
+from serve.engine.model_runner import largest_step_inputs
 from serve.engine.page_allocator import PageAllocator, PageTable
 
 PROMPTS = ["def main():", "import os\nimport sys\n\nclass Config(object):", "x",
@@ -87,14 +88,33 @@ def test_pages_grow_on_demand_and_come_back(qwen3_dir):
     assert allocator.num_free_pages == 64
 
 
-def test_a_request_larger_than_the_pool_is_refused_up_front(qwen3_dir):
-    llm = LLM(qwen3_dir, device="cpu", num_pages=4, page_size=4)  # 16 tokens
-    with pytest.raises(InvalidRequestError, match="lower max_tokens") as error:
+def test_a_pool_smaller_than_the_context_lowers_it(qwen3_dir):
+    """4 pages of 4 tokens hold 16: with no max_model_len asked for, that becomes the context,
+    so a request larger than the pool is refused up front as too long for the model."""
+    llm = LLM(qwen3_dir, device="cpu", num_pages=4, page_size=4)
+    assert llm.engine.max_model_len == 16
+    with pytest.raises(PromptTooLongError) as error:
         llm.engine.add_request("big", [1] * 8, SamplingParams(max_tokens=100))
-    assert error.value.param == "max_tokens"  # the prompt fits; the output may not
-    with pytest.raises(InvalidRequestError) as error:
+    assert "maximum context length is 16 tokens" in str(error.value)
+    with pytest.raises(PromptTooLongError):
         llm.engine.add_request("huge", [1] * 20, SamplingParams(max_tokens=1))
-    assert error.value.param == "prompt"
-    # exactly full is fine: 8 prompt tokens + 9 outputs, the last of which needs no slot
-    out = llm.generate([[1] * 8], SamplingParams(max_tokens=9, ignore_eos=True), use_tqdm=False)
-    assert len(out[0].token_ids) == 9
+    out = llm.generate([[1] * 8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].token_ids) == 8
+    out = llm.generate([[1] * 8], SamplingParams(max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].token_ids) == 8  # "until the context is full" means the pool's context
+
+
+def test_a_pool_smaller_than_an_asked_context_is_refused(qwen3_dir):
+    with pytest.raises(ValueError, match="max_model_len 64 needs 16 KV pages of 4 tokens and "
+                                         "the pool has 4"):
+        LLM(qwen3_dir, device="cpu", num_pages=4, page_size=4, max_model_len=64)
+
+
+def test_the_sizing_step_never_runs_past_max_model_len():
+    inputs, num_pages = largest_step_inputs(16384, 2048, page_size=16)
+    assert inputs.num_tokens == 16384 and int(inputs.positions.max()) == 2047
+    assert num_pages == 16384 // 16
+    inputs, num_pages = largest_step_inputs(5000, 2048, page_size=16)
+    assert inputs.attention.num_seqs == 3 and inputs.num_tokens == 5000
+    assert num_pages == 128 + 128 + 57

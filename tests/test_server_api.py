@@ -375,3 +375,15 @@ def test_chat_needs_a_chat_template(qwen3_dir, tmp_path):
 def test_cli_defaults_are_safe():
     args = make_parser().parse_args(["--model", "qwen3-0.6b"])
     assert (args.host, args.port, args.served_model_name) == ("127.0.0.1", 8000, None)
+
+
+def test_a_small_pool_lowers_the_context_and_says_so(qwen3_dir):
+    """--num-pages 16 --page-size 4 holds 64 tokens: /v1/models reports 64, and a chat request
+    without max_tokens (OpenAI's default) fills that context instead of failing with 400."""
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(qwen3_dir), device="cpu",
+                                                num_pages=16, page_size=4)))
+    with TestClient(build_app(engine, model_name=MODEL)) as client:
+        assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 64
+        answer = chat(client, messages=CHAT, ignore_eos=True)
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64

@@ -94,3 +94,21 @@ def test_python_dash_m_serve_names_itself_and_prints_no_traceback():
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == "python -m serve: error: argument --num-pages: must be >= 1, got -1\n"
+
+
+@pytest.mark.parametrize(
+    "flags, start",
+    [
+        (["--num-pages", "100000000000"], "a KV pool of 100000000000 pages x 16 tokens needs "),
+        (["--page-size", "100000000"], "a KV pool of 1 pages x 100000000 tokens needs "),
+        (["--num-pages", "16", "--page-size", "4", "--max-model-len", "512"],
+         "--max-model-len 512 needs 128 KV pages of 4 tokens and the pool has 16: raise "
+         "--num-pages"),
+    ],
+)
+def test_a_pool_that_cannot_be_is_one_line(capsys, qwen3_dir, flags, start):
+    """A pool past the machine's memory, or too small for an asked-for context: one line, exit 2
+    (they used to print a traceback, or start and refuse every default request)."""
+    status, stderr = exit_of(["--model", qwen3_dir, "--device", "cpu", *flags], capsys)
+    assert status == 2 and stderr.startswith(f"nanoserve: error: {start}")
+    assert stderr.count("\n") == 1

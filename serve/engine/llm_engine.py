@@ -10,7 +10,6 @@ import random
 import time
 
 from serve.config import EngineConfig
-from serve.engine.errors import InvalidRequestError
 from serve.engine.input_processor import EngineInput, InputProcessor, Prompt
 from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
@@ -40,9 +39,10 @@ class LLMEngine:
                              f"max_position_embeddings ({limit})")
         step_token_budget = config.step_token_budget(self.max_model_len)
         self.tokenizer = load_tokenizer(config.tokenizer or path)
+        self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
+        self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
         self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size,
                                               self.max_model_len)
-        self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
         self.output_processor = OutputProcessor(
             self.tokenizer, eos_token_ids(self.hf_config, path, self.tokenizer))
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
@@ -58,24 +58,35 @@ class LLMEngine:
         """Queue a request: a prompt to process here, or an EngineInput processed already."""
         if not isinstance(prompt, EngineInput):
             prompt = self.input_processor.process(prompt, params or SamplingParams())
-        num_prompt, max_tokens = len(prompt.prompt_token_ids), prompt.max_tokens
-        # It must fit the pool alone, or it could never finish; its last token needs no slot.
-        if self.allocator.num_pages_for(num_prompt + max_tokens - 1) > self.allocator.num_pages:
-            capacity = self.allocator.num_pages * self.allocator.page_size
-            blame = "prompt" if num_prompt > capacity else "max_tokens"
-            raise InvalidRequestError(
-                f"the request needs {num_prompt + max_tokens - 1} tokens of KV cache "
-                f"({num_prompt} in the prompt, up to {max_tokens} generated) and the pool holds "
-                f"{capacity}: lower max_tokens, or give the pool more pages (--num-pages)", blame)
+        # (Whatever fits max_model_len fits the pool alone: _context_the_pool_holds saw to it.)
         params = prompt.params
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
-        request = Request(request_id, prompt.prompt_token_ids, params, max_tokens, seed,
+        request = Request(request_id, prompt.prompt_token_ids, params, prompt.max_tokens, seed,
                           prompt=prompt.prompt)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.output_processor.add_request(request)
         self.scheduler.add(request)
     # --8<-- [end:add_request]
+
+    def _context_the_pool_holds(self, asked: bool) -> int:
+        """max_model_len, if the KV pool holds one sequence that long (else no request of that
+        length could ever finish). A pool too small refuses an asked-for length; a default one
+        (the config's) is lowered to what the pool holds, as vLLM does."""
+        pool = self.runner.kv_pool
+        capacity = pool.num_pages * pool.page_size
+        if self.max_model_len <= capacity:
+            return self.max_model_len
+        if asked:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} needs "
+                f"{-(-self.max_model_len // pool.page_size)} KV pages of {pool.page_size} tokens "
+                f"and the pool has {pool.num_pages}: raise --num-pages (or "
+                "--gpu-memory-utilization), or lower --max-model-len")
+        logger.warning("max_model_len lowered from %d to %d: the KV pool holds %d tokens (raise "
+                       "--num-pages or --gpu-memory-utilization for more)",
+                       self.max_model_len, capacity, capacity)
+        return capacity
 
     def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
         """End a waiting or running request and free its pages; None if it is not here."""

@@ -6,6 +6,7 @@ positions, slots, the attention index arrays, which rows to sample) and returns 
 """
 
 import logging
+import os
 
 import torch
 
@@ -59,6 +60,7 @@ class ModelRunner:
                                             config.max_num_seqs * pages_per_seq + graph_sizes[-1])
         num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len,
                                                                  graph_sizes)
+        self._check_fits_memory(num_pages)
         self.kv_pool = self._make_pool(num_pages)
         self._bind(self.kv_pool)
         logger.info("KV pool: %s", self.kv_pool.describe())
@@ -93,6 +95,17 @@ class ModelRunner:
         for index, layer in enumerate(self.attention_layers):
             layer.bind(self.backend, kv_pool.layer(index))
 
+    def _check_fits_memory(self, num_pages: int) -> None:
+        """Refuse, in one line, a pool larger than the memory left (an absurd --num-pages or
+        --page-size would otherwise fail deep inside the allocator with a traceback)."""
+        needed = (num_pages + 1) * self._bytes_per_page()  # + the padding page
+        available = _available_memory_bytes(self.device)
+        if needed > available:
+            raise ValueError(
+                f"a KV pool of {num_pages} pages x {self.page_size} tokens needs "
+                f"{needed / 2**30:,.1f} GiB and the {self.device.type} has "
+                f"{available / 2**30:,.1f} GiB available: lower --num-pages or --page-size")
+
     def _bytes_per_page(self) -> int:
         cfg = self.hf_config
         return KVPool.bytes_per_page(cfg.num_hidden_layers, self.page_size,
@@ -104,8 +117,9 @@ class ModelRunner:
         """As many pages as the memory left after the weights, the largest step's activations
         and the CUDA graphs.
 
-        On a GPU we measure: run the biggest step the engine will ever run (one sequence of
-        max_num_batched_tokens tokens) and read the peak allocation, then capture the largest
+        On a GPU we measure: run the biggest step the engine will ever run (max_num_batched_tokens
+        tokens, in sequences no longer than max_model_len: a longer one would read past the
+        model's RoPE table) and read the peak allocation, then capture the largest
         decode graph (the graphs share one memory pool, so it needs the most) and read how much
         memory that took; the pool gets what is left of gpu_memory_utilization x the card. On a
         CPU there is nothing to measure against, so the pool holds a few full-length sequences,
@@ -115,14 +129,14 @@ class ModelRunner:
         if self.device.type != "cuda":
             return max(pages_per_seq, min(4 * pages_per_seq,
                                           CPU_KV_POOL_BYTES // self._bytes_per_page()))
-        num_tokens = config.step_token_budget(max_model_len)
-        num_scratch_pages = -(-num_tokens // self.page_size)
+        largest_step, num_scratch_pages = largest_step_inputs(
+            config.step_token_budget(max_model_len), max_model_len, self.page_size)
+        self._check_fits_memory(num_scratch_pages)
         scratch = self._make_pool(num_scratch_pages)
         self._bind(scratch)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        self.forward(build_step_inputs([[0] * num_tokens], [0], [list(range(num_scratch_pages))],
-                                       self.page_size))
+        self.forward(largest_step)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - scratch.num_bytes
         graph_bytes = 0
@@ -174,3 +188,33 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step and return the sampled rows' logits, sampling nothing (tests, profiling)."""
         return self.logits(self.to_device(inputs))
+
+
+def largest_step_inputs(num_tokens: int, max_model_len: int,
+                        page_size: int) -> tuple[StepInputs, int]:
+    """A prefill of num_tokens tokens in sequences of at most max_model_len (positions past it
+    would read beyond the RoPE table), and the number of pages it writes."""
+    seq_lens = [max_model_len] * (num_tokens // max_model_len)
+    seq_lens += [num_tokens % max_model_len] if num_tokens % max_model_len else []
+    page_lists, num_pages = [], 0
+    for seq_len in seq_lens:
+        num_seq_pages = -(-seq_len // page_size)
+        page_lists.append(list(range(num_pages, num_pages + num_seq_pages)))
+        num_pages += num_seq_pages
+    inputs = build_step_inputs([[0] * n for n in seq_lens], [0] * len(seq_lens), page_lists,
+                               page_size)
+    return inputs, num_pages
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    """Memory that a new allocation could take: the GPU's free memory, or the host's."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: what can be had without swapping
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
