@@ -1,33 +1,52 @@
 """Engine settings: one dataclass that the CLI, the offline API and the benchmarks all fill."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from serve.sampling_params import SEED_MAX, SEED_MIN
 
 DEFAULT_BATCHED_TOKENS = 16384  # tokens one step may compute when max_model_len is smaller
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# --8<-- [start:config]
 @dataclass
 class EngineConfig:
-    model: str  # local HF dir, shipped config name ("qwen3-0.6b"), or hub id
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto: CUDA when there is one
-    load_format: str = "auto"  # auto | safetensors | dummy (random weights from the config)
-    max_model_len: int | None = None  # default: the config's max_position_embeddings
+    """Every engine setting. The server's command line has one flag per field (`--page-size`
+    for page_size), with the field's default, and its comment here as the flag's help."""
+
+    model: str  # a local Hugging Face directory, a shipped config name (qwen3-0.6b) or a hub id
+    # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one
+    # dummy: random weights from the config (for benchmarks)
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    # context length (default: the config's max_position_embeddings, or what the KV pool holds
+    # if that is less)
+    max_model_len: int | None = None
     seed: int = 0  # seeds random weights, and the sampling of requests that bring no seed
-    tokenizer: str | None = None  # defaults to the model's directory
-    max_num_seqs: int = 256  # most requests running at once (free KV pages may allow fewer)
-    # Tokens one step may compute, prompts and decodes together. A prompt is prefilled in one
-    # step, so this must hold the longest sequence (default: max(max_model_len, 16384)).
+    tokenizer: str | None = None  # a tokenizer directory (default: the model's)
+    # most requests running at once (an upper bound: free KV pages decide how many fit)
+    max_num_seqs: int = 256
+    # tokens one step may compute, prompts and decodes together; a prompt is prefilled in one
+    # step, so this must hold the longest sequence (default: max(max_model_len, 16384))
     max_num_batched_tokens: int | None = None
     page_size: int = 16  # tokens per KV page
-    num_pages: int | None = None  # KV pool size; default: measured from free GPU memory
-    gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use, pool included
-    attention_backend: str = "auto"  # auto | torch | flashinfer
-    enforce_eager: bool = False  # never replay CUDA graphs: every step launches its kernels
+    # KV pool size in pages (default: measured from free GPU memory; on a CPU, a few
+    # full-length sequences)
+    num_pages: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use, KV pool included
+    # auto: flashinfer on CUDA when it is installed, else torch
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    # run every step eagerly: capture no CUDA graphs (slower decode, faster start-up)
+    enforce_eager: bool = False
+# --8<-- [end:config]
 
     def __post_init__(self) -> None:
+        if not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.page_size < 1:

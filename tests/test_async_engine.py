@@ -171,7 +171,7 @@ def test_a_failing_step_fails_every_request_and_the_engine(engine, monkeypatch):
     assert all(isinstance(r, EngineDeadError) for r in results)
     assert isinstance(results[0].__cause__, RuntimeError)
     engine._thread.join(timeout=5)  # the requests fail before the dead loop thread has exited
-    assert not engine.is_healthy
+    assert engine.status != "ok"
     with pytest.raises(EngineDeadError):
         asyncio.run(run_to_end(engine, "c", GREEDY, "c"))
 
@@ -213,7 +213,7 @@ def test_a_fault_of_one_request_fails_that_request_alone(engine, monkeypatch):
     bad, good = asyncio.run(asyncio.wait_for(both(), timeout=30))
     assert isinstance(bad, RequestFailedError) and "UnicodeDecodeError" in str(bad)
     assert len(good[-1].token_ids) == 12 and good[-1].finish_reason == "length"
-    assert engine.is_healthy
+    assert engine.status == "ok"
     assert engine.engine.allocator.num_used_pages == 0  # the failed request's pages are back
 
 

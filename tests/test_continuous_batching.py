@@ -132,7 +132,7 @@ def tight_server(qwen3_dir):
     config = EngineConfig(model=qwen3_dir, dtype="float32", device="cpu", num_pages=16,
                           page_size=4, max_model_len=64)
     engine = AsyncEngine(LLMEngine(config))
-    with ServerThread(build_app(engine, model_name="tiny")) as server:
+    with ServerThread(build_app(engine, model_names="tiny")) as server:
         yield server, engine
 
 

@@ -46,7 +46,7 @@ def engine(qwen3_dir) -> AsyncEngine:
 
 @pytest.fixture(scope="module")
 def client(engine):
-    with TestClient(build_app(engine, model_name="m")) as client:
+    with TestClient(build_app(engine, model_names="m")) as client:
         client.app_engine = engine
         yield client
 

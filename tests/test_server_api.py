@@ -14,7 +14,7 @@ from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
-from serve.server.cli import make_parser
+from serve.server.cli import api_key_of, make_parser
 from tests.helpers import wait_until
 
 MAX_MODEL_LEN = 64
@@ -32,7 +32,7 @@ def engine(qwen3_dir) -> AsyncEngine:
 
 @pytest.fixture(scope="module")
 def client(engine):
-    with TestClient(build_app(engine, model_name=MODEL)) as client:  # runs the app's lifespan
+    with TestClient(build_app(engine, model_names=MODEL)) as client:  # runs the app's lifespan
         yield client
 
 
@@ -366,8 +366,7 @@ def test_chat_needs_a_chat_template(qwen3_dir, tmp_path):
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     tokenizer_config.pop("chat_template", None)
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir), device="cpu")))
-    with TestClient(build_app(engine, model_name=MODEL)) as client:
+    with TestClient(build_app(fresh_engine(str(model_dir)), model_names=MODEL)) as client:
         error = error_of(client.post("/v1/chat/completions", json={"messages": CHAT}))
     assert error["param"] == "messages" and "no chat template" in error["message"]
 
@@ -382,8 +381,58 @@ def test_a_small_pool_lowers_the_context_and_says_so(qwen3_dir):
     without max_tokens (OpenAI's default) fills that context instead of failing with 400."""
     engine = AsyncEngine(LLMEngine(EngineConfig(model=str(qwen3_dir), device="cpu",
                                                 num_pages=16, page_size=4)))
-    with TestClient(build_app(engine, model_name=MODEL)) as client:
+    with TestClient(build_app(engine, model_names=MODEL)) as client:
         assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 64
         answer = chat(client, messages=CHAT, ignore_eos=True)
     usage = answer["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 64
+
+
+def fresh_engine(qwen3_dir) -> AsyncEngine:
+    """An engine of its own, for a test whose app's lifespan shuts it down at the end."""
+    config = EngineConfig(model=qwen3_dir, device="cpu", max_model_len=MAX_MODEL_LEN)
+    return AsyncEngine(LLMEngine(config))
+
+
+def test_an_api_key_guards_v1_and_leaves_health_and_metrics_open(qwen3_dir, monkeypatch):
+    app = build_app(fresh_engine(qwen3_dir), model_names=MODEL, api_key="sekret")
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                                 ("POST", "/v1/chat/completions")]:
+                response = client.request(method, path, headers=headers,
+                                          json={"prompt": "x", "max_tokens": 1})
+                error = error_of(response, 401)
+                assert error["type"] == "AuthenticationError"
+                assert error["code"] == "invalid_api_key"
+        good = {"Authorization": "Bearer sekret"}
+        assert client.get("/v1/models", headers=good).status_code == 200
+        response = client.post("/v1/completions", headers=good,
+                               json={"prompt": "x", "max_tokens": 1})
+        assert response.status_code == 200, response.text
+        assert client.get("/health").status_code == 200
+        assert client.get("/metrics").status_code == 200
+    args = make_parser().parse_args(["--model", "m"])
+    monkeypatch.setenv("NANOSERVE_API_KEY", "from-env")
+    assert api_key_of(args) == "from-env"
+    assert api_key_of(make_parser().parse_args(["--model", "m", "--api-key", "k"])) == "k"
+    monkeypatch.delenv("NANOSERVE_API_KEY")
+    assert api_key_of(args) is None
+
+
+def test_served_model_names_hide_the_path(qwen3_dir):
+    """--served-model-name a b: clients may send either name, every response carries the first,
+    and the model's directory appears nowhere."""
+    args = make_parser().parse_args(["--model", qwen3_dir, "--served-model-name", "a", "b"])
+    app = build_app(fresh_engine(qwen3_dir), model_names=args.served_model_name)
+    with TestClient(app) as client:
+        models = client.get("/v1/models").json()
+        assert [card["id"] for card in models["data"]] == ["a", "b"]
+        for name in ("a", "b", None):
+            body = {"prompt": "x", "max_tokens": 2, **({"model": name} if name else {})}
+            response = client.post("/v1/completions", json=body)
+            assert response.json()["model"] == "a"
+            assert qwen3_dir not in response.text
+        error = error_of(client.post("/v1/completions", json={"model": qwen3_dir,
+                                                              "prompt": "x"}), 404)
+        assert error["code"] == "model_not_found" and "serves `a`" in error["message"]

@@ -24,21 +24,22 @@ def exit_of(argv: list[str], capsys) -> tuple[int, str]:
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--num-pages", "0"], "argument --num-pages: must be >= 1, got 0"),
-        (["--num-pages", "-1"], "argument --num-pages: must be >= 1, got -1"),
-        (["--max-model-len", "0"], "argument --max-model-len: must be >= 1, got 0"),
-        (["--max-num-batched-tokens", "0"],
-         "argument --max-num-batched-tokens: must be >= 1, got 0"),
+        (["--num-pages", "x"], "argument --num-pages: invalid int value: 'x'"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from 'auto', "
+                              "'float32', 'bfloat16', 'float16')"),
         (["--port", "70000"], "argument --port: must be in [1, 65535], got 70000"),
         (["--port", "http"], "argument --port: invalid int value: 'http'"),
-        (["--seed", str(2**64)], f"argument --seed: must be in [{-(2**63)}, {2**63 - 1}], "
-                                 f"got {2**64}"),
+        (["--seed", str(2**64)], f"--seed must be in [{-(2**63)}, {2**63 - 1}], got {2**64}"),
         (["--max-request-bytes", "0"], "argument --max-request-bytes: must be >= 1, got 0"),
         (["--shutdown-timeout", "-1"], "argument --shutdown-timeout: must be >= 0, got -1"),
         (["--shutdown-timeout", "nan"], "argument --shutdown-timeout: must be a finite number, "
                                         "got nan"),
         (["--batch-wait-ms", "inf"], "argument --batch-wait-ms: must be a finite number, got inf"),
         # ranges EngineConfig checks itself, reported under the flag's name
+        (["--num-pages", "0"], "--num-pages must be >= 1, got 0"),
+        (["--num-pages", "-1"], "--num-pages must be >= 1, got -1"),
+        (["--max-model-len", "0"], "--max-model-len must be >= 1, got 0"),
+        (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1, got 0"),
         (["--page-size", "0"], "--page-size must be >= 1, got 0"),
         (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
         (["--max-batch-size", "0"], "--max-num-seqs must be >= 1, got 0"),  # its old name
@@ -93,7 +94,7 @@ def test_python_dash_m_serve_names_itself_and_prints_no_traceback():
     argv = [sys.executable, "-m", "serve", "--model", "m", "--num-pages", "-1"]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr == "python -m serve: error: argument --num-pages: must be >= 1, got -1\n"
+    assert run.stderr == "python -m serve: error: --num-pages must be >= 1, got -1\n"
 
 
 @pytest.mark.parametrize(

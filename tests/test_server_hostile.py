@@ -142,7 +142,7 @@ def raw_requests(draw) -> tuple[str, bytes, dict[str, str]]:
 def client(qwen3_dir):
     config = EngineConfig(model=str(qwen3_dir), dtype="float32", device="cpu",
                           max_model_len=MAX_MODEL_LEN)
-    app = build_app(AsyncEngine(LLMEngine(config)), model_name=MODEL, max_request_bytes=BODY_LIMIT)
+    app = build_app(AsyncEngine(LLMEngine(config)), model_names=MODEL, max_request_bytes=BODY_LIMIT)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 

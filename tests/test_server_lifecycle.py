@@ -185,7 +185,7 @@ def test_an_engine_failure_fails_requests_and_exits_nonzero(qwen3_dir, monkeypat
     port = free_port()
     exit_code = []
     thread = threading.Thread(target=lambda: exit_code.append(run_server(
-        build_app(engine, model_name="m"), engine, "127.0.0.1", port, "warning", 5.0)))
+        build_app(engine, model_names="m"), engine, "127.0.0.1", port, "warning", 5.0)))
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
     assert wait_until(lambda: _healthy(base_url), timeout=30)
@@ -200,7 +200,7 @@ def test_an_engine_failure_fails_requests_and_exits_nonzero(qwen3_dir, monkeypat
 @pytest.fixture
 def server(qwen3_dir):
     engine = make_engine(qwen3_dir, max_num_seqs=1)
-    with ServerThread(build_app(engine, model_name="m")) as server:
+    with ServerThread(build_app(engine, model_names="m")) as server:
         yield f"http://127.0.0.1:{server.port}", engine
 
 
@@ -282,7 +282,7 @@ def test_a_client_that_leaves_while_queued_costs_no_prefill(server):
 
 def test_an_abort_storm_leaves_no_pages_or_requests_behind(qwen3_dir):
     engine = make_engine(qwen3_dir, num_pages=16, page_size=4, max_model_len=64)
-    with ServerThread(build_app(engine, model_name="m")) as server:
+    with ServerThread(build_app(engine, model_names="m")) as server:
         base_url = f"http://127.0.0.1:{server.port}"
 
         def leave_after_two_chunks(i: int) -> None:
@@ -320,7 +320,7 @@ def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(qwen3_dir
     """100 clients send headers and half a body, then nothing: each gets a 408 and its socket
     is closed once the body timeout passes (they used to be held open forever)."""
     engine = make_engine(qwen3_dir)
-    with ServerThread(build_app(engine, model_name="m", body_timeout_s=1.0)) as server:
+    with ServerThread(build_app(engine, model_names="m", body_timeout_s=1.0)) as server:
         sockets = []
         for _ in range(100):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)

@@ -54,7 +54,7 @@ def engine(qwen3_dir) -> AsyncEngine:
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(build_app(engine, model_name=MODEL)) as server:
+    with ServerThread(build_app(engine, model_names=MODEL)) as server:
         yield server
 
 

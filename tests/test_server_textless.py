@@ -16,7 +16,7 @@ def test_token_id_prompts_stream_one_chunk_per_token(qwen3_dir, tmp_path):
     shutil.copy(f"{qwen3_dir}/config.json", tmp_path / "config.json")  # no tokenizer files
     engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy",
                                                 device="cpu")))
-    with TestClient(build_app(engine, model_name="m")) as client:
+    with TestClient(build_app(engine, model_names="m")) as client:
         body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 9, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
         with client.stream("POST", "/v1/completions", json=body) as response:

@@ -30,7 +30,7 @@ def engine(qwen3_dir) -> AsyncEngine:
 
 @pytest.fixture(scope="module")
 def client(engine):
-    with TestClient(build_app(engine, model_name=MODEL)) as client:
+    with TestClient(build_app(engine, model_names=MODEL)) as client:
         yield client
 
 
@@ -236,7 +236,7 @@ def test_a_chunked_body_is_counted_as_it_arrives(client):
 
 def test_the_limit_is_configurable(engine):
     # Not `with`: running this app's lifespan would stop the engine the other tests share.
-    small = TestClient(build_app(engine, model_name=MODEL, max_request_bytes=100))
+    small = TestClient(build_app(engine, model_names=MODEL, max_request_bytes=100))
     assert small.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).is_success
     error = error_of(small.post("/v1/completions", json={"prompt": "x" * 100}), status=413)
     assert "limit of 100 bytes" in error["message"]
@@ -247,7 +247,6 @@ def test_the_limit_is_configurable(engine):
 
 def test_health_says_ok_or_why_not(client, engine, monkeypatch):
     assert client.get("/health").json() == {"status": "ok"}
-    monkeypatch.setattr(AsyncEngine, "is_healthy", property(lambda self: False))
     monkeypatch.setattr(engine, "error", RuntimeError("CUDA error: an illegal memory access"))
     response = client.get("/health")
     assert response.status_code == 503

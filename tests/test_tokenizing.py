@@ -133,7 +133,7 @@ def test_huge_prompts_do_not_hold_up_a_small_request(qwen3_dir, monkeypatch):
     monkeypatch.setattr(InputProcessor, "process", noting_process)
     engine = make_engine(qwen3_dir)
     huge = (SOURCE * (4 * 2**20 // len(SOURCE) + 1))[: 4 * 2**20]
-    app_args = {"model_name": "m", "max_request_bytes": 16 * 2**20}
+    app_args = {"model_names": "m", "max_request_bytes": 16 * 2**20}
     from serve.server.app import build_app
 
     with ServerThread(build_app(engine, **app_args)) as server:

@@ -95,10 +95,6 @@ class AsyncEngine:
             return "dead"
         return "draining" if self._drain_deadline is not None else "ok"
 
-    @property
-    def is_healthy(self) -> bool:
-        return self.status == "ok"
-
     def has_unfinished_requests(self) -> bool:
         """Safe from any thread: the engine's state as of the end of the loop's last iteration."""
         with self._wakeup:

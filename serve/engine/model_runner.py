@@ -31,8 +31,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             # The host only builds small index tensors, which torch's intra-op thread pool (a
             # thread per core) cannot speed up; and when other processes compete for the
-            # cores, its threads wait on each other: bench.host_overhead measured a 256-request
-            # step's host work 2.4x slower beside one busy process. vLLM sets one thread too.
+            # cores, its threads wait on each other (bench.host_overhead measures how much).
+            # vLLM sets one thread too.
             torch.set_num_threads(1)
         self.dtype = config.torch_dtype()
         self.hf_config = hf_config

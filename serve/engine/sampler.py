@@ -7,9 +7,9 @@ tokens whichever requests share its batch, however many steps ran before, and af
 that made it recompute: there is no generator state to advance, copy or capture in a CUDA graph.
 
 Why one kernel: written as torch ops, the hash, the log, the division and the argmax are about
-fifteen kernels, each reading and writing a [rows, vocab] int64 tensor (about 3 ms at 256 rows of
-a 151,936-token vocabulary). `exponential_race` is compiled by `fused` into one reduction that
-makes each token's noise in registers and keeps only the running best per row.
+fifteen kernels, each reading and writing a [rows, vocab] int64 tensor. `exponential_race` is
+compiled by `fused` into one reduction that makes each token's noise in registers and keeps only
+the running best per row.
 
 Why no sort on the GPU: top-k and top-p only need one threshold per row. FlashInfer finds it by
 radix select (top-k) and pivot search (top-p), a few passes over the row instead of sorting it.

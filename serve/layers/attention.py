@@ -11,10 +11,8 @@ class Attention(nn.Module):
     """Has no weights. The model runner binds it to the attention backend and to this layer's
     pages of the KV pool once the pool exists (`bind`)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.layer_idx = layer_idx
         self.backend: AttentionBackend | None = None
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 

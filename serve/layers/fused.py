@@ -3,8 +3,7 @@
 `torch.compile` traces the function and generates one Triton kernel that does all of it in
 registers; on a CPU the same function runs as plain torch, so the code a reader checks is the
 code the GPU runs. The sampler's race uses it (no library kernel draws with our hash noise);
-the layers' norms, RoPE and SiLU use FlashInfer's kernels instead, which cost far less host time
-per call (serve/layers/kernels.py), and bench.fused_kernels compares the two.
+the layers' norms, RoPE and SiLU use FlashInfer's kernels instead (serve/layers/kernels.py).
 """
 
 import functools

@@ -4,10 +4,9 @@ On a CUDA tensor in bf16 or fp16, with flashinfer installed, RMSNorm (with the r
 RoPE and SiLU-and-mul each run as one FlashInfer kernel. Everywhere else the layers run the torch
 code written beside them, which is also the reference the GPU tests hold these kernels to.
 
-Why FlashInfer and not torch.compile on the same torch code: bench.fused_kernels measured both on
-an H100 (milestones/04). The GPU time per call is about the same for the norms and lower with
-FlashInfer for RoPE and SiLU-and-mul; and a compiled function costs several times more host time
-per call (its guards and wrappers), which an eager step, a prefill, pays four times per layer.
+Why FlashInfer and not torch.compile on the same torch code: a compiled function costs several
+times more host time per call (its guards and wrappers), which an eager step, a prefill, pays
+four times per layer, and its kernels are no faster (bench.fused_kernels compares the two).
 """
 
 import torch

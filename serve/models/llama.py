@@ -18,7 +18,7 @@ from serve.layers.rotary import RotaryEmbedding, rope_parameters
 # --8<-- [start:llama_attention]
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config, layer_idx: int, rotary: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+        self, config, rotary: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
     ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -35,7 +35,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
+        self.attn = Attention()
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
@@ -66,9 +66,9 @@ class LlamaMLP(nn.Module):
 
 # --8<-- [start:decoder_layer]
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary: RotaryEmbedding, **attn_switches) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, **attn_switches) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary, **attn_switches)
+        self.self_attn = LlamaAttention(config, rotary, **attn_switches)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -99,8 +99,8 @@ class LlamaModel(nn.Module):
             head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, **attn_switches)
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary, **attn_switches)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API: a FastAPI app around one AsyncEngine."""
 
 import asyncio
-import json
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -14,55 +14,42 @@ from starlette.responses import JSONResponse, Response
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
+from serve.server.auth import APIKeyAuth
 from serve.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, BodyLimits
+from serve.server.errors import ERROR_TYPES, error_response
 from serve.server.metrics import ServerMetrics, log_while_busy
 from serve.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorInfo,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
-from serve.server.serving_chat import create_chat_completion
-from serve.server.serving_completions import create_completion
+from serve.server.serving import ChatShape, CompletionShape, serve_generation
 from serve.server.validation import validation_error_info
-
-_ERROR_TYPES = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    408: "RequestTimeoutError",
-    413: "RequestTooLargeError",
-}
-
-
-def error_response(status_code: int, info: ErrorInfo,
-                   headers: dict[str, str] | None = None) -> Response:
-    # ASCII-escaped JSON: a message may quote the client's own text, and a lone surrogate in it
-    # ("\ud800", which JSON can spell) cannot be encoded as UTF-8, but escaped it is valid JSON.
-    body = json.dumps(ErrorResponse(error=info).model_dump(), ensure_ascii=True)
-    return Response(body, status_code=status_code, media_type="application/json",
-                    headers=headers)
 
 
 # --8<-- [start:build_app]
 def build_app(
     engine: AsyncEngine,
-    model_name: str | None = None,
+    model_names: str | Sequence[str] | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    api_key: str | None = None,
 ) -> FastAPI:
-    """The app serving `engine` under `model_name` (default: the engine's model name).
+    """The app serving `engine` under `model_names` (default: the engine's model name): clients
+    may send any of them, and responses carry the first.
 
     The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
     without its lifespan (an in-process test client) needs `engine.start()` first. While the
     engine is busy, the app logs its KV pages and requests every 10 s. A request body larger
     than `max_request_bytes` gets a 413, one that has not arrived within `body_timeout_s`
-    a 408.
+    a 408. With an `api_key`, every /v1/* request must carry it (`Authorization: Bearer`).
     """
-    served_name = model_name or engine.model_name
+    served_names = [model_names] if isinstance(model_names, str) else list(model_names or [])
+    served_names = served_names or [engine.model_name]
+    completion_shape, chat_shape = CompletionShape(engine.tokenizer is None), ChatShape()
     created = int(time.time())
     metrics = ServerMetrics()
     engine.add_stats_listener(metrics.record)
@@ -77,6 +64,8 @@ def build_app(
 
     app = FastAPI(title="nanoserve", lifespan=lifespan)
     app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
+    if api_key:  # added last, so it runs first: no body of a stranger's is ever read
+        app.add_middleware(APIKeyAuth, api_key=api_key)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -89,16 +78,18 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        card = ModelCard(id=served_name, created=created, max_model_len=engine.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+        cards = [ModelCard(id=name, created=created, max_model_len=engine.max_model_len)
+                 for name in served_names]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
-        return await create_completion(request, raw_request, engine, served_name)
+        return await serve_generation(request, raw_request, engine, served_names,
+                                      completion_shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await create_chat_completion(request, raw_request, engine, served_name)
+        return await serve_generation(request, raw_request, engine, served_names, chat_shape)
 
     return app
 
@@ -138,7 +129,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> Response:
-        error_type = _ERROR_TYPES.get(error.status_code, "APIError")
+        error_type = ERROR_TYPES.get(error.status_code, "APIError")
         info = ErrorInfo(message=str(error.detail), type=error_type)
         return error_response(error.status_code, info, error.headers)
 

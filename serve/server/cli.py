@@ -7,16 +7,19 @@ as asked (an unknown directory, an unsupported architecture, a context past the 
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import math
+import os
+import re
 import sys
+import typing
 from collections.abc import Callable
 from typing import NoReturn
 
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
-from serve.sampling_params import SEED_MAX, SEED_MIN
 from serve.server.app import build_app
 from serve.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from serve.server.lifecycle import run_server
@@ -24,6 +27,7 @@ from serve.server.lifecycle import run_server
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # vLLM's default too: long enough for most answers to finish
+API_KEY_ENV = "NANOSERVE_API_KEY"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,21 +76,13 @@ def finite_float(low: float | None = None) -> Callable[[str], float]:
 
 # --8<-- [start:parser]
 def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
-    """Every flag of the server, in one place so that each stage adds its own here.
-
-    Engine flags whose ranges EngineConfig checks take plain types here (see engine_config);
-    the rest are checked by their argparse type.
-    """
+    """Every flag of the server: the engine's, one per EngineConfig field, then the server's."""
     parser = _Parser(
         prog=prog,
         description="Serve one model over an OpenAI-compatible API.",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a local Hugging Face directory, a shipped config name (qwen3-0.6b) or a hub id",
-    )
+    add_dataclass_flags(parser, EngineConfig, aliases={"max_num_seqs": ["--max-batch-size"]})
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -95,62 +91,13 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int_in(1, 65535), default=8000, help="port to listen on")
     parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on CUDA, float32 on CPU",
+        "--served-model-name", nargs="+", default=None,
+        help="the model names clients may send; responses and /v1/models carry the first "
+        "(default: --model)",
     )
     parser.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"],
-        help="auto: CUDA when there is one",
-    )
-    parser.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "safetensors", "dummy"],
-        help="dummy: random weights from the config (for benchmarks)",
-    )
-    parser.add_argument(
-        "--max-model-len",
-        type=int_in(1),
-        default=None,
-        help="context length (default: the config's max_position_embeddings)",
-    )
-    parser.add_argument(
-        "--seed", type=int_in(SEED_MIN, SEED_MAX), default=0,
-        help="seeds random weights and the requests that bring no seed of their own",
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default=None,
-        help="the model name clients send and /v1/models reports (default: --model)",
-    )
-    parser.add_argument(
-        "--max-num-seqs", "--max-batch-size", dest="max_num_seqs", type=int, default=256,
-        help="most requests running at once (an upper bound: free KV pages decide how many fit)",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens", type=int_in(1), default=None,
-        help="most tokens one step may compute, prompts and decodes together "
-        "(default: max(16384, max model len))",
-    )
-    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    parser.add_argument(
-        "--num-pages", type=int_in(1), default=None,
-        help="KV pool size in pages (default: measured from free GPU memory; on CPU a few "
-        "full-length sequences)",
-    )
-    parser.add_argument(
-        "--gpu-memory-utilization", type=finite_float(), default=0.9,
-        help="share of the GPU's memory the engine may use, KV pool included",
-    )
-    parser.add_argument(
-        "--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"],
-        help="auto: flashinfer on CUDA when installed, else torch",
-    )
-    parser.add_argument(
-        "--enforce-eager", action="store_true",
-        help="run every step eagerly: capture no CUDA graphs (slower decode, faster start-up)",
+        "--api-key", default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, if set)",
     )
     parser.add_argument(
         "--batch-wait-ms", type=finite_float(), default=None,
@@ -172,25 +119,60 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
     return parser
 
 
+def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type,
+                        aliases: dict[str, list[str]]) -> None:
+    """One flag per field of config_class: --field-name, of the field's type (a Literal gives
+    the choices, a bool a switch), with the field's default, and its comment as the help.
+    The ranges are the dataclass's own to check (see build_engine)."""
+    hints = typing.get_type_hints(config_class)
+    comments = field_comments(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = f"--{field.name.replace('_', '-')}"
+        kind = hints[field.name]
+        required = field.default is dataclasses.MISSING
+        options: dict = {"dest": field.name, "help": comments.get(field.name)}
+        if not required:
+            options["default"] = field.default
+        if kind is bool:  # --enforce-eager; a field that defaults to on also gets --no-...
+            options["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        else:
+            # int | None -> int
+            options["type"] = next(t for t in typing.get_args(kind) or (kind,)
+                                   if t is not type(None))
+        parser.add_argument(flag, *aliases.get(field.name, []), required=required, **options)
+
+
+def field_comments(config_class: type) -> dict[str, str]:
+    """Each field's comment in the class's source: the lines just above it and the one at the
+    end of its line, joined."""
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(config_class).splitlines()[1:]:
+        line = line.strip()
+        if line.startswith("def "):
+            break
+        if line.startswith("#"):
+            above.append(line.lstrip("# "))
+            continue
+        if match := re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", line):
+            comments[match[1]] = " ".join([*above, *([match[2]] if match[2] else [])])
+        above = []
+    return comments
+
+
 # --8<-- [end:parser]
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
-    )
+    return EngineConfig(**{field.name: getattr(args, field.name)
+                           for field in dataclasses.fields(EngineConfig)})
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key, else $NANOSERVE_API_KEY (vLLM reads VLLM_API_KEY the same way), else none."""
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def as_flag(message: str) -> str:
@@ -222,8 +204,9 @@ def main(argv: list[str] | None = None, prog: str = "nanoserve") -> None:
         logger.warning("--batch-wait-ms has no effect: requests join the running batch at "
                        "every step")
     engine = build_engine(args, parser)
-    app = build_app(engine, model_name=args.served_model_name,
-                    max_request_bytes=args.max_request_bytes)
+    app = build_app(engine, model_names=args.served_model_name,
+                    max_request_bytes=args.max_request_bytes,
+                    api_key=api_key_of(args))
     # The app's lifespan starts the engine's loop thread. SIGTERM drains: nothing new is
     # admitted, running requests get --shutdown-timeout seconds, then the process exits 0;
     # an engine failure exits 1.

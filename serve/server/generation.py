@@ -1,38 +1,20 @@
-"""What both endpoints do with the engine: submit prompts, gather their outputs, frame SSE."""
+"""The engine streams behind one HTTP request: submit its prompts, gather their outputs, and
+stop generating for a client that went away."""
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
 
-from pydantic import BaseModel
-from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import StreamingResponse
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import InvalidRequestError, PromptTooLongError
 from serve.engine.input_processor import Prompt
 from serve.engine.request import RequestOutput
 from serve.sampling_params import SamplingParams
-from serve.server.protocol import APIError, Usage
+from serve.server.protocol import APIError
 
 T = TypeVar("T")
-SSE_DONE = "data: [DONE]\n\n"
-
-
-def sse_event(payload: BaseModel) -> str:
-    """One server-sent event, the framing OpenAI's streaming clients read."""
-    return f"data: {payload.model_dump_json()}\n\n"
-
-
-def usage_of(outputs: list[RequestOutput]) -> Usage:
-    prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
-    completion_tokens = sum(len(output.token_ids) for output in outputs)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
 
 
 # --8<-- [start:generation]
@@ -125,14 +107,6 @@ class Generation:
 
 
 # --8<-- [end:generation]
-
-
-def sse_response(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
-    # If the client hangs up before the first event, Starlette never starts `events`, so its
-    # own cleanup would not run; the background task still does (it runs after a disconnect).
-    return StreamingResponse(
-        events, media_type="text/event-stream", background=BackgroundTask(generation.close)
-    )
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

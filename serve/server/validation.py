@@ -27,12 +27,12 @@ _RULES = {
 _SUBJECT = re.compile(r"^(Input|String|List|Dictionary|Object|Value) should")
 
 
-def check_request(request: GenerationRequest, model_name: str) -> SamplingParams:
+def check_request(request: GenerationRequest, model_names: list[str]) -> SamplingParams:
     """Refuse an unknown model or unsupported fields; return the request's SamplingParams."""
-    if request.model is not None and request.model != model_name:
+    if request.model is not None and request.model not in model_names:
         raise APIError(
             f"The model `{_shorten(request.model)}` does not exist. "
-            f"This server serves `{model_name}`.",
+            f"This server serves `{model_names[0]}`.",
             status_code=404,
             type="NotFoundError",
             param="model",
