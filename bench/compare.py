@@ -8,7 +8,11 @@ Offline, each stage's own `bench.throughput` runs in the stage's own tree once p
 (`default`: the engine sizes the pool from free memory; a number: that many pages, the same for
 both stages). Online, each stage's own server is started from its tree, and this checkout's
 `bench.serving` streams the workload to it at each request rate (Poisson arrivals; inf sends
-everything at once). The run is named after its UTC start, device and "compare-<workload>"; each
+everything at once). `--variant LABEL:KEY=VALUE,...` runs the current stage once more with other
+engine settings (`cache-off:enable_prefix_caching=false`; its server gets the same settings as
+flags, `--no-enable-prefix-caching`), and `--fresh-prompts-per-rate` gives each rate a workload
+of its own seed (the same for every stage), so that a prefix cache cannot reuse an earlier rate's
+prompts. The run is named after its UTC start, device and "compare-<workload>"; each
 stage's results go beside its chapter, in milestones/NN/ (bench-<device>-<commit>-<workload>-
 pool-<pool>-<run start>.json offline, serving-…-r<rate>-….json online), and the run's own folder
 milestones/runs/<run id>/ holds run.json (what ran, and the path of every file), the servers'
@@ -71,6 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--online-prompts", type=int, help="requests per online run "
                         "(default: the workload's)")
     parser.add_argument("--server-args", default="", help="extra flags for both servers")
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant,
+                        metavar="LABEL:KEY=VALUE,...",
+                        help="also run the current stage with these engine settings")
+    parser.add_argument("--fresh-prompts-per-rate", action="store_true",
+                        help="rate i runs the workload with seed + i (every stage alike)")
     parser.add_argument("--results-dir", default=str(MILESTONES),
                         help="a folder laid out like milestones/: each stage's files go into "
                              "its NN/, the run's own into runs/<run id>/")
@@ -79,6 +88,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="unpack a run archived elsewhere into milestones/; runs nothing")
     add_workload_args(parser)
     return parser.parse_args(argv)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'cache-off:enable_prefix_caching=false' -> ('cache-off', ['enable_prefix_caching=false'])."""
+    label, sep, settings = text.partition(":")
+    if not (sep and label and settings):
+        raise argparse.ArgumentTypeError(f"expected LABEL:KEY=VALUE,..., got {text!r}")
+    return label, settings.split(",")
+
+
+def server_flags(settings: list[str]) -> list[str]:
+    """Engine settings as server flags: a=true -> --a, a=false -> --no-a, a=x -> --a x."""
+    flags = []
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        flag = key.replace("_", "-")
+        if value.lower() in ("true", "false"):
+            flags.append(f"--{flag}" if value.lower() == "true" else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", value]
+    return flags
 
 
 def free_port() -> int:
@@ -150,35 +180,44 @@ def main(argv: list[str] | None = None) -> Path | None:
                     "workload": workload.to_dict(), "model": args.model,
                     "baseline": args.baseline, "current": args.current, "offline": [],
                     "online": [], "server_logs": []}
-        for tag, commit in tags.items():
+        runs = [(tag, commit, None, []) for tag, commit in tags.items()]
+        runs += [(args.current, tags[args.current], label, settings)
+                 for label, settings in args.variant]
+        for tag, commit, variant, settings in runs:
             folder, stage = folders[tag], stage_env(folders[tag], tag, commit)
+            names = [variant] if variant else []
             for pool in args.pools:
-                out = files.stage_file("bench", tag, commit, "pool", pool)
+                out = files.stage_file("bench", tag, commit, *names, "pool", pool)
                 engine_flags = [] if pool == "default" else ["--engine-arg", f"num_pages={pool}"]
+                engine_flags += [flag for setting in settings for flag in ("--engine-arg",
+                                                                              setting)]
                 run([sys.executable, "-m", "bench.throughput", *model_flags, "--device",
                      args.device, "--warmup", *workload_flags(workload), *engine_flags,
                      "--out", str(scratch / out.name)], folder, stage)
                 write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
-                                   "tag": tag, "pool": pool})
-                manifest["offline"].append({"tag": tag, "pool": pool,
+                                   "tag": tag, "variant": variant, "pool": pool})
+                manifest["offline"].append({"tag": tag, "variant": variant, "pool": pool,
                                             "file": files.listed(out)})
             if not args.rates:
                 continue
-            log = run_dir / f"server-{short_stage(tag)}-{short_commit(commit)}.log"
+            log = run_dir / f"server-{'-'.join([short_stage(tag), *names])}-" \
+                            f"{short_commit(commit)}.log"
             manifest["server_logs"].append(files.listed(log))
-            with StageServer(folder, stage, [*model_flags, *args.server_args.split()],
-                             log) as server:
-                for rate in args.rates:
-                    out = files.stage_file("serving", tag, commit, f"r{rate}")
+            flags = [*model_flags, *args.server_args.split(), *server_flags(settings)]
+            with StageServer(folder, stage, flags, log) as server:
+                for index, rate in enumerate(args.rates):
+                    out = files.stage_file("serving", tag, commit, *names, f"r{rate}")
                     prompts = ["--num-prompts", str(args.online_prompts)] \
                         if args.online_prompts else []
+                    if args.fresh_prompts_per_rate:
+                        prompts += ["--seed", str(workload.seed + index)]
                     run([sys.executable, "-m", "bench.serving", "--base-url", server.base_url,
                          *workload_flags(workload), *prompts, "--request-rate", rate,
                          "--out", str(scratch / out.name)], REPO_ROOT,
                         {**os.environ, "PYTHONPATH": str(REPO_ROOT)})
                     write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
-                                       "tag": tag, "server_commit": commit})
-                    manifest["online"].append({"tag": tag, "rate": rate,
+                                       "tag": tag, "variant": variant, "server_commit": commit})
+                    manifest["online"].append({"tag": tag, "variant": variant, "rate": rate,
                                                "file": files.listed(out)})
         manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
@@ -194,32 +233,47 @@ def main(argv: list[str] | None = None) -> Path | None:
     return run_dir
 
 
+def label_of(entry: dict) -> str:
+    """A manifest entry's stage, with its variant if it has one: v0.5, v0.5 cache-off."""
+    variant = entry.get("variant")
+    return short_stage(entry["tag"]) + (f" {variant}" if variant else "")
+
+
 def render(run_dir: Path) -> str:
     """The run's tables: offline throughput per pool, online latency per rate."""
     manifest = read_result(run_dir / "run.json")
     base = manifest["baseline"]
     lines = ["| KV pool | stage | output tok/s | vs " + short_stage(base) + " | preemptions "
              "| mean batch |", "|---|---|---|---|---|---|"]
-    offline = {(e["tag"], e["pool"]): read_result(resolve(run_dir, e["file"]))
-               for e in manifest["offline"]}
-    for (tag, pool), result in offline.items():
-        metrics = result["metrics"]
+    offline = [(e, read_result(resolve(run_dir, e["file"]))) for e in manifest["offline"]]
+    base_tok_s = {e["pool"]: r["metrics"]["output_tokens_per_s"] for e, r in offline
+                  if e["tag"] == base and not e.get("variant")}
+    for entry, result in offline:
+        metrics, pool = result["metrics"], entry["pool"]
         tok_s = metrics["output_tokens_per_s"]
-        base_tok_s = offline.get((base, pool), result)["metrics"]["output_tokens_per_s"]
         mean_batch = (metrics.get("steps") or {}).get("mean_batch")
         batch = f"{mean_batch:.1f}" if mean_batch else "—"
-        lines.append(f"| {pool} | {short_stage(tag)} | {tok_s:.1f} | {tok_s / base_tok_s:.2f}x "
+        lines.append(f"| {pool} | {label_of(entry)} | {tok_s:.1f} | "
+                     f"{tok_s / base_tok_s.get(pool, tok_s):.2f}x "
                      f"| {metrics.get('num_preemptions', '—')} | {batch} |")
     if manifest["online"]:
+        online = [(e, read_result(resolve(run_dir, e["file"]))["metrics"])
+                  for e in manifest["online"]]
+        # Runs that counted cached prompt tokens (bench.serving since stage 5) get a column.
+        with_cache = any("total_cached_tokens" in metrics for _, metrics in online)
         lines += ["", "| rate (req/s) | stage | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-                  "| output tok/s |", "|---|---|---|---|---|"]
-        for entry in manifest["online"]:
-            metrics = read_result(resolve(run_dir, entry["file"]))["metrics"]
+                  "| output tok/s |" + (" prompt tokens cached |" if with_cache else ""),
+                  "|---|---|---|---|---|" + ("---|" if with_cache else "")]
+        for entry, metrics in online:
             ttft, tpot = metrics["ttft_ms"], metrics["tpot_ms"]
-            lines.append(f"| {entry['rate']} | {short_stage(entry['tag'])} | "
-                         f"{ttft['p50']:.0f} / {ttft['p99']:.0f} | "
-                         f"{tpot['p50']:.1f} / {tpot['p99']:.1f} | "
-                         f"{metrics['output_tokens_per_s']:.1f} |")
+            line = (f"| {entry['rate']} | {label_of(entry)} | "
+                    f"{ttft['p50']:.0f} / {ttft['p99']:.0f} | "
+                    f"{tpot['p50']:.1f} / {tpot['p99']:.1f} | "
+                    f"{metrics['output_tokens_per_s']:.1f} |")
+            if with_cache:
+                cached = metrics.get("total_cached_tokens", 0) / metrics["total_input_tokens"]
+                line += f" {cached:.1%} |"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -236,16 +290,17 @@ def plot_ttft(run_dir: Path) -> Path | None:
     by_stage: dict[str, list[tuple[str, float, float]]] = {}
     for entry in manifest["online"]:
         ttft = read_result(resolve(run_dir, entry["file"]))["metrics"]["ttft_ms"]
-        by_stage.setdefault(entry["tag"], []).append((entry["rate"], ttft["p50"], ttft["p99"]))
+        by_stage.setdefault(label_of(entry), []).append((entry["rate"], ttft["p50"],
+                                                          ttft["p99"]))
     rates = list(dict.fromkeys(entry["rate"] for entry in manifest["online"]))
     fig, axis = plt.subplots(figsize=(6, 4))
-    for color, (tag, points) in zip(("tab:blue", "tab:orange"), by_stage.items(),
-                                    strict=False):
+    for color, (label, points) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"),
+                                      by_stage.items(), strict=False):
         x = [rates.index(rate) for rate, _, _ in points]
         axis.plot(x, [p50 / 1000 for _, p50, _ in points], marker="o", color=color,
-                  label=f"{short_stage(tag)} p50")
+                  label=f"{label} p50")
         axis.plot(x, [p99 / 1000 for _, _, p99 in points], linestyle="--", color=color,
-                  alpha=0.6, label=f"{short_stage(tag)} p99")
+                  alpha=0.6, label=f"{label} p99")
     axis.set_xticks(range(len(rates)), [f"{r} req/s" if r != "inf" else "all at once"
                                         for r in rates])
     axis.set_yscale("log")

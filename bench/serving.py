@@ -33,6 +33,7 @@ class RequestResult:
     ok: bool = False
     error: str = ""
     output_tokens: int = 0  # from the usage chunk; the number of content chunks if there is none
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage chunk)
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)  # gaps between consecutive content chunks
@@ -63,8 +64,10 @@ async def read_stream(response: httpx.Response, result: RequestResult, start: fl
             else:
                 result.itl.append(now - last_chunk_at)
             last_chunk_at, num_chunks = now, num_chunks + 1
-        if chunk.get("usage"):
-            result.output_tokens = chunk["usage"]["completion_tokens"]
+        if usage := chunk.get("usage"):
+            result.output_tokens = usage["completion_tokens"]
+            result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get(
+                "cached_tokens") or 0
     if num_chunks == 0:
         raise ValueError("the stream ended without a single choice")
     result.output_tokens = result.output_tokens or num_chunks
@@ -154,6 +157,8 @@ def compute_metrics(results: list[RequestResult], duration: float, ignore_eos: b
         "duration_s": duration,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
+        # prompt tokens the server did not compute (0 from a server without a prefix cache)
+        "total_cached_tokens": sum(result.cached_tokens for result in done),
         "requests_per_s": len(done) / duration,
         "input_tokens_per_s": input_tokens / duration,
         "output_tokens_per_s": output_tokens / duration,

@@ -25,6 +25,11 @@ class Workload:
     temperature: float = 0.6
     ignore_eos: bool = True  # every request produces exactly its output length
     seed: int = 0
+    # Conversations: every prompt starts with one system prompt of this many tokens, and each
+    # conversation is `turns` requests long, turn t resending turns 1..t-1 (question and reply)
+    # before its own question (input_len). 0 and 1: independent random prompts.
+    shared_prefix_len: int = 0
+    turns: int = 1
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -37,7 +42,8 @@ class Workload:
     @property
     def max_seq_len(self) -> int:
         """The longest prompt plus the longest output: what max_model_len must hold."""
-        return self.input_len[1] + self.output_len[1]
+        exchange = self.input_len[1] + self.output_len[1]
+        return self.shared_prefix_len + self.turns * exchange
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,11 +59,18 @@ WORKLOADS = {
     # nano-vllm's bench.py workload, so our numbers can be set beside its published ones.
     "nano-vllm": Workload("nano-vllm", num_prompts=256, input_len=(100, 1024),
                           output_len=(100, 1024)),
+    # 64 chats of 4 turns behind one 2,048-token system prompt, turn by turn: every prompt
+    # shares the system prompt, and each turn resends the whole conversation so far (SGLang's
+    # generated-shared-prefix benchmark, with the history a chat client resends).
+    "prefix-chat": Workload("prefix-chat", num_prompts=256, input_len=(32, 128),
+                            output_len=(64, 192), shared_prefix_len=2048, turns=4),
 }
 
 
 def make_requests(workload: Workload, vocab_size: int) -> list[tuple[list[int], SamplingParams]]:
     """Random prompts and their sampling params; the same workload always gives the same list."""
+    if workload.shared_prefix_len or workload.turns > 1:
+        return conversation_requests(workload, vocab_size)
     rng = random.Random(workload.seed)
     requests = []
     for _ in range(workload.num_prompts):
@@ -67,6 +80,30 @@ def make_requests(workload: Workload, vocab_size: int) -> list[tuple[list[int], 
         params = SamplingParams(temperature=workload.temperature, max_tokens=output_len,
                                 ignore_eos=workload.ignore_eos)
         requests.append((prompt, params))
+    return requests
+
+
+def conversation_requests(workload: Workload,
+                          vocab_size: int) -> list[tuple[list[int], SamplingParams]]:
+    """Every conversation's first turn, then every second turn, ...: a turn comes after the one
+    it extends. A reply is random tokens of the turn's output length, standing for what the
+    client resends (the engine's own reply would make the prompts depend on the engine)."""
+    rng = random.Random(workload.seed)
+    system = [rng.randrange(vocab_size) for _ in range(workload.shared_prefix_len)]
+    num_conversations = -(-workload.num_prompts // workload.turns)
+    histories = [system] * num_conversations
+    requests = []
+    for _ in range(workload.turns):
+        for index in range(num_conversations):
+            if len(requests) == workload.num_prompts:
+                break
+            question = [rng.randrange(vocab_size) for _ in range(rng.randint(*workload.input_len))]
+            output_len = rng.randint(*workload.output_len)
+            prompt = histories[index] + question
+            requests.append((prompt, SamplingParams(temperature=workload.temperature,
+                                                    max_tokens=output_len,
+                                                    ignore_eos=workload.ignore_eos)))
+            histories[index] = prompt + [rng.randrange(vocab_size) for _ in range(output_len)]
     return requests
 
 
@@ -104,17 +141,18 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
 def workload_from_args(args: argparse.Namespace) -> Workload:
     overrides = {
         "num_prompts": args.num_prompts, "input_len": args.input_len,
-        "output_len": args.output_len, "temperature": args.temperature, "seed": args.seed,
+        "output_len": args.output_len, "temperature": args.temperature,
         "ignore_eos": args.ignore_eos,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     named = WORKLOADS[args.workload or "course"]
     workload = replace(named, **overrides)
     # A named workload with any field changed is no longer that workload: don't let its results
-    # be plotted beside the real one under the same name.
+    # be plotted beside the real one under the same name. Another seed draws another sample of
+    # the same workload (its results record the seed).
     if workload != named:
         workload = replace(workload, name="custom")
-    return workload
+    return workload if args.seed is None else replace(workload, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """The benchmark CLIs: workloads are reproducible, results are complete and counts are exact."""
 
+import argparse
 import json
 import socket
 import tarfile
@@ -14,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench import hf_baseline, plot_stages, probe, serving, stages, throughput, workloads
+from bench import compare, hf_baseline, plot_stages, probe, serving, stages, throughput, workloads
 from bench import timeline as timeline_module
 from bench.model_config import vocab_size_of
 from bench.results import (
@@ -84,6 +85,41 @@ def test_workloads_are_deterministic_and_in_range():
         assert 5 <= params.max_tokens <= 7 and params.ignore_eos
     nano = WORKLOADS["nano-vllm"]
     assert (nano.num_prompts, nano.input_len, nano.output_len) == (256, (100, 1024), (100, 1024))
+
+
+def test_a_conversation_workload_shares_its_prefixes():
+    """prefix-chat: every prompt starts with the one system prompt, and a conversation's turn
+    resends its previous turn's prompt and reply before its own question."""
+    workload = WORKLOADS["prefix-chat"]
+    requests = make_requests(workload, vocab_size=1000)
+    assert requests == make_requests(workload, vocab_size=1000) and len(requests) == 256
+    system = requests[0][0][:2048]
+    conversations = 256 // workload.turns
+    for index, (prompt, params) in enumerate(requests):
+        assert prompt[:2048] == system
+        assert 64 <= params.max_tokens <= 192
+        if index >= conversations:  # a later turn: the previous one, its reply, a question
+            previous, previous_params = requests[index - conversations]
+            assert prompt[:len(previous)] == previous
+            extra = len(prompt) - len(previous) - previous_params.max_tokens
+            assert 32 <= extra <= 128
+    assert max(len(p) + params.max_tokens for p, params in requests) <= workload.max_seq_len
+
+
+def test_another_seed_is_another_sample_of_the_same_workload():
+    args = argparse.Namespace(workload="prefix-chat", num_prompts=None, input_len=None,
+                              output_len=None, temperature=None, ignore_eos=None, seed=7)
+    workload = workloads.workload_from_args(args)
+    assert (workload.name, workload.seed) == ("prefix-chat", 7)
+    args.num_prompts = 8
+    assert workloads.workload_from_args(args).name == "custom"
+
+
+def test_compare_variants_become_engine_args_and_server_flags():
+    label, settings = compare.parse_variant("cache-off:enable_prefix_caching=false,page_size=32")
+    assert label == "cache-off"
+    assert compare.server_flags(settings) == ["--no-enable-prefix-caching", "--page-size", "32"]
+    assert compare.server_flags(["enforce_eager=true"]) == ["--enforce-eager"]
 
 
 def test_the_workloads_cli_writes_the_requests_the_probe_reads(tiny_config_dir, tmp_path):
