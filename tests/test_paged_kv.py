@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from serve import LLM, SamplingParams
 from serve.engine.errors import InvalidRequestError
-from serve.engine.page_allocator import PageAllocator, PageTable
+from serve.engine.kv.page_allocator import PageAllocator, PageTable
 
 PROMPTS = ["def main():", "import os\nimport sys\n\nclass Config(object):", "x",
            "for i in range(10):", "while True:", "return None"]

@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from serve.engine.page_allocator import PageAllocator
+from serve.engine.kv.page_allocator import PageAllocator
 from serve.engine.request import Request, RequestStatus
 from serve.engine.scheduler import Scheduler
 from serve.sampling_params import SamplingParams

@@ -12,9 +12,9 @@ import time
 from serve.config import EngineConfig
 from serve.engine.errors import InvalidRequestError
 from serve.engine.input_processor import EngineInput, InputProcessor, Prompt
+from serve.engine.kv.page_allocator import PageAllocator
 from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
-from serve.engine.page_allocator import PageAllocator
 from serve.engine.request import Request, RequestOutput
 from serve.engine.sampler import SamplingTensors
 from serve.engine.scheduler import ScheduledRequest, Scheduler

@@ -9,7 +9,7 @@ recompute its prompt and its output so far when pages free up (vLLM's preemption
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve.engine.page_allocator import PageAllocator
+from serve.engine.kv.page_allocator import PageAllocator
 from serve.engine.request import Request, RequestStatus
 
 WATERMARK = 0.01  # share of the pool kept free at admission, so running requests can grow
