@@ -18,6 +18,8 @@ def check_invariants(allocator: PageAllocator, tables: list[PageTable]) -> None:
     assert len(held) == len(set(held)), "a page is held twice"
     assert not set(held) & set(allocator.free_pages), "a held page is also free"
     assert len(held) + allocator.num_free_pages == allocator.num_pages  # conserved
+    assert all(allocator.ref_counts[page] == 1 for page in held)  # one holder each
+    assert allocator.num_used_pages == len(held) and allocator.num_evictable_pages == 0
 
 
 operations = st.lists(
