@@ -26,6 +26,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use, pool included
     attention_backend: str = "auto"  # auto | torch | flashinfer
     enforce_eager: bool = False  # never replay CUDA graphs: every step launches its kernels
+    enable_prefix_caching: bool = True  # reuse the KV of prompt prefixes earlier requests computed
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -96,6 +96,7 @@ class RequestOutput:
     new_text: str = ""  # text that became final in this step (for streaming)
     new_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
 
     @property
     def text(self) -> str:
