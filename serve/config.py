@@ -42,6 +42,9 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     # run every step eagerly: capture no CUDA graphs (slower decode, faster start-up)
     enforce_eager: bool = False
+    # reuse the KV cache of prompt prefixes that earlier requests computed (a radix tree over
+    # KV pages)
+    enable_prefix_caching: bool = True
 # --8<-- [end:config]
 
     def __post_init__(self) -> None:

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from serve import LLM, SamplingParams
 from serve.engine.errors import PromptTooLongError
+from serve.engine.kv.page_allocator import PageAllocator, PageTable
 from serve.engine.model_runner import largest_step_inputs
-from serve.engine.page_allocator import PageAllocator, PageTable
 
 PROMPTS = ["def main():", "import os\nimport sys\n\nclass Config(object):", "x",
            "for i in range(10):", "while True:", "return None"]
@@ -19,6 +19,8 @@ def check_invariants(allocator: PageAllocator, tables: list[PageTable]) -> None:
     assert len(held) == len(set(held)), "a page is held twice"
     assert not set(held) & set(allocator.free_pages), "a held page is also free"
     assert len(held) + allocator.num_free_pages == allocator.num_pages  # conserved
+    assert all(allocator.ref_counts[page] == 1 for page in held)  # one holder each
+    assert allocator.num_used_pages == len(held) and allocator.num_evictable_pages == 0
 
 
 operations = st.lists(
@@ -85,7 +87,11 @@ def test_pages_grow_on_demand_and_come_back(qwen3_dir):
     assert long.num_computed_tokens == 17 and len(long.page_table.pages) == 5
     while engine.has_unfinished_requests():
         engine.step()
-    assert allocator.num_free_pages == 64
+    # Nobody holds a page; the full pages of what each computed stay cached: 1 of "short"'s
+    # 7 tokens, 1 of "aborted"'s 6, 11 of "long"'s 45.
+    assert allocator.num_used_pages == 0
+    assert engine.cache.num_cached_pages == allocator.num_evictable_pages == 1 + 1 + 11
+    assert allocator.num_free_pages == 64 - 13
 
 
 def test_a_pool_smaller_than_the_context_lowers_it(qwen3_dir):

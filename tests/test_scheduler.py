@@ -1,35 +1,56 @@
 """The scheduler under every interleaving of add, step, abort and finish, on a pool so small
-that it preempts all the time: a hypothesis state machine checks its invariants after each."""
+that it preempts all the time: a hypothesis state machine checks its invariants after each, with
+the prefix cache off and on (prompts that share prefixes, so matches and evictions happen)."""
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from serve.engine.page_allocator import PageAllocator
+from serve.engine.kv.page_allocator import PageAllocator
+from serve.engine.kv.radix_cache import RadixCache
 from serve.engine.request import Request, RequestStatus
 from serve.engine.scheduler import Scheduler
 from serve.sampling_params import SamplingParams
 
 NUM_PAGES, PAGE_SIZE = 8, 4
+PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [5, 5], [])
+
+
+def make_scheduler(prefix_caching: bool, page_size: int = PAGE_SIZE, max_num_seqs: int = 3
+                   ) -> tuple[PageAllocator, Scheduler]:
+    allocator = PageAllocator(NUM_PAGES, page_size)
+    cache = RadixCache(allocator) if prefix_caching else None
+    allocator.evictor = cache
+    return allocator, Scheduler(allocator, max_num_seqs, max_num_batched_tokens=64, cache=cache)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    """With the cache off, pages are never shared and every page not held is free. `kv`
+    records, for each slot, the tokens its K/V were computed from, so a request that reads a
+    page holding other K/V (a wrong match, a page evicted while held) is caught."""
+
+    PREFIX_CACHING = False
+    PAGE_SIZE = PAGE_SIZE
+
     def __init__(self) -> None:
         super().__init__()
-        self.allocator = PageAllocator(NUM_PAGES, PAGE_SIZE)
-        self.scheduler = Scheduler(self.allocator, max_num_seqs=3, max_num_batched_tokens=64)
+        self.allocator, self.scheduler = make_scheduler(self.PREFIX_CACHING, self.PAGE_SIZE)
         self.arrival: list[str] = []  # request ids in the order they were added
         self.ended: list[str] = []  # every request that finished or was aborted, once each
         self.unfinished: dict[str, Request] = {}
         self.tokens_seen: dict[str, int] = {}  # output tokens each request has produced
+        self.kv: dict[int, list[tuple[int, ...] | None]] = {}  # page -> each slot's tokens
 
-    @rule(prompt_len=st.integers(1, 12), max_tokens=st.integers(1, 12))
-    def add(self, prompt_len: int, max_tokens: int) -> None:
+    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(1, 2), max_size=6),
+          max_tokens=st.integers(1, 12))
+    def add(self, prefix: list[int], tail: list[int], max_tokens: int) -> None:
+        prompt = (prefix + tail)[:12] or [1]
         # the engine refuses, up front, what could never fit the pool alone
-        if self.allocator.num_pages_for(prompt_len + max_tokens - 1) > NUM_PAGES:
+        if self.allocator.num_pages_for(len(prompt) + max_tokens - 1) > NUM_PAGES:
             return
         request_id = str(len(self.arrival))
-        request = Request(request_id, [1] * prompt_len, SamplingParams(), max_tokens, 0)
+        request = Request(request_id, prompt, SamplingParams(), max_tokens, 0)
         self.scheduler.add(request)
         self.arrival.append(request_id)
         self.unfinished[request_id] = request
@@ -37,7 +58,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self) -> None:
+        idle = not self.scheduler.running and self.scheduler.waiting
         out = self.scheduler.schedule()
+        if idle:  # every request fits the pool alone: the head of the queue starts
+            assert out.scheduled, "an idle scheduler admits nobody"
         assert len(self.scheduler.running) <= 3
         assert out.num_batched_tokens <= 64
         for victim in out.preempted:
@@ -46,13 +70,34 @@ class SchedulerMachine(RuleBasedStateMachine):
             request = item.request
             assert request.status is RequestStatus.RUNNING
             # computing its new tokens: each must have a slot in its own pages
-            assert len(request.page_table.pages) * PAGE_SIZE >= request.num_tokens
+            assert len(request.page_table.pages) * self.PAGE_SIZE >= request.num_tokens
             assert item.num_new_tokens == request.num_tokens - request.num_computed_tokens
+            assert item.num_new_tokens >= 1  # the last token is computed, even if cached
+            self._check_reads(request)
+            self._compute(request)
             request.num_computed_tokens += item.num_new_tokens
-            request.output_token_ids.append(2)  # the sampled token
+            # the sampled token: alike for alike sequences, so outputs are shared too
+            request.output_token_ids.append(2 + request.num_tokens % 2)
             self.tokens_seen[request.request_id] += 1
             if len(request.output_token_ids) >= request.max_tokens:
                 self._end(request)
+        self.scheduler.cache_prefills(out)  # as the engine does after each step
+
+    def _compute(self, request: Request) -> None:
+        """Write the K/V of its tokens from num_computed_tokens on into its pages."""
+        token_ids = request.token_ids_from(0)
+        for position in range(request.num_computed_tokens, request.num_tokens):
+            page = request.page_table.pages[position // self.PAGE_SIZE]
+            assert not self.allocator.cached[page], "a cached page is written again"
+            slots = self.kv.setdefault(page, [None] * self.PAGE_SIZE)
+            slots[position % self.PAGE_SIZE] = tuple(token_ids[: position + 1])
+
+    def _check_reads(self, request: Request) -> None:
+        """The K/V it attends over (its computed tokens) are its own tokens' K/V."""
+        token_ids = request.token_ids_from(0)
+        for position in range(request.num_computed_tokens):
+            page = request.page_table.pages[position // self.PAGE_SIZE]
+            assert self.kv[page][position % self.PAGE_SIZE] == tuple(token_ids[: position + 1])
 
     @precondition(lambda self: self.unfinished)
     @rule(index=st.integers(0, 100))
@@ -76,14 +121,41 @@ class SchedulerMachine(RuleBasedStateMachine):
         del self.unfinished[request.request_id]
 
     @invariant()
-    def pages_are_conserved_and_never_shared(self) -> None:
+    def pages_are_conserved(self) -> None:
+        """Each page is free, cached and held by nobody (evictable), or held; a page's count
+        is the number of requests holding it."""
         tables = [r.page_table.pages for r in (*self.scheduler.running, *self.scheduler.waiting)]
         held = [page for pages in tables for page in pages]
-        assert len(held) == len(set(held)), "a page is held twice"
-        assert not set(held) & set(self.allocator.free_pages), "a held page is also free"
-        assert len(held) + self.allocator.num_free_pages == NUM_PAGES
+        allocator = self.allocator
+        assert all(held.count(p) == allocator.ref_counts[p] for p in range(NUM_PAGES))
+        free = set(allocator.free_pages)
+        assert not free & set(held), "a held page is also free"
+        assert not any(allocator.cached[p] for p in free), "a cached page is also free"
+        evictable = {p for p in range(NUM_PAGES)
+                     if allocator.cached[p] and not allocator.ref_counts[p]}
+        assert len(free) + len(evictable) + len(set(held)) == NUM_PAGES
+        assert allocator.num_evictable_pages == len(evictable)
+        assert allocator.num_used_pages == len(set(held))
+        if not self.PREFIX_CACHING:
+            assert len(held) == len(set(held)), "a page is held twice"
+            assert len(held) + allocator.num_free_pages == NUM_PAGES
         for request in self.scheduler.waiting:
             assert not request.page_table.pages  # only running requests hold pages
+
+    @invariant()
+    def a_request_holds_whole_cached_nodes_and_their_ancestors(self) -> None:
+        """What makes evictable pages really available: none hides under a held node."""
+        if not self.PREFIX_CACHING:
+            return
+        refs = self.allocator.ref_counts
+        stack = list(self.scheduler.cache.root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            held = [refs[p] > 0 for p in node.pages]
+            assert all(held) or not any(held), "a node is held in part"
+            if any(held) and node.parent is not self.scheduler.cache.root:
+                assert refs[node.parent.pages[0]] > 0, "a node is held without its parent"
 
     @invariant()
     def every_request_is_in_exactly_one_place(self) -> None:
@@ -110,19 +182,31 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for request in list(self.unfinished.values()):
             self._end(request)
+        assert self.allocator.num_used_pages == 0
+        if self.PREFIX_CACHING:
+            self.scheduler.cache.evict(NUM_PAGES)
         assert self.allocator.num_free_pages == NUM_PAGES
 
 
-def test_scheduler_state_machine():
-    machine = SchedulerMachine.TestCase
-    machine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-    machine().runTest()
+class CachedSchedulerMachine(SchedulerMachine):
+    """The same with the prefix cache on, and pages of 2 tokens, so prompts share pages."""
+
+    PREFIX_CACHING = True
+    PAGE_SIZE = 2
 
 
-def test_it_preempts_and_every_request_still_finishes():
+@pytest.mark.parametrize("machine", [SchedulerMachine, CachedSchedulerMachine],
+                         ids=["no_cache", "prefix_cache"])
+def test_scheduler_state_machine(machine):
+    case = machine.TestCase
+    case.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+    case().runTest()
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["no_cache", "prefix_cache"])
+def test_it_preempts_and_every_request_still_finishes(prefix_caching):
     """Eight requests that each need up to 4 of the 8 pages: preemptions happen, none is lost."""
-    allocator = PageAllocator(NUM_PAGES, PAGE_SIZE)
-    scheduler = Scheduler(allocator, max_num_seqs=8, max_num_batched_tokens=64)
+    allocator, scheduler = make_scheduler(prefix_caching, max_num_seqs=8)
     requests = [Request(str(i), [1] * 6, SamplingParams(), 10, 0) for i in range(8)]
     for request in requests:
         scheduler.add(request)
@@ -130,13 +214,48 @@ def test_it_preempts_and_every_request_still_finishes():
     while scheduler.has_unfinished:
         steps += 1
         assert steps < 500, "the scheduler stopped making progress"
-        for item in scheduler.schedule().scheduled:
+        out = scheduler.schedule()
+        for item in out.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
             request.output_token_ids.append(2)
             if len(request.output_token_ids) == request.max_tokens:
                 request.status = RequestStatus.FINISHED
                 scheduler.finish(request)
+        scheduler.cache_prefills(out)
     assert scheduler.num_preemptions > 0
     assert all(len(r.output_token_ids) == 10 for r in requests)
-    assert allocator.num_free_pages == NUM_PAGES
+    assert allocator.num_used_pages == 0
+    if prefix_caching:  # the first four, admitted together, computed the shared page; the
+        # others found it (the last token, in the second page, is always computed)
+        assert [r.num_cached_tokens for r in requests] == [0] * 4 + [4] * 4
+    assert allocator.num_free_pages + allocator.num_evictable_pages == NUM_PAGES
+
+
+def test_a_preempted_request_finds_what_it_computed_when_it_comes_back():
+    """In 7 pages of 4 tokens: b (11 prompt tokens) is preempted when it needs a 4th page. It
+    caches its 3 full pages on the way out (the 3rd filled by decoding, after its prefill was
+    cached), so when a has finished, b recomputes only its last token."""
+    allocator = PageAllocator(7, PAGE_SIZE)
+    cache = RadixCache(allocator)
+    allocator.evictor = cache
+    scheduler = Scheduler(allocator, max_num_seqs=2, max_num_batched_tokens=64, cache=cache)
+    a = Request("a", [1] * 12, SamplingParams(), 3, 0)
+    b = Request("b", [2] * 11, SamplingParams(), 10, 0)
+    scheduler.add(a)
+    scheduler.add(b)
+    readmitted = []
+    while scheduler.has_unfinished:
+        out = scheduler.schedule()
+        readmitted += [item.num_new_tokens for item in out.scheduled
+                       if item.is_prefill and item.request.num_preemptions]
+        for item in out.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            request.output_token_ids.append(3)
+            if len(request.output_token_ids) == request.max_tokens:
+                request.status = RequestStatus.FINISHED
+                scheduler.finish(request)
+        scheduler.cache_prefills(out)
+    assert b.num_preemptions == 1 and a.num_preemptions == 0
+    assert readmitted == [1]  # 13 tokens, 12 of them cached

@@ -1,8 +1,10 @@
-"""The engine: continuous batching over a paged KV cache.
+"""The engine: continuous batching over a paged KV cache, with prefix caching.
 
 `step()` is the engine's whole interface: each call asks the scheduler which requests run, runs
 one forward pass over all of them, and reports what each one produced. Requests join and leave
-the running batch between any two steps.
+the running batch between any two steps; a request starts from the pages of the longest prefix
+of its prompt that earlier requests computed (a radix tree over pages, when the config enables
+it), and computes only the rest.
 """
 
 import logging
@@ -11,9 +13,10 @@ import time
 
 from serve.config import EngineConfig
 from serve.engine.input_processor import EngineInput, InputProcessor, Prompt
+from serve.engine.kv.page_allocator import PageAllocator
+from serve.engine.kv.radix_cache import RadixCache
 from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
-from serve.engine.page_allocator import PageAllocator
 from serve.engine.request import Request, RequestOutput
 from serve.engine.sampler import SamplingTensors
 from serve.engine.scheduler import ScheduledRequest, Scheduler
@@ -46,7 +49,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(
             self.tokenizer, eos_token_ids(self.hf_config, path, self.tokenizer))
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, step_token_budget)
+        self.cache = RadixCache(self.allocator) if config.enable_prefix_caching else None
+        self.allocator.evictor = self.cache  # the allocator evicts through it when it runs dry
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, step_token_budget,
+                                   self.cache)
         self.stats = StatsCollector()
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none
 
@@ -105,7 +111,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass over every scheduled request, sample, report."""
         schedule = self.scheduler.schedule()
-        self.stats.num_preemptions += len(schedule.preempted)
+        self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return []
         token_ids = self.runner.execute(self._step_inputs(schedule.scheduled))
@@ -118,6 +124,7 @@ class LLMEngine:
             if request.finished:
                 self.scheduler.finish(request)  # its pages are free for the next step
                 self.stats.on_finish(request, now)
+        self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
         return outputs
     # --8<-- [end:step]
 
@@ -148,6 +155,7 @@ class LLMEngine:
     def take_stats(self) -> EngineStats:
         """The queue and pool now, and everything counted since the last call."""
         stats = self.stats.snapshot(len(self.scheduler.running), len(self.scheduler.waiting),
-                                    self.allocator.num_used_pages, self.allocator.num_pages)
+                                    self.allocator.num_used_pages, self.allocator.num_pages,
+                                    self.cache.num_cached_pages if self.cache else 0)
         self.stats = StatsCollector()
         return stats

@@ -13,7 +13,7 @@ import torch
 from serve.attention import make_backend
 from serve.config import EngineConfig
 from serve.engine.cuda_graph import CudaGraphRunner, graph_batch_sizes, pad_decode_inputs
-from serve.engine.kv_pool import KVPool
+from serve.engine.kv.kv_pool import KVPool
 from serve.engine.sampler import Sampler
 from serve.engine.step_inputs import DeviceStaging, StepInputs, build_step_inputs
 from serve.layers.attention import Attention

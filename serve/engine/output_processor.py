@@ -70,6 +70,7 @@ class OutputProcessor:
             finished=request.finished,
             new_text=request.output_text[sent:safe_end],
             new_token_ids=new_token_ids,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     def _append_text(self, request: Request, token_id: int) -> None:

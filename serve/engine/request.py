@@ -4,7 +4,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from serve.engine.page_allocator import PageTable
+from serve.engine.kv.page_allocator import PageTable
 from serve.sampling_params import SamplingParams
 
 
@@ -21,9 +21,10 @@ class Request:
     """Everything the engine knows about one request: its tokens, its progress and its pages.
 
     `num_computed_tokens` counts the tokens whose K and V are in the cache. The tokens still to
-    compute are all_token_ids[num_computed_tokens:]: the whole prompt when the request is
-    admitted, then the one token sampled last step. A preempted request drops back to 0 and
-    recomputes its prompt and everything it generated in one prefill.
+    compute are all_token_ids[num_computed_tokens:]: the prompt past its cached prefix when the
+    request is admitted, then the one token sampled last step. A preempted request drops back to
+    0 and recomputes its prompt and everything it generated (past what is still cached) in one
+    prefill.
     """
 
     request_id: str
@@ -37,6 +38,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" or "length" (OpenAI's names), "abort"
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # of its tokens, how many its first admission found cached
     page_table: PageTable | None = None  # set while the request holds pages
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
@@ -94,6 +96,7 @@ class RequestOutput:
     new_text: str = ""  # text that became final in this step (for streaming)
     new_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
 
     @property
     def text(self) -> str:

@@ -1,15 +1,21 @@
 """Iteration-level scheduling (Orca): every step decides afresh which requests run.
 
 Requests join the running batch as soon as pages and the step's token budget allow, and leave
-it the step they finish. When decoding needs a page and none is free, the most recently admitted
-request is preempted: it gives all its pages back and waits at the front of the queue, to
-recompute its prompt and its output so far when pages free up (vLLM's preemption by recompute).
+it the step they finish. With a prefix cache, an admitted request starts from the longest prefix
+of its tokens that earlier requests computed, and computes only the rest; the pages it fills go
+into the cache when its prefill is done, when it finishes and when it is preempted.
+
+When decoding needs a page and none is free, cached pages that no request holds are evicted; if
+that is not enough, the most recently admitted request is preempted: it gives all its pages back
+and waits at the front of the queue, to recompute its prompt and its output so far when pages free
+up (vLLM's preemption by recompute; the cache often still has most of them).
 """
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve.engine.page_allocator import PageAllocator
+from serve.engine.kv.page_allocator import PageAllocator
+from serve.engine.kv.radix_cache import RadixCache
 from serve.engine.request import Request, RequestStatus
 
 WATERMARK = 0.01  # share of the pool kept free at admission, so running requests can grow
@@ -21,6 +27,7 @@ class ScheduledRequest:
 
     request: Request
     num_new_tokens: int
+    is_prefill: bool = False  # admitted this step: computes everything past its cached prefix
 
 
 @dataclass
@@ -41,12 +48,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Owns the waiting queue and the running batch; hands out pages to both."""
+    """Owns the waiting queue and the running batch; hands out pages to both. `cache` is None
+    when prefix caching is off."""
 
     def __init__(
-        self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int
+        self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+        cache: RadixCache | None = None,
     ) -> None:
         self.allocator = allocator
+        self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_pages = int(WATERMARK * allocator.num_pages)
@@ -57,13 +67,14 @@ class Scheduler:
     # --8<-- [start:schedule]
     def schedule(self) -> SchedulerOutput:
         """This step's requests: every running request decodes one token, then waiting requests
-        are admitted, oldest first, while the token budget, max_num_seqs and free pages allow."""
+        are admitted, oldest first, while the token budget, max_num_seqs and pages allow."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         queue = deque(self.running)  # running requests not yet given a slot this step
         while queue and budget > 0:
             request = queue.popleft()
-            # The token sampled last step is computed now; its K/V may need a fresh page.
+            # The token sampled last step is computed now; its K/V may need a fresh page, and
+            # grow_to evicts cached pages nobody holds before it gives up.
             while not request.page_table.grow_to(request.num_tokens):
                 victim = queue.pop() if queue else request  # the most recently admitted
                 self._preempt(victim)
@@ -78,26 +89,69 @@ class Scheduler:
             return out  # pages are short: admitting now would only preempt again
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            num_new = request.num_tokens  # the prompt, plus any output a preemption discarded
-            if num_new > budget or not self._can_admit(request):
+            num_new = self._admit(request, budget)
+            if num_new is None:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            request.page_table.grow_to(request.num_tokens)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            out.scheduled.append(ScheduledRequest(request, num_new, is_prefill=True))
             budget -= num_new
         return out
     # --8<-- [end:schedule]
 
-    def _can_admit(self, request: Request) -> bool:
-        """Its prompt's pages are free, and a watermark stays free for the running requests to
-        grow into (an idle engine admits without it, so a request that fits the pool runs)."""
+    # --8<-- [start:admit]
+    def _admit(self, request: Request, budget: int) -> int | None:
+        """Give a waiting request its pages: the cached prefix of its tokens, then fresh ones.
+        Returns how many tokens it computes now (the prompt, plus any output a preemption
+        discarded, minus the cached prefix); None, holding nothing, if it does not fit."""
+        table = request.page_table
+        num_cached = 0
+        if self.cache is not None:
+            # The last token is always computed: its logits give the next token.
+            num_cached, pages = self.cache.match(
+                request.token_ids_from(0)[: request.num_tokens - 1])
+            table.adopt(pages)  # first: pages it matched are no longer evictable
+        num_new = request.num_tokens - num_cached
+        if num_new > budget or not self._fits(request):
+            table.release()  # what it matched is evictable again
+            return None
+        table.grow_to(request.num_tokens)
+        request.num_computed_tokens = num_cached
+        if request.status is RequestStatus.WAITING:  # its first admission
+            request.num_cached_tokens = num_cached
+        return num_new
+
+    def _fits(self, request: Request) -> bool:
+        """Its missing pages are free or evictable, and a watermark stays available for the
+        running requests to grow into (an idle engine admits without it, so a request that
+        fits the pool runs)."""
         needed = request.page_table.num_missing_pages(request.num_tokens)
         reserve = self.watermark_pages if self.running else 0
-        return needed + reserve <= self.allocator.num_free_pages
+        return needed + reserve <= self.allocator.num_available_pages
+    # --8<-- [end:admit]
+
+    def cache_prefills(self, out: SchedulerOutput) -> None:
+        """Called after a step has run: the pages this step's prefills filled go into the cache,
+        so the requests behind them find the prefix at once. Decodes are not cached every step,
+        to keep the host's work per step O(batch): a request's later pages go in when it
+        finishes or is preempted."""
+        for item in out.scheduled:
+            if item.is_prefill and item.request.status is RequestStatus.RUNNING:
+                self._cache(item.request)
+
+    def _cache(self, request: Request) -> None:
+        """Insert the request's full computed pages into the cache and hold the cache's pages
+        in their place; its copies of pages the cache had already are free again at once."""
+        num_full = request.num_computed_tokens // self.allocator.page_size
+        if self.cache is None or num_full == 0:
+            return
+        table = request.page_table
+        token_ids = request.token_ids_from(0)[: num_full * self.allocator.page_size]
+        table.swap_prefix(self.cache.insert(token_ids, table.pages[:num_full]))
 
     def _preempt(self, request: Request) -> None:
+        self._cache(request)  # its recompute will likely find these pages still cached
         request.page_table.release()
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -111,11 +165,13 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish(self, request: Request) -> None:
-        """A finished request leaves the batch and gives its pages back at once."""
+        """A finished (or aborted) request leaves the batch; what it computed stays in the
+        cache, and the rest of its pages are free at once."""
         if request in self.running:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
+        self._cache(request)
         request.page_table.release()
 
     def find(self, request_id: str) -> Request | None:

@@ -4,6 +4,7 @@ thread: the server's metrics and logs are fed from these snapshots."""
 from dataclasses import dataclass, field
 
 from serve.engine.request import Request
+from serve.engine.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,14 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    num_pages_used: int
+    num_pages_used: int  # held by requests
     num_pages_total: int
+    num_cached_pages: int = 0  # kept by the prefix cache, held by requests or not
     num_preemptions: int = 0  # since the last snapshot, like every field below
     num_prompt_tokens: int = 0  # prompts of requests that produced their first token
     num_generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # tokens of admitted requests, looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, the tokens found cached
     time_to_first_token_s: tuple[float, ...] = ()
     inter_token_latency_s: tuple[float, ...] = ()
     finished: tuple[FinishedRequestStats, ...] = ()
@@ -49,9 +53,20 @@ class StatsCollector:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     time_to_first_token_s: list[float] = field(default_factory=list)
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
+
+    def on_schedule(self, out: SchedulerOutput, prefix_caching: bool) -> None:
+        """A step was scheduled: count who was preempted and, with a prefix cache, the tokens
+        admissions looked up and found."""
+        self.num_preemptions += len(out.preempted)
+        for item in out.scheduled:
+            if item.is_prefill and prefix_caching:
+                self.prefix_cache_queries += item.request.num_tokens
+                self.prefix_cache_hits += item.request.num_tokens - item.num_new_tokens
 
     def on_token(self, request: Request, now: float) -> None:
         """A request produced a token (already appended); its timestamps move on."""
@@ -70,9 +85,13 @@ class StatsCollector:
             len(request.output_token_ids)))
 
     def snapshot(self, num_running: int, num_waiting: int, num_pages_used: int,
-                 num_pages_total: int) -> EngineStats:
+                 num_pages_total: int, num_cached_pages: int) -> EngineStats:
         return EngineStats(
-            num_running, num_waiting, num_pages_used, num_pages_total, self.num_preemptions,
-            self.num_prompt_tokens, self.num_generation_tokens,
-            tuple(self.time_to_first_token_s), tuple(self.inter_token_latency_s),
-            tuple(self.finished))
+            num_running, num_waiting, num_pages_used, num_pages_total, num_cached_pages,
+            num_preemptions=self.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            time_to_first_token_s=tuple(self.time_to_first_token_s),
+            inter_token_latency_s=tuple(self.inter_token_latency_s),
+            finished=tuple(self.finished))

@@ -1,0 +1,141 @@
+"""Prefix caching (SGLang's RadixAttention): a radix tree over the pages of computed tokens.
+
+The K and V of a request's first n tokens depend on those n tokens alone, so requests that start
+alike can share the pages that hold them, and compute only what follows. The tree maps runs of
+tokens to the pages holding their K/V. Every edge is a run of whole pages (its length a multiple
+of page_size), so each page belongs to one node; a node's children are keyed by the tokens of
+their first page, which two siblings never share.
+
+The tree holds no page itself: requests hold pages (reference counts in the allocator), and the
+tree marks the pages it keeps as cached. A request that holds a page of a node holds all of that
+node and of every node above it (`match` splits a node where a match ends, and a request swaps its
+own copies for the tree's pages after `insert`). So the cached pages that nobody holds form whole
+subtrees at the bottom of the tree, and evicting leaves bottom-up can free every one of them.
+"""
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from serve.engine.kv.page_allocator import PageAllocator
+
+
+@dataclass(eq=False)
+class Node:
+    tokens: list[int]  # the edge from the parent: len(pages) * page_size tokens
+    pages: list[int]  # the pages holding those tokens' K/V, in order
+    parent: "Node | None"
+    children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
+    last_access: int = 0  # the cache's clock when a match or insert last passed through
+
+
+class RadixCache:
+    """Finds the longest cached prefix of a request's tokens, caches what requests computed,
+    and gives least recently used pages back to the allocator when it runs dry."""
+
+    def __init__(self, allocator: PageAllocator) -> None:
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.root = Node([], [], None)
+        self.num_cached_pages = 0
+        self.num_evicted_pages = 0  # since the engine started
+        self._clock = 0  # ticks once per match or insert: an LRU order that tests can replay
+
+    # --8<-- [start:match]
+    def match(self, token_ids: list[int]) -> tuple[int, list[int]]:
+        """The longest cached prefix of token_ids, in whole pages: (its length in tokens, its
+        pages). A node the match ends inside is split there, so a request holds whole nodes."""
+        pages = [page for node in self._walk(token_ids) for page in node.pages]
+        return len(pages) * self.page_size, pages
+
+    def insert(self, token_ids: list[int], pages: list[int]) -> list[int]:
+        """Cache the first len(pages) pages' worth of token_ids, whose K/V `pages` hold. Returns
+        the tree's pages for them: its own where it had those tokens already, the given pages
+        (now cached) for the rest. The caller swaps its copies for the tree's."""
+        token_ids = token_ids[: len(pages) * self.page_size]
+        assert len(token_ids) == len(pages) * self.page_size, "a page is cached only when full"
+        path = self._walk(token_ids)
+        tree_pages = [page for node in path for page in node.pages]
+        if len(tree_pages) < len(pages):
+            parent = path[-1] if path else self.root
+            new_pages = pages[len(tree_pages):]
+            leaf = Node(token_ids[len(tree_pages) * self.page_size:], new_pages, parent,
+                        last_access=self._clock)
+            parent.children[self._key(leaf.tokens)] = leaf
+            self.allocator.mark_cached(new_pages)
+            self.num_cached_pages += len(new_pages)
+            tree_pages += new_pages
+        return tree_pages
+    # --8<-- [end:match]
+
+    # --8<-- [start:evict]
+    def evict(self, num_pages: int) -> int:
+        """Drop the least recently used leaves that no request holds, whole leaves, until
+        num_pages pages are free or no such leaf is left; a parent whose last child goes becomes
+        a leaf in its turn. Returns the number of pages freed."""
+        # Collecting the leaves walks the whole tree; that happens only when the free list is dry.
+        tiebreak = itertools.count()  # equal clocks never make heapq compare two nodes
+        heap = [(leaf.last_access, next(tiebreak), leaf) for leaf in self._leaves()
+                if not self._in_use(leaf)]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_pages:
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            del parent.children[self._key(leaf.tokens)]
+            self.allocator.uncache(leaf.pages)
+            freed += len(leaf.pages)
+            if parent is not self.root and not parent.children and not self._in_use(parent):
+                heapq.heappush(heap, (parent.last_access, next(tiebreak), parent))
+        self.num_cached_pages -= freed
+        self.num_evicted_pages += freed
+        return freed
+    # --8<-- [end:evict]
+
+    def _walk(self, token_ids: list[int]) -> list[Node]:
+        """The nodes, from the root down, whose tokens token_ids start with, the last one split
+        where token_ids leave it; each is stamped as used now."""
+        self._clock += 1
+        path, node, start = [], self.root, 0
+        while child := node.children.get(self._key(token_ids, start)):
+            length = self._common_length(child.tokens, token_ids, start)
+            if length < len(child.tokens):
+                child = self._split(child, length)
+            child.last_access = self._clock
+            path.append(child)
+            node, start = child, start + length
+        return path
+
+    def _common_length(self, edge: list[int], token_ids: list[int], start: int) -> int:
+        """How many of edge's tokens token_ids[start:] repeats, in whole pages."""
+        size, length = self.page_size, 0
+        while length < len(edge) and (edge[length : length + size]
+                                      == token_ids[start + length : start + length + size]):
+            length += size
+        return length
+
+    def _split(self, node: Node, length: int) -> Node:
+        """Cut node's edge after `length` tokens; returns the new upper part."""
+        num_pages = length // self.page_size
+        head = Node(node.tokens[:length], node.pages[:num_pages], node.parent)
+        node.parent.children[self._key(node.tokens)] = head  # same first page, same key
+        node.tokens, node.pages, node.parent = node.tokens[length:], node.pages[num_pages:], head
+        head.children[self._key(node.tokens)] = node
+        return head
+
+    def _key(self, token_ids: list[int], start: int = 0) -> tuple[int, ...]:
+        """A child's key: its first page of tokens (shorter than a page: no child has it)."""
+        return tuple(token_ids[start : start + self.page_size])
+
+    def _leaves(self) -> list[Node]:
+        leaves, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            else:
+                leaves.append(node)
+        return leaves
+
+    def _in_use(self, node: Node) -> bool:
+        return any(self.allocator.ref_counts[page] for page in node.pages)
