@@ -75,13 +75,19 @@ def benchmark_engine(llm: LLM, requests: Requests, warmup: bool) -> dict:
         print(f"warmup (not timed): the first {len(warmup)} requests, {WARMUP_OUTPUT_LEN} output "
               "tokens each", flush=True)
         run_engine(llm, warmup)
+        # The timed run must not find the warm-up's prompts cached (an engine with a prefix
+        # cache has this method; earlier stages have nothing to forget).
+        if hasattr(llm, "reset_prefix_cache"):
+            llm.reset_prefix_cache()
     print(f"nanoserve: {len(requests)} requests", flush=True)
     step_log = StepLog.attach(llm.engine)
     preemptions_before = engine_preemptions(llm)
     outputs, wall_time = run_engine(llm, requests)
     num_output_tokens = check_output_lengths(outputs, requests)
     num_input_tokens = sum(len(prompt) for prompt, _ in requests)
-    extra = {}
+    # prompt tokens found in a prefix cache (0 for an engine without one)
+    extra = {"num_cached_tokens": sum(getattr(output, "num_cached_tokens", 0)
+                                      for output in outputs)}
     if step_log is not None:
         extra["steps"] = step_log.summary()
         extra["num_preemptions"] = engine_preemptions(llm) - preemptions_before

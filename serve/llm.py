@@ -24,6 +24,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (vLLM's name); True when the cache is empty."""
+        return self.engine.reset_prefix_cache()
+
     # --8<-- [start:generate]
     def generate(
         self,

@@ -110,3 +110,43 @@ def test_with_prefix_caching_off_nothing_is_cached(qwen3_dir):
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)
     assert stats.num_cached_pages == 0
     assert engine.allocator.num_free_pages == 256  # every page back on the free list
+
+
+def test_reset_prefix_cache_forgets_every_prompt(qwen3_dir):
+    llm = make_llm(qwen3_dir, True)
+    llm.generate(PROMPTS[:2], PARAMS[:2], use_tqdm=False)
+    assert llm.engine.cache.num_cached_pages > 0
+    assert llm.reset_prefix_cache()
+    assert llm.engine.cache.num_cached_pages == 0
+    assert llm.engine.allocator.num_free_pages == 256
+    again = llm.generate(PROMPTS[:1], PARAMS[:1], use_tqdm=False)
+    assert again[0].num_cached_tokens == 0
+
+
+def test_the_server_reports_cached_tokens_and_counts_them(qwen3_dir):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field), in a response and in a
+    stream's usage chunk; /metrics counts lookups and hits in tokens (vLLM's counters)."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serve.engine.async_engine import AsyncEngine
+    from serve.server.app import build_app
+
+    engine = AsyncEngine(make_llm(qwen3_dir, True).engine)
+    body = {"prompt": PROMPTS[0], "max_tokens": 2, "ignore_eos": True}
+    with TestClient(build_app(engine, model_names="m")) as client:
+        first = client.post("/v1/completions", json=body).json()["usage"]
+        second = client.post("/v1/completions", json=body).json()["usage"]
+        events = client.post("/v1/completions", json={
+            **body, "stream": True, "stream_options": {"include_usage": True}}).text
+        metrics = {sample.name: sample.value
+                   for family in text_string_to_metric_families(client.get("/metrics").text)
+                   for sample in family.samples}
+    cached = (len(PROMPTS[0]) - 1) // PAGE_SIZE * PAGE_SIZE
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["prompt_tokens_details"] == {"cached_tokens": cached}
+    usage_event = [line for line in events.split("\n\n") if '"usage"' in line][-1]
+    assert f'"prompt_tokens_details":{{"cached_tokens":{cached}}}' in usage_event
+    assert metrics["nanoserve:prefix_cache_queries_total"] == 3 * len(PROMPTS[0])
+    assert metrics["nanoserve:prefix_cache_hits_total"] == 2 * cached
+    assert metrics["nanoserve_prefix_cache_pages"] > 0

@@ -85,6 +85,7 @@ def test_completion_shape_and_usage(client, engine):
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 5,
         "total_tokens": prompt_tokens + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},  # short prompts: no whole page cached
     }
 
 
@@ -145,6 +146,7 @@ def test_completion_stream_include_usage(client, engine):
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 6,
         "total_tokens": prompt_tokens + 6,
+        "prompt_tokens_details": {"cached_tokens": 0},  # short prompts: no whole page cached
     }
 
 
@@ -171,6 +173,7 @@ def test_chat_shape_and_usage(client, engine):
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 5,
         "total_tokens": prompt_tokens + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},  # short prompts: no whole page cached
     }
     legacy = chat(client, messages=CHAT, max_tokens=3, ignore_eos=True)  # the older name
     assert legacy["usage"]["completion_tokens"] == 3

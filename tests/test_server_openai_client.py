@@ -128,7 +128,10 @@ def test_chat_completion(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == message.content
     assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage
+    # the same counts; the stream may find the first request's prompt cached
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(
+        exclude={"prompt_tokens_details"}) == reply.usage.model_dump(
+        exclude={"prompt_tokens_details"})
 
 
 def test_models(client):

@@ -152,6 +152,14 @@ class LLMEngine:
         self.stats.on_token(request, now)
         return output
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (benchmarks, between runs). Pages that running requests hold
+        stay; True when the cache is empty afterwards."""
+        if self.cache is None:
+            return True
+        self.cache.evict(self.cache.num_cached_pages)
+        return self.cache.num_cached_pages == 0
+
     def take_stats(self) -> EngineStats:
         """The queue and pool now, and everything counted since the last call."""
         stats = self.stats.snapshot(len(self.scheduler.running), len(self.scheduler.waiting),

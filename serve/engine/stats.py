@@ -40,9 +40,11 @@ class EngineStats:
         return self.num_pages_used / self.num_pages_total if self.num_pages_total else 0.0
 
     def __str__(self) -> str:
-        return (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
+        line = (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
                 f"({self.kv_cache_usage:.1%}), {self.num_running} running, "
                 f"{self.num_waiting} waiting")
+        return line + (f", {self.num_cached_pages} pages in the prefix cache"
+                       if self.num_cached_pages else "")
 # --8<-- [end:engine_stats]
 
 

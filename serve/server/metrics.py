@@ -45,6 +45,13 @@ class ServerMetrics:
         self.kv_usage = gauge(f"{PREFIX}kv_cache_usage_perc", "KV cache pages in use, 0 to 1.")
         self.pages_total = gauge("nanoserve_kv_pages_total", "KV cache pages in the pool.")
         self.pages_used = gauge("nanoserve_kv_pages_used", "KV cache pages held by requests.")
+        self.cached_pages = gauge("nanoserve_prefix_cache_pages",
+                                  "KV cache pages the prefix cache keeps, held or not.")
+        self.prefix_queries = Counter(f"{PREFIX}prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.",
+                                      registry=registry)
+        self.prefix_hits = Counter(f"{PREFIX}prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.", registry=registry)
         self.preemptions = Counter(f"{PREFIX}num_preemptions",
                                    "Requests preempted (they recompute later).", registry=registry)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens prefilled.",
@@ -71,6 +78,9 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_cache_usage)
         self.pages_total.set(stats.num_pages_total)
         self.pages_used.set(stats.num_pages_used)
+        self.cached_pages.set(stats.num_cached_pages)
+        self.prefix_queries.inc(stats.prefix_cache_queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits)
         self.preemptions.inc(stats.num_preemptions)
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)

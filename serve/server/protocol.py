@@ -211,10 +211,15 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # --8<-- [start:responses]
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache, whose KV was not computed
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class CompletionChoice(BaseModel):

@@ -37,6 +37,7 @@ from serve.server.protocol import (
     ErrorInfo,
     ErrorResponse,
     GenerationRequest,
+    PromptTokensDetails,
     Usage,
 )
 from serve.server.validation import check_request
@@ -54,10 +55,12 @@ def sse_event(payload: BaseModel) -> str:
 def usage_of(outputs: list[RequestOutput]) -> Usage:
     prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
     completion_tokens = sum(len(output.token_ids) for output in outputs)
+    cached_tokens = sum(output.num_cached_tokens for output in outputs)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
