@@ -309,5 +309,5 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
 def test_radix_cache_state_machine():
     machine = RadixCacheMachine.TestCase
-    machine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+    machine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
     machine().runTest()

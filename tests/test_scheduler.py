@@ -199,7 +199,7 @@ class CachedSchedulerMachine(SchedulerMachine):
                          ids=["no_cache", "prefix_cache"])
 def test_scheduler_state_machine(machine):
     case = machine.TestCase
-    case.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+    case.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
     case().runTest()
 
 
