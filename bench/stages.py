@@ -106,6 +106,9 @@ def workload_flags(workload: Workload) -> list[str]:
              "--input-len", "{}:{}".format(*workload.input_len),
              "--output-len", "{}:{}".format(*workload.output_len),
              "--temperature", str(workload.temperature), "--seed", str(workload.seed)]
+    if workload.shared_prefix_len or workload.turns > 1:  # harnesses since stage 5 know these
+        flags += ["--shared-prefix-len", str(workload.shared_prefix_len),
+                  "--turns", str(workload.turns)]
     # A named workload by its name, so the stage's harness records that name.
     return ["--workload", workload.name] if workload.name != "custom" else flags
 

@@ -136,13 +136,17 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
     group.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", default=None,
                        help="let requests stop at EOS (then output lengths are upper bounds)")
+    group.add_argument("--shared-prefix-len", type=int,
+                       help="tokens of a system prompt that every prompt starts with")
+    group.add_argument("--turns", type=int, help="requests per conversation")
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
     overrides = {
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "temperature": args.temperature,
-        "ignore_eos": args.ignore_eos,
+        "ignore_eos": args.ignore_eos, "shared_prefix_len": args.shared_prefix_len,
+        "turns": args.turns,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     named = WORKLOADS[args.workload or "course"]

@@ -108,6 +108,7 @@ def test_a_conversation_workload_shares_its_prefixes():
 
 def test_another_seed_is_another_sample_of_the_same_workload():
     args = argparse.Namespace(workload="prefix-chat", num_prompts=None, input_len=None,
+                              shared_prefix_len=None, turns=None,
                               output_len=None, temperature=None, ignore_eos=None, seed=7)
     workload = workloads.workload_from_args(args)
     assert (workload.name, workload.seed) == ("prefix-chat", 7)
