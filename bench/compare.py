@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], type=parse_variant,
                         metavar="LABEL:KEY=VALUE,...",
                         help="also run the current stage with these engine settings")
+    parser.add_argument("--harness", choices=["stage", "current"], default="stage",
+                        help="offline: each stage's own bench.throughput, or this checkout's "
+                        "(for a workload older stages' harnesses do not know) driving each "
+                        "stage's own serve/")
     parser.add_argument("--fresh-prompts-per-rate", action="store_true",
                         help="rate i runs the workload with seed + i (every stage alike)")
     parser.add_argument("--results-dir", default=str(MILESTONES),
@@ -109,6 +113,16 @@ def server_flags(settings: list[str]) -> list[str]:
         else:
             flags += [f"--{flag}", value]
     return flags
+
+
+def engine_only(stage_folder: Path, scratch: Path) -> Path:
+    """A folder that holds only a link to the stage's serve/: run from there, `import serve`
+    finds the stage's engine first, and `import bench` this checkout's harness (PYTHONPATH)."""
+    scratch.mkdir(exist_ok=True)
+    link = scratch / "serve"
+    if not link.exists():
+        link.symlink_to(stage_folder / "serve", target_is_directory=True)
+    return scratch
 
 
 def free_port() -> int:
@@ -178,7 +192,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         manifest = {"kind": "compare_run", "run_id": run_id, "command": command_line(),
                     "started": started.isoformat(timespec="seconds"), "env": env,
                     "workload": workload.to_dict(), "model": args.model,
-                    "baseline": args.baseline, "current": args.current, "offline": [],
+                    "baseline": args.baseline, "current": args.current,
+                    "offline_harness": args.harness, "offline": [],
                     "online": [], "server_logs": []}
         runs = [(tag, commit, None, []) for tag, commit in tags.items()]
         runs += [(args.current, tags[args.current], label, settings)
@@ -191,9 +206,12 @@ def main(argv: list[str] | None = None) -> Path | None:
                 engine_flags = [] if pool == "default" else ["--engine-arg", f"num_pages={pool}"]
                 engine_flags += [flag for setting in settings for flag in ("--engine-arg",
                                                                               setting)]
+                harness_dir = folder if args.harness == "stage" else engine_only(
+                    folder, scratch / f"engine-{short_stage(tag)}")
                 run([sys.executable, "-m", "bench.throughput", *model_flags, "--device",
                      args.device, "--warmup", *workload_flags(workload), *engine_flags,
-                     "--out", str(scratch / out.name)], folder, stage)
+                     "--out", str(scratch / out.name)], harness_dir,
+                    stage if args.harness == "stage" else {**stage, "PYTHONPATH": str(REPO_ROOT)})
                 write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
                                    "tag": tag, "variant": variant, "pool": pool})
                 manifest["offline"].append({"tag": tag, "variant": variant, "pool": pool,
