@@ -25,7 +25,9 @@ def test_every_file_of_a_compare_run_is_in_its_manifest(run_dir):
     listed = {resolve(run_dir, file) for file in listed_files(manifest)}
     assert all(path.exists() for path in listed)
     if manifest["online"]:
-        assert len(manifest["server_logs"]) == len({e["tag"] for e in manifest["online"]})
+        # one server per stage, and one per variant of the current stage
+        assert len(manifest["server_logs"]) == len({(e["tag"], e.get("variant"))
+                                                    for e in manifest["online"]})
         listed.add(run_dir / "ttft.png")
     listed |= {run_dir / "run.json", run_dir / "compare.md"}
     strays = set(run_dir.iterdir()) - listed
