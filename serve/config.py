@@ -7,7 +7,7 @@ import torch
 
 from serve.sampling_params import SEED_MAX, SEED_MIN
 
-DEFAULT_BATCHED_TOKENS = 16384  # tokens one step may compute when max_model_len is smaller
+DEFAULT_BATCHED_TOKENS = 16384  # tokens one step may compute, by default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,8 +30,8 @@ class EngineConfig:
     tokenizer: str | None = None  # a tokenizer directory (default: the model's)
     # most requests running at once (an upper bound: free KV pages decide how many fit)
     max_num_seqs: int = 256
-    # tokens one step may compute, prompts and decodes together; a prompt is prefilled in one
-    # step, so this must hold the longest sequence (default: max(max_model_len, 16384))
+    # tokens one step may compute, decodes first, then prompts; a longer prompt is prefilled
+    # in chunks over several steps (default: 16384)
     max_num_batched_tokens: int | None = None
     page_size: int = 16  # tokens per KV page
     # KV pool size in pages (default: measured from free GPU memory; on a CPU, a few
@@ -65,15 +65,10 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
 
-    def step_token_budget(self, max_model_len: int) -> int:
-        """Tokens one step may compute: the longest sequence must fit, since a prompt (or a
-        preempted request's prompt and output) is prefilled in one step."""
-        budget = self.max_num_batched_tokens or max(max_model_len, DEFAULT_BATCHED_TOKENS)
-        if budget < max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({budget}) is smaller than max_model_len "
-                             f"({max_model_len}): a prompt is prefilled in one step, so raise "
-                             "max_num_batched_tokens or lower max_model_len")
-        return budget
+    def step_token_budget(self) -> int:
+        """Tokens one step may compute, decodes and prompt chunks together (any budget >= 1
+        works: a prompt longer than what a step has left is prefilled in chunks)."""
+        return self.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

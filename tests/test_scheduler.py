@@ -1,6 +1,7 @@
 """The scheduler under every interleaving of add, step, abort and finish, on a pool so small
 that it preempts all the time: a hypothesis state machine checks its invariants after each, with
-the prefix cache off and on (prompts that share prefixes, so matches and evictions happen)."""
+the prefix cache off and on (prompts that share prefixes, so matches and evictions happen), and
+with a token budget so small that prompts are prefilled in chunks."""
 
 import pytest
 from hypothesis import settings
@@ -17,12 +18,13 @@ NUM_PAGES, PAGE_SIZE = 8, 4
 PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [5, 5], [])
 
 
-def make_scheduler(prefix_caching: bool, page_size: int = PAGE_SIZE, max_num_seqs: int = 3
-                   ) -> tuple[PageAllocator, Scheduler]:
+def make_scheduler(prefix_caching: bool, page_size: int = PAGE_SIZE, max_num_seqs: int = 3,
+                   budget: int = 64) -> tuple[PageAllocator, Scheduler]:
     allocator = PageAllocator(NUM_PAGES, page_size)
     cache = RadixCache(allocator) if prefix_caching else None
     allocator.evictor = cache
-    return allocator, Scheduler(allocator, max_num_seqs, max_num_batched_tokens=64, cache=cache)
+    return allocator, Scheduler(allocator, max_num_seqs, max_num_batched_tokens=budget,
+                                cache=cache)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -32,10 +34,12 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     PREFIX_CACHING = False
     PAGE_SIZE = PAGE_SIZE
+    BUDGET = 64  # holds every prompt: no chunks
 
     def __init__(self) -> None:
         super().__init__()
-        self.allocator, self.scheduler = make_scheduler(self.PREFIX_CACHING, self.PAGE_SIZE)
+        self.allocator, self.scheduler = make_scheduler(self.PREFIX_CACHING, self.PAGE_SIZE,
+                                                        budget=self.BUDGET)
         self.arrival: list[str] = []  # request ids in the order they were added
         self.ended: list[str] = []  # every request that finished or was aborted, once each
         self.unfinished: dict[str, Request] = {}
@@ -59,23 +63,33 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule()
     def step(self) -> None:
         idle = not self.scheduler.running and self.scheduler.waiting
+        decoding = {r.request_id for r in self.scheduler.running
+                    if r.num_tokens - r.num_computed_tokens == 1}
         out = self.scheduler.schedule()
         if idle:  # every request fits the pool alone: the head of the queue starts
             assert out.scheduled, "an idle scheduler admits nobody"
         assert len(self.scheduler.running) <= 3
-        assert out.num_batched_tokens <= 64
+        assert out.num_batched_tokens <= self.BUDGET
         for victim in out.preempted:
             assert victim.status is RequestStatus.PREEMPTED and not victim.page_table.pages
+        # decodes first: every decoding request gets its token, unless it was preempted
+        preempted = {r.request_id for r in out.preempted}
+        scheduled = {item.request.request_id for item in out.scheduled}
+        assert decoding - preempted <= scheduled
         for item in out.scheduled:
             request = item.request
             assert request.status is RequestStatus.RUNNING
+            end = request.num_computed_tokens + item.num_new_tokens
             # computing its new tokens: each must have a slot in its own pages
-            assert len(request.page_table.pages) * self.PAGE_SIZE >= request.num_tokens
-            assert item.num_new_tokens == request.num_tokens - request.num_computed_tokens
-            assert item.num_new_tokens >= 1  # the last token is computed, even if cached
+            assert len(request.page_table.pages) * self.PAGE_SIZE >= end
+            assert 1 <= item.num_new_tokens <= request.num_tokens - request.num_computed_tokens
             self._check_reads(request)
-            self._compute(request)
-            request.num_computed_tokens += item.num_new_tokens
+            self._compute(request, end)
+            completes = item.completes
+            request.num_computed_tokens = end
+            if not completes:  # a prefill chunk that stops short: nothing is sampled
+                assert request.num_computed_tokens < request.num_tokens
+                continue
             # the sampled token: alike for alike sequences, so outputs are shared too
             request.output_token_ids.append(2 + request.num_tokens % 2)
             self.tokens_seen[request.request_id] += 1
@@ -83,10 +97,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self._end(request)
         self.scheduler.cache_prefills(out)  # as the engine does after each step
 
-    def _compute(self, request: Request) -> None:
-        """Write the K/V of its tokens from num_computed_tokens on into its pages."""
+    def _compute(self, request: Request, end: int) -> None:
+        """Write the K/V of its tokens from num_computed_tokens to end into its pages."""
         token_ids = request.token_ids_from(0)
-        for position in range(request.num_computed_tokens, request.num_tokens):
+        for position in range(request.num_computed_tokens, end):
             page = request.page_table.pages[position // self.PAGE_SIZE]
             assert not self.allocator.cached[page], "a cached page is written again"
             slots = self.kv.setdefault(page, [None] * self.PAGE_SIZE)
@@ -195,8 +209,16 @@ class CachedSchedulerMachine(SchedulerMachine):
     PAGE_SIZE = 2
 
 
-@pytest.mark.parametrize("machine", [SchedulerMachine, CachedSchedulerMachine],
-                         ids=["no_cache", "prefix_cache"])
+class ChunkedSchedulerMachine(CachedSchedulerMachine):
+    """With the cache on, and 5 tokens a step: every prompt longer than what decodes leave of
+    the budget is prefilled in chunks, cached chunk by chunk, and may be preempted half done."""
+
+    BUDGET = 5
+
+
+@pytest.mark.parametrize("machine", [SchedulerMachine, CachedSchedulerMachine,
+                                     ChunkedSchedulerMachine],
+                         ids=["no_cache", "prefix_cache", "chunked_prefill"])
 def test_scheduler_state_machine(machine):
     case = machine.TestCase
     case.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)

@@ -40,7 +40,7 @@ class LLMEngine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
-        step_token_budget = config.step_token_budget(self.max_model_len)
+        step_token_budget = config.step_token_budget()
         self.tokenizer = load_tokenizer(config.tokenizer or path)
         self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
         self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
@@ -109,17 +109,21 @@ class LLMEngine:
 
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass over every scheduled request, sample, report."""
+        """Schedule, run one forward pass over every scheduled request, sample the requests
+        whose tokens reach their end (not a prefill chunk that stops short), report."""
         schedule = self.scheduler.schedule()
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return []
-        token_ids = self.runner.execute(self._step_inputs(schedule.scheduled))
+        sampled = [item.completes for item in schedule.scheduled]
+        token_ids = self.runner.execute(self._step_inputs(schedule.scheduled, sampled))
+        for item in schedule.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
         now = time.monotonic()
         outputs = []
-        for item, token_id in zip(schedule.scheduled, token_ids, strict=True):
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+        sampled_requests = [item.request for item, s in zip(schedule.scheduled, sampled,
+                                                            strict=True) if s]
+        for request, token_id in zip(sampled_requests, token_ids, strict=True):
             outputs.append(self._process_token(request, token_id, now))
             if request.finished:
                 self.scheduler.finish(request)  # its pages are free for the next step
@@ -128,17 +132,19 @@ class LLMEngine:
         return outputs
     # --8<-- [end:step]
 
-    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+    def _step_inputs(self, scheduled: list[ScheduledRequest], sampled: list[bool]) -> StepInputs:
         requests = [item.request for item in scheduled]
+        samplers = [r for r, s in zip(requests, sampled, strict=True) if s]
         sampling = SamplingTensors.build(
-            [r.params for r in requests], [r.sampling_seed for r in requests],
-            [r.num_tokens for r in requests],  # the position each request samples next
+            [r.params for r in samplers], [r.sampling_seed for r in samplers],
+            [r.num_tokens for r in samplers],  # the position each request samples next
             self.hf_config.vocab_size)
         return build_step_inputs(
-            [r.token_ids_from(r.num_computed_tokens) for r in requests],
+            [item.request.token_ids_from(item.request.num_computed_tokens)[:item.num_new_tokens]
+             for item in scheduled],
             [r.num_computed_tokens for r in requests],
             [r.page_table.pages for r in requests],
-            self.allocator.page_size, sampling)
+            self.allocator.page_size, sampling, sampled)
 
     def _process_token(self, request: Request, token_id: int, now: float) -> RequestOutput:
         """Detokenize and check the stop rules. A failure here is this request's alone: it

@@ -130,7 +130,7 @@ class ModelRunner:
             return max(pages_per_seq, min(4 * pages_per_seq,
                                           CPU_KV_POOL_BYTES // self._bytes_per_page()))
         largest_step, num_scratch_pages = largest_step_inputs(
-            config.step_token_budget(max_model_len), max_model_len, self.page_size)
+            config.step_token_budget(), max_model_len, self.page_size)
         self._check_fits_memory(num_scratch_pages)
         scratch = self._make_pool(num_scratch_pages)
         self._bind(scratch)
@@ -162,6 +162,8 @@ class ModelRunner:
         """Run one step and sample; returns one token id per sampled row."""
         inputs = self.to_device(inputs)
         logits = self.logits(inputs)  # [sampled rows, vocab]
+        if not len(logits):  # a step of prefill chunks only: nothing to sample, no sync
+            return []
         return self.sampler(logits, inputs.sampling).tolist()  # the step's one host sync
 
     def to_device(self, inputs: StepInputs) -> StepInputs:

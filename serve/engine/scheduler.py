@@ -1,11 +1,17 @@
-"""Iteration-level scheduling (Orca): every step decides afresh which requests run.
+"""Iteration-level scheduling (Orca) under a per-step token budget, decodes first.
 
-Requests join the running batch as soon as pages and the step's token budget allow, and leave
-it the step they finish. With a prefix cache, an admitted request starts from the longest prefix
-of its tokens that earlier requests computed, and computes only the rest; the pages it fills go
-into the cache when its prefill is done, when it finishes and when it is preempted.
+Every step decides afresh which requests run and how many tokens each computes. Each running
+request that is decoding gets its one token first; the rest of the step's token budget goes to
+prompts: prefills in progress, then waiting requests, oldest first. A prompt longer than what is
+left of the budget is cut: its first chunk runs now and the rest in later steps (chunked
+prefill), so a long prompt never stalls the running requests for more than one step's worth of
+tokens, and the budget need not hold the longest prompt.
 
-When decoding needs a page and none is free, cached pages that no request holds are evicted; if
+With a prefix cache, an admitted request starts from the longest prefix of its tokens that
+earlier requests computed, and computes only the rest; the pages it fills go into the cache after
+each of its prefill chunks, when it finishes and when it is preempted.
+
+When a request needs a page and none is free, cached pages that no request holds are evicted; if
 that is not enough, the most recently admitted request is preempted: it gives all its pages back
 and waits at the front of the queue, to recompute its prompt and its output so far when pages free
 up (vLLM's preemption by recompute; the cache often still has most of them).
@@ -27,7 +33,15 @@ class ScheduledRequest:
 
     request: Request
     num_new_tokens: int
-    is_prefill: bool = False  # admitted this step: computes everything past its cached prefix
+    is_prefill: bool = False  # computes prompt tokens (or recomputes after a preemption)
+    admitted: bool = False  # joined the running batch this step (after a prefix-cache lookup)
+
+    @property
+    def completes(self) -> bool:
+        """Its tokens reach the end of the sequence: the step samples its next token (a prefill
+        chunk that stops short of the end samples nothing)."""
+        request = self.request
+        return request.num_computed_tokens + self.num_new_tokens == request.num_tokens
 
 
 @dataclass
@@ -66,28 +80,32 @@ class Scheduler:
 
     # --8<-- [start:schedule]
     def schedule(self) -> SchedulerOutput:
-        """This step's requests: every running request decodes one token, then waiting requests
-        are admitted, oldest first, while the token budget, max_num_seqs and pages allow."""
+        """This step's requests and their tokens: first every decoding request's one token, then
+        prefills in progress, then waiting requests, oldest first, while the token budget,
+        max_num_seqs and pages allow. A prompt that does not fit the budget's rest is cut."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        queue = deque(self.running)  # running requests not yet given a slot this step
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        queue = deque(decoding + prefilling)  # running requests not yet given their tokens
         while queue and budget > 0:
             request = queue.popleft()
-            # The token sampled last step is computed now; its K/V may need a fresh page, and
-            # grow_to evicts cached pages nobody holds before it gives up.
-            while not request.page_table.grow_to(request.num_tokens):
-                victim = queue.pop() if queue else request  # the most recently admitted
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # Its new tokens' K/V may need fresh pages; grow_to evicts cached pages nobody
+            # holds before it gives up, and then someone is preempted: prefills in progress
+            # first (they have produced nothing yet), else the most recently admitted.
+            while not request.page_table.grow_to(request.num_computed_tokens + num_new):
+                victim = queue.pop() if queue else request
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                num_new = request.num_tokens - request.num_computed_tokens
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                out.scheduled.append(ScheduledRequest(request, num_new, is_prefill=num_new > 1))
                 budget -= num_new
         if out.preempted:
             return out  # pages are short: admitting now would only preempt again
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             request = self.waiting[0]
             num_new = self._admit(request, budget)
             if num_new is None:
@@ -95,16 +113,18 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, is_prefill=True))
+            out.scheduled.append(ScheduledRequest(request, num_new, is_prefill=True,
+                                                  admitted=True))
             budget -= num_new
         return out
     # --8<-- [end:schedule]
 
     # --8<-- [start:admit]
     def _admit(self, request: Request, budget: int) -> int | None:
-        """Give a waiting request its pages: the cached prefix of its tokens, then fresh ones.
-        Returns how many tokens it computes now (the prompt, plus any output a preemption
-        discarded, minus the cached prefix); None, holding nothing, if it does not fit."""
+        """Give a waiting request its cached prefix and the pages of its first chunk. Returns
+        how many tokens it computes now (at most budget: the rest of its prompt, plus any
+        output a preemption discarded, comes in later steps); None, holding nothing, if its
+        first chunk's pages do not fit."""
         table = request.page_table
         num_cached = 0
         if self.cache is not None:
@@ -112,29 +132,29 @@ class Scheduler:
             num_cached, pages = self.cache.match(
                 request.token_ids_from(0)[: request.num_tokens - 1])
             table.adopt(pages)  # first: pages it matched are no longer evictable
-        num_new = request.num_tokens - num_cached
-        if num_new > budget or not self._fits(request):
+        num_new = min(request.num_tokens - num_cached, budget)
+        if not self._fits(num_cached + num_new, request):
             table.release()  # what it matched is evictable again
             return None
-        table.grow_to(request.num_tokens)
+        table.grow_to(num_cached + num_new)
         request.num_computed_tokens = num_cached
         if request.status is RequestStatus.WAITING:  # its first admission
             request.num_cached_tokens = num_cached
         return num_new
 
-    def _fits(self, request: Request) -> bool:
-        """Its missing pages are free or evictable, and a watermark stays available for the
-        running requests to grow into (an idle engine admits without it, so a request that
-        fits the pool runs)."""
-        needed = request.page_table.num_missing_pages(request.num_tokens)
+    def _fits(self, num_tokens: int, request: Request) -> bool:
+        """The pages for its first num_tokens tokens are free or evictable, and a watermark stays
+        available for the running requests to grow into (an idle engine admits without it, so
+        a request that fits the pool runs)."""
+        needed = request.page_table.num_missing_pages(num_tokens)
         reserve = self.watermark_pages if self.running else 0
         return needed + reserve <= self.allocator.num_available_pages
     # --8<-- [end:admit]
 
     def cache_prefills(self, out: SchedulerOutput) -> None:
-        """Called after a step has run: the pages this step's prefills filled go into the cache,
-        so the requests behind them find the prefix at once. Decodes are not cached every step,
-        to keep the host's work per step O(batch): a request's later pages go in when it
+        """Called after a step has run: the pages this step's prefill chunks filled go into the
+        cache, so the requests behind them find the prefix at once. Decodes are not cached every
+        step, to keep the host's work per step O(batch): a request's later pages go in when it
         finishes or is preempted."""
         for item in out.scheduled:
             if item.is_prefill and item.request.status is RequestStatus.RUNNING:

@@ -66,9 +66,10 @@ class StatsCollector:
         admissions looked up and found."""
         self.num_preemptions += len(out.preempted)
         for item in out.scheduled:
-            if item.is_prefill and prefix_caching:
+            if item.admitted and prefix_caching:  # (called before the step: num_computed_tokens
+                # is still what the lookup found)
                 self.prefix_cache_queries += item.request.num_tokens
-                self.prefix_cache_hits += item.request.num_tokens - item.num_new_tokens
+                self.prefix_cache_hits += item.request.num_computed_tokens
 
     def on_token(self, request: Request, now: float) -> None:
         """A request produced a token (already appended); its timestamps move on."""

@@ -33,10 +33,12 @@ def build_step_inputs(
     page_tables: list[list[int]],
     page_size: int,
     sampling: SamplingTensors | None = None,
+    sampled: list[bool] | None = None,
 ) -> StepInputs:
     """Sequence i feeds new_token_ids[i], which start at position num_computed[i], and its
-    tokens live in page_tables[i] (enough pages for all of them). Each sequence's last new
-    token is sampled. Host tensors only: `to_device` moves them."""
+    tokens live in page_tables[i] (enough pages for all of them). The last new token of each
+    sequence with sampled[i] (default: every sequence) is sampled; a prefill chunk that stops
+    short of its prompt's end is not. Host tensors only: `to_device` moves them."""
     query_lens = torch.tensor([len(ids) for ids in new_token_ids], dtype=torch.int64)
     starts = torch.tensor(num_computed, dtype=torch.int64)
     seq_lens = starts + query_lens
@@ -68,7 +70,8 @@ def build_step_inputs(
         token_ids=torch.tensor(list(chain.from_iterable(new_token_ids)), dtype=torch.int64),
         positions=positions,
         attention=attention,
-        sample_indices=qo_indptr[1:] - 1,
+        sample_indices=(qo_indptr[1:] - 1)[torch.tensor(sampled)] if sampled is not None
+        else qo_indptr[1:] - 1,
         sampling=sampling,
     )
 # --8<-- [end:build]
