@@ -3,8 +3,10 @@ prompt longer than what is left is prefilled over several steps. The tokens do n
 the prefix cache or without, greedy or seeded, and the running requests never stall."""
 
 import pytest
+import torch
 
 from serve import LLM, SamplingParams
+from serve.engine.step_inputs import build_step_inputs, split_step_inputs
 
 PROMPTS = [list(range(100, 100 + n)) for n in (37, 61, 5, 90)]
 PROMPTS.append(PROMPTS[1][:40] + [7] * 30)  # shares 40 tokens with the second prompt
@@ -62,3 +64,24 @@ def test_a_budget_smaller_than_the_context_is_accepted(qwen3_dir):
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("chunk_completes", [False, True])
+def test_a_split_step_gives_the_logits_of_the_whole(qwen3_dir, chunk_completes):
+    """A mixed step (two decode rows, then a prompt chunk) run as two parts, as a GPU runs it to
+    keep the decode rows in their CUDA graph, gives the logits of the step run whole."""
+    llm = LLM(qwen3_dir, device="cpu", page_size=4, num_pages=64)
+    runner = llm.engine.runner
+    a, b, c = list(range(10, 19)), list(range(30, 35)), list(range(50, 70))
+    tables = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9]]
+    runner.forward(build_step_inputs([a[:-1], b[:-1]], [0, 0], tables[:2], 4))  # their context
+    chunk = c if chunk_completes else c[:12]
+    mixed = build_step_inputs([[a[-1]], [b[-1]], chunk], [8, 4, 0], tables, 4,
+                              sampled=[True, True, chunk_completes])
+    whole = runner.forward(mixed)
+    head, tail = split_step_inputs(mixed, 2)
+    assert head.attention.is_decode and not tail.attention.is_decode
+    assert (head.num_tokens, tail.num_tokens) == (2, len(chunk))
+    parts = torch.cat([runner.forward(head), runner.forward(tail)])
+    assert len(parts) == 2 + chunk_completes
+    torch.testing.assert_close(parts, whole)

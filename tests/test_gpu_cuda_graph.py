@@ -45,8 +45,8 @@ def prefilled_decode_inputs(runner, num_seqs: int, seed: int):
 def eager_logits_with_graph_kernels(runner, inputs, bucket: int) -> torch.Tensor:
     """The padded step launched kernel by kernel with the graph's own attention plan: the
     same kernels a replay runs, so the logits must be bit-identical."""
-    device_inputs = runner.staging.to_device(pad_decode_inputs(inputs, bucket,
-                                                               runner.kv_pool.pad_page))
+    padded = pad_decode_inputs(inputs, bucket, runner.kv_pool.pad_page)
+    device_inputs = runner.stagings[0].to_device(padded)
     runner.backend.plan(device_inputs.attention, for_cuda_graph=True)
     hidden = runner.model(device_inputs.token_ids, device_inputs.positions,
                           device_inputs.attention)

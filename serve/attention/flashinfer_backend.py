@@ -41,7 +41,8 @@ class FlashInferAttentionBackend:
 
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype = page_size, dtype
-        # One scratch buffer for both wrappers: a step is either a decode or a prefill, never both.
+        # One scratch buffer for both wrappers: a step is a decode or a prefill, or (split) a
+        # decode part then a prefill part, run one after the other on one stream.
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         # FlashInfer's CUDA-core decode kernel is compiled only for 1, 2, 3, 4 or 8 query heads

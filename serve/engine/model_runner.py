@@ -12,10 +12,20 @@ import torch
 
 from serve.attention import make_backend
 from serve.config import EngineConfig
-from serve.engine.cuda_graph import CudaGraphRunner, graph_batch_sizes, pad_decode_inputs
+from serve.engine.cuda_graph import (
+    CudaGraphRunner,
+    bucket_for,
+    graph_batch_sizes,
+    pad_decode_inputs,
+)
 from serve.engine.kv.kv_pool import KVPool
 from serve.engine.sampler import Sampler
-from serve.engine.step_inputs import DeviceStaging, StepInputs, build_step_inputs
+from serve.engine.step_inputs import (
+    DeviceStaging,
+    StepInputs,
+    build_step_inputs,
+    split_step_inputs,
+)
 from serve.layers.attention import Attention
 from serve.models.llama import head_dim_of
 from serve.models.loader import build_model
@@ -51,7 +61,7 @@ class ModelRunner:
         self.sampler = Sampler(cfg.vocab_size, self.device)
         if self.device.type == "cuda":
             self.sampler.warm_up()
-        self.staging = DeviceStaging(self.device)
+        self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see execute
         self.graphs: CudaGraphRunner | None = None  # captured once the pool exists
         graph_sizes = self._graph_batch_sizes(config)
         if graph_sizes:  # index buffers for the longest pages list a batch could ever have
@@ -160,19 +170,38 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> list[int]:
         """Run one step and sample; returns one token id per sampled row."""
-        inputs = self.to_device(inputs)
-        logits = self.logits(inputs)  # [sampled rows, vocab]
+        # (at most two parts, each copied through its own staging buffer)
+        parts = [self.to_device(part, staging) for part, staging
+                 in zip(self.split_for_graphs(inputs), self.stagings, strict=False)]
+        if len(parts) == 1:
+            logits = self.logits(parts[0])  # [sampled rows, vocab]
+        else:
+            logits = torch.cat([self.logits(part) for part in parts])
         if not len(logits):  # a step of prefill chunks only: nothing to sample, no sync
             return []
-        return self.sampler(logits, inputs.sampling).tolist()  # the step's one host sync
+        return self.sampler(logits, parts[0].sampling).tolist()  # the step's one host sync
 
-    def to_device(self, inputs: StepInputs) -> StepInputs:
+    def split_for_graphs(self, inputs: StepInputs) -> list[StepInputs]:
+        """A mixed step (the scheduler puts decode rows first, prompt chunks after) as two: its
+        decode rows replay their CUDA graph and the chunks run eagerly, instead of all of it
+        eagerly. Any other step is one part."""
+        graphs = self.graphs
+        if graphs is None:
+            return [inputs]
+        query_lens = inputs.attention.qo_indptr.diff()
+        num_decode = int((query_lens == 1).cumprod(0).sum())  # the leading one-token rows
+        if num_decode in (0, len(query_lens)) or bucket_for(num_decode, graphs.batch_sizes) \
+                is None:
+            return [inputs]
+        return list(split_step_inputs(inputs, num_decode))
+
+    def to_device(self, inputs: StepInputs, staging: DeviceStaging | None = None) -> StepInputs:
         """Pad a decode step to its graph's batch size, then copy it in one host-to-device
         transfer."""
         bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
         if bucket is not None:
             inputs = pad_decode_inputs(inputs, bucket, self.kv_pool.pad_page)
-        return self.staging.to_device(inputs)
+        return (staging or self.stagings[0]).to_device(inputs)
 
     def logits(self, inputs: StepInputs) -> torch.Tensor:
         """The model over inputs already on the device: the sampled rows' logits. A step whose

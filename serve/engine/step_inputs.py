@@ -77,6 +77,39 @@ def build_step_inputs(
 # --8<-- [end:build]
 
 
+# --8<-- [start:split]
+def split_step_inputs(inputs: StepInputs, num_seqs: int) -> tuple[StepInputs, StepInputs]:
+    """The step's first num_seqs sequences and the others, as two steps (host arrays), so that a
+    mixed step's decode rows can replay their CUDA graph while its prompt chunks run eagerly.
+    Each part's sampled rows keep their order, and the step's sampling rules go with the first
+    part: the logits of the two parts, concatenated, line up with them."""
+    total = inputs.attention.num_seqs
+    return (_part(inputs, 0, num_seqs, inputs.sampling), _part(inputs, num_seqs, total, None))
+
+
+def _part(inputs: StepInputs, first: int, last: int,
+          sampling: SamplingTensors | None) -> StepInputs:
+    """Sequences first..last-1 of a step, their token rows and pages renumbered from 0."""
+    meta = inputs.attention
+    token_start, token_end = int(meta.qo_indptr[first]), int(meta.qo_indptr[last])
+    page_start, page_end = int(meta.kv_indptr[first]), int(meta.kv_indptr[last])
+    qo_indptr = meta.qo_indptr[first : last + 1] - token_start
+    attention = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[token_start:token_end],
+        kv_indices=meta.kv_indices[page_start:page_end],
+        qo_indptr=qo_indptr,
+        kv_indptr=meta.kv_indptr[first : last + 1] - page_start,
+        kv_last_page_len=meta.kv_last_page_len[first:last],
+        page_size=meta.page_size,
+        is_decode=bool((qo_indptr.diff() == 1).all()),
+    )
+    samples = inputs.sample_indices
+    mine = samples[(samples >= token_start) & (samples < token_end)] - token_start
+    return StepInputs(inputs.token_ids[token_start:token_end],
+                      inputs.positions[token_start:token_end], attention, mine, sampling)
+# --8<-- [end:split]
+
+
 def _indptr(counts: torch.Tensor) -> torch.Tensor:
     """[0, c0, c0+c1, ...]: where each sequence's part of a flat array starts."""
     return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
@@ -88,7 +121,8 @@ class DeviceStaging:
     Every array is laid out as bytes in one buffer (each at an 8-byte boundary, so it can be
     viewed back as its own dtype); one non-blocking copy moves the whole buffer, and the device
     arrays are views into the copy. The buffer is reused: that is safe because the engine waits
-    for each step's sampled tokens before it builds the next step's inputs.
+    for each step's sampled tokens before it builds the next step's inputs (a step in two parts
+    uses two stagings, so the second never overwrites what the first is still copying).
     """
 
     def __init__(self, device: torch.device) -> None:
