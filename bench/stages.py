@@ -109,6 +109,9 @@ def workload_flags(workload: Workload) -> list[str]:
     if workload.shared_prefix_len or workload.turns > 1:  # harnesses since stage 5 know these
         flags += ["--shared-prefix-len", str(workload.shared_prefix_len),
                   "--turns", str(workload.turns)]
+    if workload.long_every:  # harnesses since stage 6 know these
+        flags += ["--long-every", str(workload.long_every),
+                  "--long-input-len", str(workload.long_input_len)]
     # A named workload by its name, so the stage's harness records that name.
     return ["--workload", workload.name] if workload.name != "custom" else flags
 

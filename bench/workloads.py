@@ -30,6 +30,10 @@ class Workload:
     # before its own question (input_len). 0 and 1: independent random prompts.
     shared_prefix_len: int = 0
     turns: int = 1
+    # Interference: every long_every-th request has a prompt of long_input_len tokens instead
+    # (0: none), the long prompt a chunked prefill must not let stall the others.
+    long_every: int = 0
+    long_input_len: int = 0
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -42,7 +46,7 @@ class Workload:
     @property
     def max_seq_len(self) -> int:
         """The longest prompt plus the longest output: what max_model_len must hold."""
-        exchange = self.input_len[1] + self.output_len[1]
+        exchange = max(self.input_len[1], self.long_input_len) + self.output_len[1]
         return self.shared_prefix_len + self.turns * exchange
 
     def to_dict(self) -> dict:
@@ -64,6 +68,10 @@ WORKLOADS = {
     # generated-shared-prefix benchmark, with the history a chat client resends).
     "prefix-chat": Workload("prefix-chat", num_prompts=256, input_len=(32, 128),
                             output_len=(64, 192), shared_prefix_len=2048, turns=4),
+    # Steady chat-sized requests, and every 25th an 8,192-token prompt (a document to
+    # summarize): at 8 requests/s, a long prompt every few seconds lands among running decodes.
+    "interference": Workload("interference", num_prompts=200, input_len=(64, 256),
+                             output_len=(128, 512), long_every=25, long_input_len=8192),
 }
 
 
@@ -73,8 +81,10 @@ def make_requests(workload: Workload, vocab_size: int) -> list[tuple[list[int], 
         return conversation_requests(workload, vocab_size)
     rng = random.Random(workload.seed)
     requests = []
-    for _ in range(workload.num_prompts):
+    for index in range(workload.num_prompts):
         input_len = rng.randint(*workload.input_len)
+        if workload.long_every and (index + 1) % workload.long_every == 0:
+            input_len = workload.long_input_len
         output_len = rng.randint(*workload.output_len)
         prompt = [rng.randrange(vocab_size) for _ in range(input_len)]
         params = SamplingParams(temperature=workload.temperature, max_tokens=output_len,
@@ -139,6 +149,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shared-prefix-len", type=int,
                        help="tokens of a system prompt that every prompt starts with")
     group.add_argument("--turns", type=int, help="requests per conversation")
+    group.add_argument("--long-every", type=int,
+                       help="every N-th request gets a prompt of --long-input-len tokens")
+    group.add_argument("--long-input-len", type=int)
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -146,7 +159,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "temperature": args.temperature,
         "ignore_eos": args.ignore_eos, "shared_prefix_len": args.shared_prefix_len,
-        "turns": args.turns,
+        "turns": args.turns, "long_every": args.long_every, "long_input_len": args.long_input_len,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     named = WORKLOADS[args.workload or "course"]

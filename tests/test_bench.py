@@ -108,7 +108,8 @@ def test_a_conversation_workload_shares_its_prefixes():
 
 def test_another_seed_is_another_sample_of_the_same_workload():
     args = argparse.Namespace(workload="prefix-chat", num_prompts=None, input_len=None,
-                              shared_prefix_len=None, turns=None,
+                              shared_prefix_len=None, turns=None, long_every=None,
+                              long_input_len=None,
                               output_len=None, temperature=None, ignore_eos=None, seed=7)
     workload = workloads.workload_from_args(args)
     assert (workload.name, workload.seed) == ("prefix-chat", 7)
@@ -482,3 +483,16 @@ def test_host_overhead_measures_each_batch_thread_and_neighbour_count(qwen3_dir,
         [(0, 1, 1), (0, 1, 3), (1, 1, 1), (1, 1, 3)]
     assert all(r["host_step_us"] > 0 for r in result["rows"])
     assert json.loads((tmp_path / "host.json").read_text())["kind"] == "host_overhead"
+
+
+def test_the_interference_workload_has_a_long_prompt_every_25_requests():
+    workload = WORKLOADS["interference"]
+    requests = make_requests(workload, vocab_size=1000)
+    long = [index for index, (prompt, _) in enumerate(requests) if len(prompt) == 8192]
+    assert long == list(range(24, 200, 25))
+    assert all(64 <= len(prompt) <= 256 for index, (prompt, _) in enumerate(requests)
+               if index not in long)
+    assert workload.max_seq_len == 8192 + 512
+    # the other workloads are the same requests as before these fields existed
+    nano = make_requests(WORKLOADS["nano-vllm"], 151936)
+    assert sum(len(prompt) for prompt, _ in nano) == 142809
