@@ -225,6 +225,22 @@ def test_scheduler_state_machine(machine):
     case().runTest()
 
 
+def run_step(scheduler: Scheduler, out, token_id: int) -> None:
+    """What the engine does with a schedule: compute, sample the requests whose tokens reach
+    their end, finish those that reached max_tokens, cache the prefills."""
+    for item in out.scheduled:
+        request = item.request
+        completes = item.completes
+        request.num_computed_tokens += item.num_new_tokens
+        if not completes:
+            continue
+        request.output_token_ids.append(token_id)
+        if len(request.output_token_ids) == request.max_tokens:
+            request.status = RequestStatus.FINISHED
+            scheduler.finish(request)
+    scheduler.cache_prefills(out)
+
+
 @pytest.mark.parametrize("prefix_caching", [False, True], ids=["no_cache", "prefix_cache"])
 def test_it_preempts_and_every_request_still_finishes(prefix_caching):
     """Eight requests that each need up to 4 of the 8 pages: preemptions happen, none is lost."""
@@ -236,15 +252,7 @@ def test_it_preempts_and_every_request_still_finishes(prefix_caching):
     while scheduler.has_unfinished:
         steps += 1
         assert steps < 500, "the scheduler stopped making progress"
-        out = scheduler.schedule()
-        for item in out.scheduled:
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            request.output_token_ids.append(2)
-            if len(request.output_token_ids) == request.max_tokens:
-                request.status = RequestStatus.FINISHED
-                scheduler.finish(request)
-        scheduler.cache_prefills(out)
+        run_step(scheduler, scheduler.schedule(), token_id=2)
     assert scheduler.num_preemptions > 0
     assert all(len(r.output_token_ids) == 10 for r in requests)
     assert allocator.num_used_pages == 0
@@ -271,13 +279,6 @@ def test_a_preempted_request_finds_what_it_computed_when_it_comes_back():
         out = scheduler.schedule()
         readmitted += [item.num_new_tokens for item in out.scheduled
                        if item.is_prefill and item.request.num_preemptions]
-        for item in out.scheduled:
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            request.output_token_ids.append(3)
-            if len(request.output_token_ids) == request.max_tokens:
-                request.status = RequestStatus.FINISHED
-                scheduler.finish(request)
-        scheduler.cache_prefills(out)
+        run_step(scheduler, out, token_id=3)
     assert b.num_preemptions == 1 and a.num_preemptions == 0
     assert readmitted == [1]  # 13 tokens, 12 of them cached

@@ -186,7 +186,7 @@ class ModelRunner:
         decode rows replay their CUDA graph and the chunks run eagerly, instead of all of it
         eagerly. Any other step is one part."""
         graphs = self.graphs
-        if graphs is None:
+        if graphs is None or inputs.attention.is_decode:  # the usual step: nothing to split
             return [inputs]
         query_lens = inputs.attention.qo_indptr.diff()
         num_decode = int((query_lens == 1).cumprod(0).sum())  # the leading one-token rows
