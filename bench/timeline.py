@@ -62,7 +62,9 @@ def title(timeline: dict, label: str) -> str:
     unprofiled = (f" ({s['unprofiled_step_ms']:.1f} ms without the profiler)"
                   if s.get("unprofiled_step_ms") else "")
     rows = f"{s['rows']} row{'' if s['rows'] == 1 else 's'}"
-    return (f"{label}: one decode step, {rows}: {s['step_ms']:.1f} ms under the "
+    if s.get("tokens"):  # a mixed step: its decode rows plus a prompt chunk
+        rows += f" sampled, {s['tokens']:,} tokens"
+    return (f"{label}: {s.get('what', 'one decode step')}, {rows}: {s['step_ms']:.1f} ms under the "
             f"profiler{unprofiled}{busy}, {s['kernels']:,} kernels")
 
 

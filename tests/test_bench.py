@@ -15,7 +15,17 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench import compare, hf_baseline, plot_stages, probe, serving, stages, throughput, workloads
+from bench import (
+    compare,
+    hf_baseline,
+    mixed_step,
+    plot_stages,
+    probe,
+    serving,
+    stages,
+    throughput,
+    workloads,
+)
 from bench import timeline as timeline_module
 from bench.model_config import vocab_size_of
 from bench.results import (
@@ -496,3 +506,22 @@ def test_the_interference_workload_has_a_long_prompt_every_25_requests():
     # the other workloads are the same requests as before these fields existed
     nano = make_requests(WORKLOADS["nano-vllm"], 151936)
     assert sum(len(prompt) for prompt, _ in nano) == 142809
+
+
+def test_mixed_step_times_chunks_beside_decodes_and_profiles_one(qwen3_dir, tmp_path):
+    timeline_out = tmp_path / "timeline-mixed.json"
+    result = mixed_step.main([
+        "--model", qwen3_dir, "--device", "cpu", "--batch-sizes", "0", "3", "--budgets", "8", "32",
+        "--long-len", "40", "--max-model-len", "128", "--decode-prompt-len", "8", "--repeats", "1",
+        "--timeline-batch", "3", "--timeline-budget", "8", "--timeline-out", str(timeline_out),
+        "--out", str(tmp_path / "mixed.json")])
+    rows = {(r["batch_size"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {(0, 8), (0, 32), (3, 8), (3, 32)}
+    # 40 tokens in chunks of 8 - 3 = 5: eight full chunks; of 32 - 3 = 29: one full, one short
+    assert rows[(3, 8)]["split"]["steps"] == 8 and rows[(3, 32)]["eager"]["steps"] == 1
+    assert rows[(0, 32)]["split"]["decode_step_ms"] == 0 < rows[(3, 8)]["split"]["decode_step_ms"]
+    assert result["cuda_graphs"] is False  # on the CPU both modes run the same eager step
+    summary = json.loads(timeline_out.read_text())["summary"]
+    assert summary["what"] == "one mixed step" and summary["rows"] == 3  # decode rows sampled
+    assert summary["tokens"] == 8  # three decode tokens and a five-token chunk
+    assert "mixed step" in timeline_module.title(json.loads(timeline_out.read_text()), "v9.9")
