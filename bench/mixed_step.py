@@ -94,7 +94,7 @@ class MixedStepBench:
 
     def measure(self, batch_size: int, budget: int, repeats: int) -> dict:
         self.scheduler.max_num_batched_tokens = budget
-        chunk = budget - batch_size
+        chunk = min(budget - batch_size, self.long_len)
         row = {"batch_size": batch_size, "budget": budget, "chunk_tokens": chunk}
         for mode in ("split", "eager"):
             steps, decode = [], []

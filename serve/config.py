@@ -7,7 +7,6 @@ import torch
 
 from serve.sampling_params import SEED_MAX, SEED_MIN
 
-DEFAULT_BATCHED_TOKENS = 16384  # tokens one step may compute, by default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,8 +30,9 @@ class EngineConfig:
     # most requests running at once (an upper bound: free KV pages decide how many fit)
     max_num_seqs: int = 256
     # tokens one step may compute, decodes first, then prompts; a longer prompt is prefilled
-    # in chunks over several steps (default: 16384)
-    max_num_batched_tokens: int | None = None
+    # in chunks over several steps (a smaller budget: shorter stalls for the running requests,
+    # slower prefill; milestones/06 measures the choice)
+    max_num_batched_tokens: int = 2048
     page_size: int = 16  # tokens per KV page
     # KV pool size in pages (default: measured from free GPU memory; on a CPU, a few
     # full-length sequences)
@@ -58,17 +58,12 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
-
-    def step_token_budget(self) -> int:
-        """Tokens one step may compute, decodes and prompt chunks together (any budget >= 1
-        works: a prompt longer than what a step has left is prefilled in chunks)."""
-        return self.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

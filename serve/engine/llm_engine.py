@@ -40,7 +40,6 @@ class LLMEngine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
-        step_token_budget = config.step_token_budget()
         self.tokenizer = load_tokenizer(config.tokenizer or path)
         self.runner = ModelRunner(config, self.hf_config, path, self.max_model_len)
         self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
@@ -51,8 +50,8 @@ class LLMEngine:
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
         self.cache = RadixCache(self.allocator) if config.enable_prefix_caching else None
         self.allocator.evictor = self.cache  # the allocator evicts through it when it runs dry
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, step_token_budget,
-                                   self.cache)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.cache)
         self.stats = StatsCollector()
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none
 

@@ -140,7 +140,7 @@ class ModelRunner:
             return max(pages_per_seq, min(4 * pages_per_seq,
                                           CPU_KV_POOL_BYTES // self._bytes_per_page()))
         largest_step, num_scratch_pages = largest_step_inputs(
-            config.step_token_budget(), max_model_len, self.page_size)
+            config.max_num_batched_tokens, max_model_len, self.page_size)
         self._check_fits_memory(num_scratch_pages)
         scratch = self._make_pool(num_scratch_pages)
         self._bind(scratch)
