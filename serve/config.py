@@ -30,9 +30,9 @@ class EngineConfig:
     # most requests running at once (an upper bound: free KV pages decide how many fit)
     max_num_seqs: int = 256
     # tokens one step may compute, decodes first, then prompts; a longer prompt is prefilled
-    # in chunks over several steps (a smaller budget: shorter stalls for the running requests,
-    # slower prefill; milestones/06 measures the choice)
-    max_num_batched_tokens: int = 2048
+    # in chunks over several steps (smaller: shorter stalls for the running requests, slower
+    # prefill; milestones/06 measures the choice)
+    max_num_batched_tokens: int = 8192
     page_size: int = 16  # tokens per KV page
     # KV pool size in pages (default: measured from free GPU memory; on a CPU, a few
     # full-length sequences)

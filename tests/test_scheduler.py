@@ -86,6 +86,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._check_reads(request)
             self._compute(request, end)
             completes = item.completes
+            assert completes == (end == request.num_tokens)
             request.num_computed_tokens = end
             if not completes:  # a prefill chunk that stops short: nothing is sampled
                 assert request.num_computed_tokens < request.num_tokens

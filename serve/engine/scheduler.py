@@ -33,15 +33,11 @@ class ScheduledRequest:
 
     request: Request
     num_new_tokens: int
+    # its tokens reach the end of the sequence: the step samples its next token (a prefill
+    # chunk that stops short of the end samples nothing)
+    completes: bool = True
     is_prefill: bool = False  # computes prompt tokens (or recomputes after a preemption)
     admitted: bool = False  # joined the running batch this step (after a prefix-cache lookup)
-
-    @property
-    def completes(self) -> bool:
-        """Its tokens reach the end of the sequence: the step samples its next token (a prefill
-        chunk that stops short of the end samples nothing)."""
-        request = self.request
-        return request.num_computed_tokens + self.num_new_tokens == request.num_tokens
 
 
 @dataclass
@@ -85,12 +81,17 @@ class Scheduler:
         max_num_seqs and pages allow. A prompt that does not fit the budget's rest is cut."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        queue = deque(decoding + prefilling)  # running requests not yet given their tokens
+        queue, prefilling = deque(), []  # running requests not yet given their tokens
+        for request in self.running:  # (one pass: this runs for every request every step)
+            if request.num_tokens - request.num_computed_tokens == 1:
+                queue.append(request)
+            else:
+                prefilling.append(request)
+        queue.extend(prefilling)  # decodes first
         while queue and budget > 0:
             request = queue.popleft()
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = min(remaining, budget)
             # Its new tokens' K/V may need fresh pages; grow_to evicts cached pages nobody
             # holds before it gives up, and then someone is preempted: prefills in progress
             # first (they have produced nothing yet), else the most recently admitted.
@@ -101,7 +102,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, is_prefill=num_new > 1))
+                out.scheduled.append(ScheduledRequest(request, num_new, num_new == remaining,
+                                                      is_prefill=remaining > 1))
                 budget -= num_new
         if out.preempted:
             return out  # pages are short: admitting now would only preempt again
@@ -113,7 +115,8 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, is_prefill=True,
+            completes = request.num_computed_tokens + num_new == request.num_tokens
+            out.scheduled.append(ScheduledRequest(request, num_new, completes, is_prefill=True,
                                                   admitted=True))
             budget -= num_new
         return out
