@@ -111,8 +111,10 @@ def test_closing_the_generator_aborts_the_request(engine, monkeypatch):
     async def read_two_then_leave():
         params = SamplingParams(max_tokens=50, ignore_eos=True)
         async with aclosing(engine.generate("for i in", params, "leaver")) as outputs:
+            received = 0
             async for output in outputs:
-                if len(output.token_ids) == 2:
+                received += len(output.new_token_ids)
+                if received == 2:
                     break
         await wait_until_idle(engine)
 
@@ -229,9 +231,10 @@ def test_every_token_a_caller_sees_is_already_counted_in_the_stats(engine):
     engine.add_stats_listener(slow_listener)
 
     async def tokens_seen_and_counted() -> list[tuple[int, int]]:
-        seen = []
+        seen, received = [], 0
         async for output in engine.generate("def main():", GREEDY, "a"):
-            seen.append((len(output.token_ids), sum(counted)))
+            received += len(output.new_token_ids)
+            seen.append((received, sum(counted)))
         return seen
 
     seen = asyncio.run(tokens_seen_and_counted())

@@ -14,14 +14,12 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.num_chars_sent: dict[str, int] = {}
 
     def add_request(self, request: Request) -> None:
         if self.tokenizer is not None:
             self.detokenizers[request.request_id] = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids
             )
-        self.num_chars_sent[request.request_id] = 0
 
     # --8<-- [start:process_token]
     def process_token(self, request: Request, token_id: int) -> RequestOutput:
@@ -47,28 +45,29 @@ class OutputProcessor:
         return output
 
     def make_output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
-        """The full output so far plus the text that became safe to show in this step."""
-        rid = request.request_id
-        sent = self.num_chars_sent[rid]
-        safe_end = len(request.output_text)
+        """This step's new tokens and the text that became safe to show; the whole output once
+        the request has finished."""
+        unsent = request.unsent_text
+        keep = 0  # characters held back: a tail that could still grow into a stop string
         if not request.finished and request.params.stop:
-            # Hold back a tail that could still grow into a stop string.
-            safe_end -= max(len(s) for s in request.params.stop) - 1
-        safe_end = max(safe_end, sent)
-        self.num_chars_sent[rid] = safe_end
+            keep = min(len(unsent), max(len(s) for s in request.params.stop) - 1)
+        new_text = unsent[: len(unsent) - keep]
+        if new_text:
+            request.sent_text.append(new_text)
+            request.unsent_text = unsent[len(unsent) - keep :]
+        outputs = []
         if request.finished:
-            self.detokenizers.pop(rid, None)
-            self.num_chars_sent.pop(rid, None)
-        completion = CompletionOutput(
-            0, request.output_text, list(request.output_token_ids), request.finish_reason
-        )
+            self.detokenizers.pop(request.request_id, None)
+            outputs.append(CompletionOutput(0, request.output_text,
+                                            list(request.output_token_ids),
+                                            request.finish_reason))
         return RequestOutput(
-            request_id=rid,
+            request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            outputs=[completion],
+            outputs=outputs,
             finished=request.finished,
-            new_text=request.output_text[sent:safe_end],
+            new_text=new_text,
             new_token_ids=new_token_ids,
             num_cached_tokens=request.num_cached_tokens,
         )
@@ -77,16 +76,17 @@ class OutputProcessor:
         detokenizer = self.detokenizers.get(request.request_id)
         if detokenizer is None:
             return  # no tokenizer: token ids only
-        old_len = len(request.output_text)
-        request.output_text += detokenizer.add(token_id)
-        # only the new text, plus enough old text to complete a stop string, can hold a match
-        found = [
-            at
-            for stop in request.params.stop
-            if (at := request.output_text.find(stop, max(0, old_len - len(stop) + 1))) != -1
-        ]
+        piece = detokenizer.add(token_id)
+        if not piece:
+            return
+        # A stop string can only end in the new piece and start in the held-back text: text
+        # reported earlier was at least (longest stop - 1) characters from the end when it went.
+        start = len(request.unsent_text)
+        request.unsent_text += piece
+        found = [at for stop in request.params.stop
+                 if (at := request.unsent_text.find(stop, max(0, start - len(stop) + 1))) != -1]
         if found:
-            request.output_text = request.output_text[: min(found)]
+            request.unsent_text = request.unsent_text[: min(found)]
             self._finish(request, "stop")
 
     @staticmethod

@@ -34,7 +34,11 @@ class Request:
     sampling_seed: int  # its own seed, or one the engine drew for it
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
-    output_text: str = ""  # detokenized output, cut at a stop string once one is found
+    # Detokenized output: the text already reported, in pieces (joined once, at the end), and
+    # the text held back because it could still grow into a stop string. Appending to one
+    # string every step would copy the whole text every step.
+    sent_text: list[str] = field(default_factory=list)
+    unsent_text: str = ""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" or "length" (OpenAI's names), "abort"
     num_computed_tokens: int = 0
@@ -62,6 +66,11 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids
 
     @property
+    def output_text(self) -> str:
+        """The whole output text so far (cut at a stop string once one is found)."""
+        return "".join(self.sent_text) + self.unsent_text
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
@@ -73,7 +82,7 @@ class Request:
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence: the whole text and tokens so far (vLLM's shape)."""
+    """One generated sequence: its whole text and tokens (vLLM's shape)."""
 
     index: int
     text: str
@@ -83,7 +92,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """What one step did for one request: the full output so far, plus this step's new part.
+    """What one step did for one request: its new tokens and text, and once it has finished, the
+    whole output (`outputs`, also `text` and `token_ids`; empty before). Each step's work per
+    request is then its new part alone, not everything generated so far.
 
     `error` is set when the request failed on its own (the engine goes on with the others).
     """
@@ -100,12 +111,12 @@ class RequestOutput:
 
     @property
     def text(self) -> str:
-        return self.outputs[0].text
+        return self.outputs[0].text if self.outputs else ""
 
     @property
     def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
+        return self.outputs[0].token_ids if self.outputs else []
 
     @property
     def finish_reason(self) -> str | None:
-        return self.outputs[0].finish_reason
+        return self.outputs[0].finish_reason if self.outputs else None
