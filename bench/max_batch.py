@@ -18,10 +18,10 @@ import torch
 from bench.model_config import load_hf_config
 from bench.results import environment, write_result
 from bench.workloads import add_workload_args, make_requests, workload_from_args
-from serve.engine.kv.kv_pool import KVPool
-from serve.engine.kv.page_allocator import PageAllocator
-from serve.engine.request import Request
-from serve.engine.scheduler import Scheduler
+from serve.core.kv.kv_pool import KVPool
+from serve.core.kv.page_allocator import PageAllocator
+from serve.core.request import Request
+from serve.core.scheduler import Scheduler
 from serve.models.llama import head_dim_of
 
 

@@ -14,8 +14,8 @@ from serve.attention import make_backend
 from serve.attention.kv_cache import store_kv
 from serve.attention.metadata import AttentionMetadata
 from serve.attention.torch_backend import TorchAttentionBackend
-from serve.engine.kv.kv_pool import KVPool
-from serve.engine.step_inputs import build_step_inputs
+from serve.core.kv.kv_pool import KVPool
+from serve.core.step_inputs import build_step_inputs
 
 LAYER = 1  # not 0, so a backend that ignores `layer` reads the wrong (noise) layer and fails
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.step_inputs import build_step_inputs, split_step_inputs
+from serve.core.step_inputs import build_step_inputs, split_step_inputs
 
 PROMPTS = [list(range(100, 100 + n)) for n in (37, 61, 5, 90)]
 PROMPTS.append(PROMPTS[1][:40] + [7] * 30)  # shares 40 tokens with the second prompt

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from serve.config import EngineConfig
-from serve.engine.cuda_graph import bucket_for, graph_batch_sizes, pad_decode_inputs
-from serve.engine.model_runner import ModelRunner
-from serve.engine.step_inputs import build_step_inputs
+from serve.core.cuda_graph import bucket_for, graph_batch_sizes, pad_decode_inputs
+from serve.core.model_runner import ModelRunner
+from serve.core.step_inputs import build_step_inputs
 from serve.models.loader import load_config
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.cuda_graph import pad_decode_inputs
-from serve.engine.sampler import SamplingTensors
-from serve.engine.step_inputs import build_step_inputs
+from serve.core.cuda_graph import pad_decode_inputs
+from serve.core.sampler import SamplingTensors
+from serve.core.step_inputs import build_step_inputs
 
 pytestmark = [
     pytest.mark.gpu,

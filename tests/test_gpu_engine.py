@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.step_inputs import build_step_inputs
+from serve.core.step_inputs import build_step_inputs
 
 pytestmark = [
     pytest.mark.gpu,

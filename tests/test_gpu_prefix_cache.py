@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.sampler import MASK32, TOKEN_SALT, exponential_noise, noise_key
-from serve.engine.step_inputs import build_step_inputs
+from serve.core.sampler import MASK32, TOKEN_SALT, exponential_noise, noise_key
+from serve.core.step_inputs import build_step_inputs
 from serve.engine.tokenizer import load_tokenizer
 
 pytestmark = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serve import SamplingParams
-from serve.engine.sampler import (
+from serve.core.sampler import (
     Sampler,
     SamplingTensors,
     _mix32,

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from serve import LLM, SamplingParams
 from serve.config import EngineConfig
-from serve.engine.model_runner import ModelRunner
-from serve.engine.step_inputs import build_step_inputs
+from serve.core.model_runner import ModelRunner
+from serve.core.step_inputs import build_step_inputs
 from serve.models import model_class_for
 from serve.models.loader import load_config
 

@@ -4,8 +4,8 @@ span any number of detokenized pieces."""
 from hypothesis import given
 from hypothesis import strategies as st
 
+from serve.core.request import Request
 from serve.engine.output_processor import OutputProcessor
-from serve.engine.request import Request
 from serve.sampling_params import SamplingParams
 
 

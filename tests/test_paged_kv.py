@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve import LLM, SamplingParams
+from serve.core.kv.page_allocator import PageAllocator, PageTable
+from serve.core.model_runner import largest_step_inputs
 from serve.engine.errors import PromptTooLongError
-from serve.engine.kv.page_allocator import PageAllocator, PageTable
-from serve.engine.model_runner import largest_step_inputs
 
 PROMPTS = ["def main():", "import os\nimport sys\n\nclass Config(object):", "x",
            "for i in range(10):", "while True:", "return None"]

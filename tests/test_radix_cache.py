@@ -7,8 +7,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from serve.engine.kv.page_allocator import PageAllocator, PageTable
-from serve.engine.kv.radix_cache import Node, RadixCache
+from serve.core.kv.page_allocator import PageAllocator, PageTable
+from serve.core.kv.radix_cache import Node, RadixCache
 
 PAGE_SIZE = 2
 

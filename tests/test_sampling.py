@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.sampler import (
+from serve.core.sampler import (
     Sampler,
     SamplingTensors,
     exponential_noise,

@@ -8,10 +8,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from serve.engine.kv.page_allocator import PageAllocator
-from serve.engine.kv.radix_cache import RadixCache
-from serve.engine.request import Request, RequestStatus
-from serve.engine.scheduler import Scheduler
+from serve.core.kv.page_allocator import PageAllocator
+from serve.core.kv.radix_cache import RadixCache
+from serve.core.request import Request, RequestStatus
+from serve.core.scheduler import Scheduler
 from serve.sampling_params import SamplingParams
 
 NUM_PAGES, PAGE_SIZE = 8, 4

@@ -21,7 +21,7 @@ from serve.sampling_params import SamplingParams
 from tests.test_server_lifecycle import make_engine
 from tests.test_server_openai_client import ServerThread
 
-SOURCE = (Path(__file__).parent.parent / "serve" / "engine" / "scheduler.py").read_text()
+SOURCE = (Path(__file__).parent.parent / "serve" / "core" / "scheduler.py").read_text()
 
 
 class CountingTokenizer:

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from serve.core.request import RequestOutput
+from serve.core.stats import EngineStats
 from serve.engine.errors import EngineDeadError, EngineShuttingDownError, RequestFailedError
 from serve.engine.input_processor import EngineInput, Prompt
-from serve.engine.request import RequestOutput
-from serve.engine.stats import EngineStats
 from serve.engine.tokenizer_pool import TokenizerPool
 from serve.sampling_params import SamplingParams
 

@@ -12,16 +12,16 @@ import random
 import time
 
 from serve.config import EngineConfig
+from serve.core.kv.page_allocator import PageAllocator
+from serve.core.kv.radix_cache import RadixCache
+from serve.core.model_runner import ModelRunner
+from serve.core.request import Request, RequestOutput
+from serve.core.sampler import SamplingTensors
+from serve.core.scheduler import ScheduledRequest, Scheduler
+from serve.core.stats import EngineStats, StatsCollector
+from serve.core.step_inputs import StepInputs, build_step_inputs
 from serve.engine.input_processor import EngineInput, InputProcessor, Prompt
-from serve.engine.kv.page_allocator import PageAllocator
-from serve.engine.kv.radix_cache import RadixCache
-from serve.engine.model_runner import ModelRunner
 from serve.engine.output_processor import OutputProcessor
-from serve.engine.request import Request, RequestOutput
-from serve.engine.sampler import SamplingTensors
-from serve.engine.scheduler import ScheduledRequest, Scheduler
-from serve.engine.stats import EngineStats, StatsCollector
-from serve.engine.step_inputs import StepInputs, build_step_inputs
 from serve.engine.tokenizer import eos_token_ids, load_tokenizer
 from serve.models.loader import load_config, resolve_model_path
 from serve.sampling_params import SamplingParams

@@ -2,8 +2,8 @@
 
 from transformers import PreTrainedTokenizerBase
 
+from serve.core.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from serve.engine.detokenizer import IncrementalDetokenizer
-from serve.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 
 
 class OutputProcessor:

@@ -20,9 +20,9 @@ up (vLLM's preemption by recompute; the cache often still has most of them).
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve.engine.kv.page_allocator import PageAllocator
-from serve.engine.kv.radix_cache import RadixCache
-from serve.engine.request import Request, RequestStatus
+from serve.core.kv.page_allocator import PageAllocator
+from serve.core.kv.radix_cache import RadixCache
+from serve.core.request import Request, RequestStatus
 
 WATERMARK = 0.01  # share of the pool kept free at admission, so running requests can grow
 

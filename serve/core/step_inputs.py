@@ -7,7 +7,7 @@ from itertools import chain
 import torch
 
 from serve.attention.metadata import AttentionMetadata
-from serve.engine.sampler import SamplingTensors
+from serve.core.sampler import SamplingTensors
 
 
 @dataclass

@@ -17,7 +17,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from serve.engine.kv.page_allocator import PageAllocator
+from serve.core.kv.page_allocator import PageAllocator
 
 
 @dataclass(eq=False)

@@ -3,8 +3,8 @@ thread: the server's metrics and logs are fed from these snapshots."""
 
 from dataclasses import dataclass, field
 
-from serve.engine.request import Request
-from serve.engine.scheduler import SchedulerOutput
+from serve.core.request import Request
+from serve.core.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True)

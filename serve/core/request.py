@@ -4,7 +4,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from serve.engine.kv.page_allocator import PageTable
+from serve.core.kv.page_allocator import PageTable
 from serve.sampling_params import SamplingParams
 
 

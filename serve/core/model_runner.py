@@ -12,15 +12,15 @@ import torch
 
 from serve.attention import make_backend
 from serve.config import EngineConfig
-from serve.engine.cuda_graph import (
+from serve.core.cuda_graph import (
     CudaGraphRunner,
     bucket_for,
     graph_batch_sizes,
     pad_decode_inputs,
 )
-from serve.engine.kv.kv_pool import KVPool
-from serve.engine.sampler import Sampler
-from serve.engine.step_inputs import (
+from serve.core.kv.kv_pool import KVPool
+from serve.core.sampler import Sampler
+from serve.core.step_inputs import (
     DeviceStaging,
     StepInputs,
     build_step_inputs,

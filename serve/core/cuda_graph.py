@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from serve.attention.metadata import AttentionMetadata
-from serve.engine.step_inputs import StepInputs
+from serve.core.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
