@@ -9,7 +9,8 @@ stage's engine. It therefore imports nothing from bench/ (the tree's own bench/ 
 and relies only on what every stage keeps: `LLM(...).engine` with add_request, step,
 has_unfinished_requests and abort_request, `engine.runner.model`, and, where they exist,
 `engine.runner.forward` (`engine.runner.logits` once the runner samples too), the sampler
-(`engine.sampler`, later `engine.runner.sampler`) and `engine.output_processor.process_token`.
+(`engine.sampler`, later `engine.runner.sampler`) and `engine.output_processor.process_token`
+(`process` from stage 7).
 
 For the requests in --requests it records:
 
@@ -129,9 +130,12 @@ def instrument(engine, recorder: Recorder) -> list[str]:
             hooked.append("sample")
             break
     processor = getattr(engine, "output_processor", None)
-    if callable(getattr(processor, "process_token", None)):
-        processor.process_token = timed(recorder, "output", processor.process_token)
-        hooked.append("output")
+    # one call per sampled token; from stage 7, one per request's part of a step
+    for name in ("process_token", "process"):
+        if callable(getattr(processor, name, None)):
+            setattr(processor, name, timed(recorder, "output", getattr(processor, name)))
+            hooked.append("output")
+            break
     return hooked
 
 

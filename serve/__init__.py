@@ -1,6 +1,6 @@
 """nanoserve: an LLM inference engine built stage by stage, as a course."""
 
-from serve.core.request import CompletionOutput, RequestOutput
+from serve.engine.outputs import CompletionOutput, RequestOutput
 from serve.llm import LLM
 from serve.sampling_params import SamplingParams
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from serve.config import EngineConfig
-from serve.core.request import RequestOutput
 from serve.engine.llm_engine import LLMEngine
+from serve.engine.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
 
 Prompt = str | list[int]

@@ -197,14 +197,15 @@ def test_a_fault_of_one_request_fails_that_request_alone(engine, monkeypatch):
     """A request whose output processing raises (its detokenizer, a stop check) ends with an
     error; the request beside it and the engine go on."""
     processor = engine.engine.output_processor
-    process_token = processor.process_token
+    process = processor.process
 
-    def failing_for_one(request, token_id):
-        if request.request_id == "bad" and len(request.output_token_ids) == 2:
+    def failing_for_one(output):
+        state = processor.requests[output.request_id]
+        if output.request_id == "bad" and len(state.token_ids) == 1:  # its second token
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return process_token(request, token_id)
+        return process(output)
 
-    monkeypatch.setattr(processor, "process_token", failing_for_one)
+    monkeypatch.setattr(processor, "process", failing_for_one)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
     async def both():

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve.config import EngineConfig
-from serve.core.stats import EngineStats, FinishedRequestStats
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
+from serve.messages import EngineStats, FinishedRequestStats
 from serve.server.app import build_app
 from serve.server.metrics import ServerMetrics, log_engine_state, log_while_busy
 from tests.helpers import wait_until

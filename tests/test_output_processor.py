@@ -4,8 +4,8 @@ span any number of detokenized pieces."""
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serve.core.request import Request
 from serve.engine.output_processor import OutputProcessor
+from serve.messages import CoreOutput
 from serve.sampling_params import SamplingParams
 
 
@@ -20,17 +20,18 @@ class PieceDetokenizer:
 
 
 def run(pieces: list[str], stop: list[str]):
-    processor = OutputProcessor(tokenizer=None, eos_ids=set())
+    processor = OutputProcessor(tokenizer=None)
     params = SamplingParams(max_tokens=len(pieces), stop=stop, ignore_eos=True)
-    request = Request("r", [1, 2, 3], params, len(pieces), sampling_seed=0)
-    processor.add_request(request)
-    processor.detokenizers["r"] = PieceDetokenizer(pieces)
+    processor.add_request("r", None, [1, 2, 3], params)
+    state = processor.requests["r"]
+    state.detokenizer = PieceDetokenizer(pieces)
     outputs = []
     for token_id in range(len(pieces)):
-        outputs.append(processor.process_token(request, token_id))
+        last = token_id == len(pieces) - 1  # the core ends it at max_tokens
+        outputs.append(processor.process(CoreOutput("r", [token_id], "length" if last else None)))
         longest = max((len(s) for s in stop), default=1)
-        assert len(request.unsent_text) <= max(longest - 1, 0) or request.finished
-        if request.finished:
+        assert len(state.unsent_text) <= max(longest - 1, 0) or outputs[-1].finished
+        if outputs[-1].finished:
             break
     return outputs
 

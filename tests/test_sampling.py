@@ -136,13 +136,13 @@ def test_eos_stops_unless_ignored(llm):
     full = generate_one(llm, "return", temperature=0, max_tokens=12, ignore_eos=True)
     eos = full.token_ids[3]
     first = full.token_ids.index(eos)
-    processor = llm.engine.output_processor
-    saved, processor.eos_ids = processor.eos_ids, {eos}  # pretend this token is the model's EOS
+    core = llm.engine.core
+    saved, core.eos_token_ids = core.eos_token_ids, {eos}  # pretend this token is the model's EOS
     try:
         stopped = generate_one(llm, "return", temperature=0, max_tokens=12)
         ignored = generate_one(llm, "return", temperature=0, max_tokens=12, ignore_eos=True)
     finally:
-        processor.eos_ids = saved
+        core.eos_token_ids = saved
     assert stopped.token_ids == full.token_ids[: first + 1]
     assert stopped.finish_reason == "stop"
     assert ignored.token_ids == full.token_ids and ignored.finish_reason == "length"

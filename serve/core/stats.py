@@ -1,51 +1,11 @@
-"""What the engine publishes after each step, so that nobody reads its internals from another
-thread: the server's metrics and logs are fed from these snapshots."""
+"""What the core counts between two snapshots of its state (serve/messages.py's EngineStats):
+the server's metrics and logs are fed from the snapshots, never from the core's internals."""
 
 from dataclasses import dataclass, field
 
 from serve.core.request import Request
 from serve.core.scheduler import SchedulerOutput
-
-
-@dataclass(frozen=True)
-class FinishedRequestStats:
-    finish_reason: str
-    e2e_latency_s: float  # from arrival to the last token (or the abort)
-    num_prompt_tokens: int
-    num_generation_tokens: int
-
-
-# --8<-- [start:engine_stats]
-@dataclass(frozen=True)
-class EngineStats:
-    """The queue and the pool right after a step, and what happened since the last snapshot."""
-
-    num_running: int
-    num_waiting: int
-    num_pages_used: int  # held by requests
-    num_pages_total: int
-    num_cached_pages: int = 0  # kept by the prefix cache, held by requests or not
-    num_preemptions: int = 0  # since the last snapshot, like every field below
-    num_prompt_tokens: int = 0  # prompts of requests that produced their first token
-    num_generation_tokens: int = 0
-    prefix_cache_queries: int = 0  # tokens of admitted requests, looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of those, the tokens found cached
-    time_to_first_token_s: tuple[float, ...] = ()
-    inter_token_latency_s: tuple[float, ...] = ()
-    finished: tuple[FinishedRequestStats, ...] = ()
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """The share of the pool in use, 0 to 1 (vLLM's kv_cache_usage_perc)."""
-        return self.num_pages_used / self.num_pages_total if self.num_pages_total else 0.0
-
-    def __str__(self) -> str:
-        line = (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
-                f"({self.kv_cache_usage:.1%}), {self.num_running} running, "
-                f"{self.num_waiting} waiting")
-        return line + (f", {self.num_cached_pages} pages in the prefix cache"
-                       if self.num_cached_pages else "")
-# --8<-- [end:engine_stats]
+from serve.messages import EngineStats, FinishedRequestStats
 
 
 @dataclass

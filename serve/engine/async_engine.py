@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve.core.request import RequestOutput
-from serve.core.stats import EngineStats
 from serve.engine.errors import EngineDeadError, EngineShuttingDownError, RequestFailedError
 from serve.engine.input_processor import EngineInput, Prompt
+from serve.engine.outputs import RequestOutput
 from serve.engine.tokenizer_pool import TokenizerPool
+from serve.messages import EngineStats
 from serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

@@ -1,95 +1,125 @@
-"""After each sampled token: detokenize, decide whether the request stops, and report it."""
+"""The server side of each step: turn the core's new tokens into text, apply stop strings, report.
+
+The core ends a request at a token (EOS, a stop token, max_tokens); text is decided here, where
+the tokenizer is. A request whose text meets a stop string ends here, and the engine tells the
+core to stop it too.
+"""
+
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from serve.core.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from serve.engine.detokenizer import IncrementalDetokenizer
+from serve.engine.outputs import CompletionOutput, RequestOutput
+from serve.messages import CoreOutput
+from serve.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    """What the server side keeps of one request. The text is the pieces already reported
+    (joined once, at the end) and the tail held back because it could still grow into a stop
+    string: appending to one string every step would copy the whole text every step."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    sent_text: list[str] = field(default_factory=list)
+    unsent_text: str = ""
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.sent_text) + self.unsent_text
 
 
 class OutputProcessor:
-    """Owns the per-request detokenizers and every stopping rule (EOS, stop ids, stop strings,
-    max_tokens; max_tokens never lets a request outgrow the context)."""
+    """Owns every request's detokenizer and text, and the stop strings."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, eos_ids: set[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.requests: dict[str, RequestState] = {}
 
-    def add_request(self, request: Request) -> None:
-        if self.tokenizer is not None:
-            self.detokenizers[request.request_id] = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids
-            )
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+                       if self.tokenizer is not None else None)
+        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
+                                                 detokenizer)
 
-    # --8<-- [start:process_token]
-    def process_token(self, request: Request, token_id: int) -> RequestOutput:
-        """Record one new token for `request` and build what this step reports for it."""
-        request.output_token_ids.append(token_id)
-        params = request.params
-        if not params.ignore_eos and token_id in self.eos_ids:
-            self._finish(request, "stop")
-        elif token_id in params.stop_token_ids:
-            self._finish(request, "stop")
-        else:  # a stop token's own text is never shown, as in vLLM
-            self._append_text(request, token_id)
-        if not request.finished and len(request.output_token_ids) >= request.max_tokens:
-            self._finish(request, "length")
-        return self.make_output(request, [token_id])
-    # --8<-- [end:process_token]
+    # --8<-- [start:process]
+    def process(self, output: CoreOutput) -> RequestOutput:
+        """Record the core's new tokens for one request and build what this step reports."""
+        state = self.requests[output.request_id]
+        state.token_ids += output.new_token_ids
+        state.num_cached_tokens = output.num_cached_tokens
+        state.finish_reason = output.finish_reason
+        new_ids = output.new_token_ids
+        if output.finish_reason == "stop":  # EOS or a stop token: its own text is never shown
+            new_ids = new_ids[:-1]
+        for token_id in new_ids:
+            if self._append_text(state, token_id):
+                break
+        return self._report(state, output.new_token_ids)
+    # --8<-- [end:process]
 
-    def abort(self, request: Request, error: str | None = None) -> RequestOutput:
+    def abort(self, request_id: str, error: str | None = None) -> RequestOutput | None:
         """End the request now; `error` says why when it failed rather than was cancelled."""
-        self._finish(request, "abort")
-        output = self.make_output(request, [])
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        state.finish_reason = "abort"
+        output = self._report(state, [])
         output.error = error
         return output
 
-    def make_output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
+    def _report(self, state: RequestState, new_token_ids: list[int]) -> RequestOutput:
         """This step's new tokens and the text that became safe to show; the whole output once
         the request has finished."""
-        unsent = request.unsent_text
+        finished = state.finish_reason is not None
+        unsent = state.unsent_text
         keep = 0  # characters held back: a tail that could still grow into a stop string
-        if not request.finished and request.params.stop:
-            keep = min(len(unsent), max(len(s) for s in request.params.stop) - 1)
+        if not finished and state.params.stop:
+            keep = min(len(unsent), max(len(s) for s in state.params.stop) - 1)
         new_text = unsent[: len(unsent) - keep]
         if new_text:
-            request.sent_text.append(new_text)
-            request.unsent_text = unsent[len(unsent) - keep :]
+            state.sent_text.append(new_text)
+            state.unsent_text = unsent[len(unsent) - keep :]
         outputs = []
-        if request.finished:
-            self.detokenizers.pop(request.request_id, None)
-            outputs.append(CompletionOutput(0, request.output_text,
-                                            list(request.output_token_ids),
-                                            request.finish_reason))
+        if finished:
+            del self.requests[state.request_id]
+            outputs.append(CompletionOutput(0, state.text, state.token_ids, state.finish_reason))
         return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
             outputs=outputs,
-            finished=request.finished,
+            finished=finished,
             new_text=new_text,
             new_token_ids=new_token_ids,
-            num_cached_tokens=request.num_cached_tokens,
+            num_cached_tokens=state.num_cached_tokens,
         )
 
-    def _append_text(self, request: Request, token_id: int) -> None:
-        detokenizer = self.detokenizers.get(request.request_id)
-        if detokenizer is None:
-            return  # no tokenizer: token ids only
-        piece = detokenizer.add(token_id)
+    @staticmethod
+    def _append_text(state: RequestState, token_id: int) -> bool:
+        """Detokenize one token; True when the text now meets a stop string (cut before it)."""
+        if state.detokenizer is None:
+            return False  # no tokenizer: token ids only
+        piece = state.detokenizer.add(token_id)
         if not piece:
-            return
+            return False
         # A stop string can only end in the new piece and start in the held-back text: text
         # reported earlier was at least (longest stop - 1) characters from the end when it went.
-        start = len(request.unsent_text)
-        request.unsent_text += piece
-        found = [at for stop in request.params.stop
-                 if (at := request.unsent_text.find(stop, max(0, start - len(stop) + 1))) != -1]
-        if found:
-            request.unsent_text = request.unsent_text[: min(found)]
-            self._finish(request, "stop")
-
-    @staticmethod
-    def _finish(request: Request, reason: str) -> None:
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
+        start = len(state.unsent_text)
+        state.unsent_text += piece
+        found = [at for stop in state.params.stop
+                 if (at := state.unsent_text.find(stop, max(0, start - len(stop) + 1))) != -1]
+        if not found:
+            return False
+        state.unsent_text = state.unsent_text[: min(found)]
+        state.finish_reason = "stop"
+        return True

@@ -7,10 +7,10 @@ from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
-from serve.core.request import RequestOutput
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import InvalidRequestError, PromptTooLongError
 from serve.engine.input_processor import Prompt
+from serve.engine.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
 from serve.server.protocol import APIError
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from serve.core.stats import EngineStats
+from serve.messages import EngineStats
 
 if TYPE_CHECKING:
     from serve.engine.async_engine import AsyncEngine

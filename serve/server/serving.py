@@ -16,10 +16,10 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.core.request import RequestOutput
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
 from serve.engine.input_processor import ChatPrompt, Prompt
+from serve.engine.outputs import RequestOutput
 from serve.server.generation import Generation, cancel_on_disconnect
 from serve.server.protocol import (
     APIError,

@@ -1,0 +1,158 @@
+"""The engine core: continuous batching over a paged KV cache, with prefix caching and chunked
+prefill, in token ids only.
+
+`step()` asks the scheduler which requests run and how many tokens each computes, runs one
+forward pass over all of them, samples the requests whose tokens reach their end, applies the
+rules that end a request at a token (EOS, a stop token, max_tokens) and reports each request's
+new tokens as a CoreOutput. Text (detokenizing, stop strings) is the server side's: a request
+that meets a stop string there is ended here with `abort_request(..., reason="stop")`.
+"""
+
+import logging
+import time
+
+from serve.config import EngineConfig
+from serve.core.kv.page_allocator import PageAllocator
+from serve.core.kv.radix_cache import RadixCache
+from serve.core.model_runner import ModelRunner
+from serve.core.request import Request, RequestStatus
+from serve.core.sampler import SamplingTensors
+from serve.core.scheduler import ScheduledRequest, Scheduler
+from serve.core.stats import StatsCollector
+from serve.core.step_inputs import StepInputs, build_step_inputs
+from serve.messages import CoreOutput, CoreRequest, EngineStats
+from serve.models.loader import load_config, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int]) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.hf_config = load_config(self.model_path)
+        self.eos_token_ids = eos_token_ids
+        limit = self.hf_config.max_position_embeddings  # the RoPE table has no more rows
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        self.runner = ModelRunner(config, self.hf_config, self.model_path, self.max_model_len)
+        self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
+        self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
+        self.cache = RadixCache(self.allocator) if config.enable_prefix_caching else None
+        self.allocator.evictor = self.cache  # the allocator evicts through it when it runs dry
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.cache)
+        self.stats = StatsCollector()
+
+    def _context_the_pool_holds(self, asked: bool) -> int:
+        """max_model_len, if the KV pool holds one sequence that long (else no request of that
+        length could ever finish). A pool too small refuses an asked-for length; a default one
+        (the config's) is lowered to what the pool holds, as vLLM does."""
+        pool = self.runner.kv_pool
+        capacity = pool.num_pages * pool.page_size
+        if self.max_model_len <= capacity:
+            return self.max_model_len
+        if asked:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} needs "
+                f"{-(-self.max_model_len // pool.page_size)} KV pages of {pool.page_size} tokens "
+                f"and the pool has {pool.num_pages}: raise --num-pages (or "
+                "--gpu-memory-utilization), or lower --max-model-len")
+        logger.warning("max_model_len lowered from %d to %d: the KV pool holds %d tokens (raise "
+                       "--num-pages or --gpu-memory-utilization for more)",
+                       self.max_model_len, capacity, capacity)
+        return capacity
+
+    def add_request(self, message: CoreRequest) -> None:
+        """Queue a request (whatever fits max_model_len fits the pool: see above)."""
+        request = Request(message.request_id, message.prompt_token_ids, message.params,
+                          message.max_tokens, message.seed, arrival_time=message.arrival_time)
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str, reason: str = "abort") -> bool:
+        """End a waiting or running request and free its pages; False if it is not here."""
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return False
+        self._finish(request, reason)
+        self.scheduler.finish(request)
+        self.stats.on_finish(request, time.monotonic())
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # --8<-- [start:step]
+    def step(self) -> list[CoreOutput]:
+        """Schedule, run one forward pass over every scheduled request, sample the requests
+        whose tokens reach their end (not a prefill chunk that stops short), report."""
+        schedule = self.scheduler.schedule()
+        self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
+        if schedule.is_empty:
+            return []
+        sampled = [item.completes for item in schedule.scheduled]
+        token_ids = self.runner.execute(self._step_inputs(schedule.scheduled, sampled))
+        for item in schedule.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+        now = time.monotonic()
+        outputs = []
+        sampled_requests = [item.request for item, s in zip(schedule.scheduled, sampled,
+                                                            strict=True) if s]
+        for request, token_id in zip(sampled_requests, token_ids, strict=True):
+            request.output_token_ids.append(token_id)
+            self.stats.on_token(request, now)
+            self._check_stop(request, token_id)
+            outputs.append(CoreOutput(request.request_id, [token_id], request.finish_reason,
+                                      request.num_cached_tokens))
+            if request.finished:
+                self.scheduler.finish(request)  # its pages are free for the next step
+                self.stats.on_finish(request, now)
+        self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
+        return outputs
+    # --8<-- [end:step]
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        """The rules that end a request at a token; a stop string is the server side's."""
+        params = request.params
+        if (not params.ignore_eos and token_id in self.eos_token_ids) \
+                or token_id in params.stop_token_ids:
+            self._finish(request, "stop")
+        elif len(request.output_token_ids) >= request.max_tokens:
+            self._finish(request, "length")
+
+    @staticmethod
+    def _finish(request: Request, reason: str) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def _step_inputs(self, scheduled: list[ScheduledRequest], sampled: list[bool]) -> StepInputs:
+        requests = [item.request for item in scheduled]
+        samplers = [r for r, s in zip(requests, sampled, strict=True) if s]
+        sampling = SamplingTensors.build(
+            [r.params for r in samplers], [r.sampling_seed for r in samplers],
+            [r.num_tokens for r in samplers],  # the position each request samples next
+            self.hf_config.vocab_size)
+        return build_step_inputs(
+            [item.request.token_ids_from(item.request.num_computed_tokens)[:item.num_new_tokens]
+             for item in scheduled],
+            [r.num_computed_tokens for r in requests],
+            [r.page_table.pages for r in requests],
+            self.allocator.page_size, sampling, sampled)
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (benchmarks, between runs). Pages that running requests hold
+        stay; True when the cache is empty afterwards."""
+        if self.cache is None:
+            return True
+        self.cache.evict(self.cache.num_cached_pages)
+        return self.cache.num_cached_pages == 0
+
+    def take_stats(self) -> EngineStats:
+        """The queue and pool now, and everything counted since the last call."""
+        stats = self.stats.snapshot(len(self.scheduler.running), len(self.scheduler.waiting),
+                                    self.allocator.num_used_pages, self.allocator.num_pages,
+                                    self.cache.num_cached_pages if self.cache else 0)
+        self.stats = StatsCollector()
+        return stats

@@ -1,0 +1,45 @@
+"""What the engine reports for a request after each step (vLLM's RequestOutput shape)."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence: its whole text and tokens (vLLM's shape)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request: its new tokens and text, and once it has finished, the
+    whole output (`outputs`, also `text` and `token_ids`; empty before). Each step's work per
+    request is then its new part alone, not everything generated so far.
+
+    `error` is set when the request failed on its own (the engine goes on with the others).
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    new_text: str = ""  # text that became final in this step (for streaming)
+    new_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text if self.outputs else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids if self.outputs else []
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason if self.outputs else None

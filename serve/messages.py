@@ -1,0 +1,72 @@
+"""What the server side (serve/engine) and the engine core (serve/core) say to each other.
+
+The core knows token ids, pages and the GPU; the server side knows text: it tokenizes, detokenizes
+and applies stop strings. These typed messages are all that passes between the two, today as
+Python objects in one process, and encoded with msgspec when the core runs in a process of its
+own. A message carries what changed, never a request's whole history, so that the work per step
+on either side grows with the batch and not with the tokens generated so far.
+"""
+
+import msgspec
+
+from serve.sampling_params import SamplingParams
+
+
+class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request ready for the core: its prompt as token ids, every limit already resolved."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # params.max_tokens, or what is left of the context
+    seed: int  # the request's own seed, or one the server side drew for it
+    arrival_time: float
+
+
+class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One request's part of one step: the tokens it gained, and why it ended, if it did."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (EOS or a stop token), "length", "abort"
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
+    error: str | None = None  # set when the core ended the request because it failed
+
+
+class FinishedRequestStats(msgspec.Struct, frozen=True, array_like=True):
+    finish_reason: str
+    e2e_latency_s: float  # from arrival to the last token (or the abort)
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+# --8<-- [start:engine_stats]
+class EngineStats(msgspec.Struct, frozen=True):
+    """The queue and the pool right after a step, and what happened since the last snapshot."""
+
+    num_running: int
+    num_waiting: int
+    num_pages_used: int  # held by requests
+    num_pages_total: int
+    num_cached_pages: int = 0  # kept by the prefix cache, held by requests or not
+    num_preemptions: int = 0  # since the last snapshot, like every field below
+    num_prompt_tokens: int = 0  # prompts of requests that produced their first token
+    num_generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # tokens of admitted requests, looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, the tokens found cached
+    time_to_first_token_s: tuple[float, ...] = ()
+    inter_token_latency_s: tuple[float, ...] = ()
+    finished: tuple[FinishedRequestStats, ...] = ()
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of the pool in use, 0 to 1 (vLLM's kv_cache_usage_perc)."""
+        return self.num_pages_used / self.num_pages_total if self.num_pages_total else 0.0
+
+    def __str__(self) -> str:
+        line = (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
+                f"({self.kv_cache_usage:.1%}), {self.num_running} running, "
+                f"{self.num_waiting} waiting")
+        return line + (f", {self.num_cached_pages} pages in the prefix cache"
+                       if self.num_cached_pages else "")
+# --8<-- [end:engine_stats]
