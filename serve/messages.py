@@ -12,7 +12,7 @@ import msgspec
 from serve.sampling_params import SamplingParams
 
 
-class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+class CoreRequest(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     """A request ready for the core: its prompt as token ids, every limit already resolved."""
 
     request_id: str
@@ -63,6 +63,20 @@ class EngineStats(msgspec.Struct, frozen=True):
         """The share of the pool in use, 0 to 1 (vLLM's kv_cache_usage_perc)."""
         return self.num_pages_used / self.num_pages_total if self.num_pages_total else 0.0
 
+    def then(self, later: "EngineStats") -> "EngineStats":
+        """This snapshot followed by a later one, as one: the later state, both periods' counts."""
+        return EngineStats(
+            later.num_running, later.num_waiting, later.num_pages_used, later.num_pages_total,
+            later.num_cached_pages,
+            num_preemptions=self.num_preemptions + later.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens + later.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens + later.num_generation_tokens,
+            prefix_cache_queries=self.prefix_cache_queries + later.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits + later.prefix_cache_hits,
+            time_to_first_token_s=self.time_to_first_token_s + later.time_to_first_token_s,
+            inter_token_latency_s=self.inter_token_latency_s + later.inter_token_latency_s,
+            finished=self.finished + later.finished)
+
     def __str__(self) -> str:
         line = (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
                 f"({self.kv_cache_usage:.1%}), {self.num_running} running, "
@@ -70,3 +84,42 @@ class EngineStats(msgspec.Struct, frozen=True):
         return line + (f", {self.num_cached_pages} pages in the prefix cache"
                        if self.num_cached_pages else "")
 # --8<-- [end:engine_stats]
+
+
+# When the core runs in a process of its own (serve/core/core_process.py), these go with them:
+# to the core, CoreStart first, then CoreRequest, CoreAbort and CoreCommand; from it, CoreReady
+# (or CoreFailed) once, then a CoreStep after every step it runs.
+
+
+class CoreStart(msgspec.Struct, tag=True, array_like=True):
+    config: dict  # EngineConfig's fields
+    eos_token_ids: list[int]
+
+
+class CoreAbort(msgspec.Struct, tag=True, array_like=True):
+    request_id: str
+    reason: str = "abort"  # "stop" when the server side found a stop string
+
+
+class CoreCommand(msgspec.Struct, tag=True, array_like=True):
+    name: str  # "reset_prefix_cache" or "shutdown"
+
+
+class CoreReady(msgspec.Struct, tag=True, array_like=True):
+    max_model_len: int  # after the KV pool was sized
+    vocab_size: int
+    num_pages: int
+
+
+class CoreFailed(msgspec.Struct, tag=True, array_like=True):
+    error_type: str  # "ValueError" for a config that cannot be served
+    message: str
+
+
+class CoreStep(msgspec.Struct, tag=True, array_like=True):
+    outputs: list[CoreOutput]
+    stats: EngineStats
+
+
+ToCore = CoreStart | CoreRequest | CoreAbort | CoreCommand
+FromCore = CoreReady | CoreFailed | CoreStep

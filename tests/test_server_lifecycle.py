@@ -168,6 +168,40 @@ def test_a_second_ctrl_c_stops_at_once_and_cleanly(long_context_dir):
     assert "terminate called" not in server.stderr.read()
 
 
+def core_processes_of(pid: int) -> list[int]:
+    """The child processes of pid (Linux): the server's engine core."""
+    return [int(child) for child in
+            open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def test_a_dead_core_ends_the_streams_health_and_the_server(long_context_dir):
+    """The engine core runs in a process of its own. If it dies (here: SIGKILL, as the kernel's
+    OOM killer would), every stream in flight ends with an error event and [DONE], /health stops
+    answering 200 within seconds, and the server exits non-zero for its supervisor to see."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--model", long_context_dir, "--port", str(port),
+         "--device", "cpu", "--log-level", "error"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _healthy(base_url), timeout=60), "the server did not start"
+        events, started = [], threading.Event()
+        thread = threading.Thread(target=stream_events, args=(
+            base_url, {"prompt": "def main():", "ignore_eos": True, "max_tokens": None},
+            events, started))
+        thread.start()
+        assert started.wait(30)
+        [core] = core_processes_of(server.pid)
+        os.kill(core, signal.SIGKILL)
+        assert wait_until(lambda: not _healthy(base_url), timeout=5)
+        thread.join(timeout=10)
+        assert server.wait(timeout=20) != 0
+    finally:
+        server.kill()
+    assert "error" in events[-2] and events[-1] == "[DONE]"
+
+
 def _healthy(base_url: str) -> bool:
     try:
         return httpx.get(f"{base_url}/health", timeout=1).status_code == 200

@@ -204,10 +204,6 @@ class Scheduler:
                 return request
         return None
 
-    def waiting_never_started(self) -> list[Request]:
-        """Queued requests that have not produced a token (a preempted one has)."""
-        return [r for r in self.waiting if not r.started]
-
     @property
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)

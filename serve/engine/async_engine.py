@@ -137,6 +137,7 @@ class AsyncEngine:
         self.stop()
         self.wait_closed()
         self._tokenizers.shutdown()
+        self.engine.shutdown()
 
     # --8<-- [start:generate]
     async def generate(
@@ -253,16 +254,15 @@ class AsyncEngine:
     def _end_for_shutdown(self) -> None:
         """While draining: queued requests that never started end now; past the deadline,
         everything still running ends too."""
-        scheduler = self.engine.scheduler
         if time.monotonic() >= self._drain_deadline:
-            ending = [*scheduler.running, *scheduler.waiting]
+            ending = self.engine.request_ids()
             reason = "the server shut down before this request finished"
         else:
-            ending = scheduler.waiting_never_started()
+            ending = self.engine.request_ids(started=False)
             reason = "the server is shutting down; this request had not started"
-        for request in ending:
-            self.engine.abort_request(request.request_id)
-            stream = self._streams.pop(request.request_id, None)
+        for request_id in ending:
+            self.engine.abort_request(request_id)
+            stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.put(EngineShuttingDownError(reason))
 

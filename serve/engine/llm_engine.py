@@ -12,6 +12,7 @@ import time
 
 from serve.config import EngineConfig
 from serve.core.engine_core import EngineCore
+from serve.engine.core_client import CoreClient
 from serve.engine.input_processor import EngineInput, InputProcessor, Prompt
 from serve.engine.output_processor import OutputProcessor
 from serve.engine.outputs import RequestOutput
@@ -24,16 +25,23 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """core_process=True runs the core in a process of its own (the server does); else it runs
+    in this one, and `step()` runs its steps."""
+
+    def __init__(self, config: EngineConfig, core_process: bool = False) -> None:
         self.config = config
         self.model_name = config.model
         path = resolve_model_path(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or path)
         eos_ids = eos_token_ids(load_config(path), path, self.tokenizer)
-        self.core = EngineCore(config, eos_ids)
+        if core_process:
+            self.core = CoreClient(config, eos_ids)
+            vocab_size = self.core.vocab_size
+        else:
+            self.core = EngineCore(config, eos_ids)
+            vocab_size = self.core.hf_config.vocab_size
         self.max_model_len = self.core.max_model_len  # (lowered to what the KV pool holds)
-        self.input_processor = InputProcessor(self.tokenizer, self.core.hf_config.vocab_size,
-                                              self.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none
 
@@ -77,12 +85,23 @@ class LLMEngine:
 
     def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
         """End a waiting or running request and free its pages; None if it is not here."""
-        if not self.core.abort_request(request_id):
+        if request_id not in self.output_processor.requests:
             return None
+        self.core.abort_request(request_id)
         return self.output_processor.abort(request_id, error)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def request_ids(self, started: bool | None = None) -> list[str]:
+        """The requests in flight; with started=False, those that have produced no token yet."""
+        states = self.output_processor.requests.values()
+        return [s.request_id for s in states if started is None or bool(s.token_ids) == started]
+
+    def shutdown(self) -> None:
+        """Stop a core that runs in a process of its own (one in this process needs nothing)."""
+        if isinstance(self.core, CoreClient):
+            self.core.shutdown()
 
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:
@@ -91,21 +110,21 @@ class LLMEngine:
         request's alone: it ends with an error, and the others go on."""
         outputs = []
         for core_output in self.core.step():
+            request_id = core_output.request_id
+            if request_id not in self.output_processor.requests:
+                continue  # ended here meanwhile (a stop string, an abort)
             try:
                 output = self.output_processor.process(core_output)
             except Exception as error:
-                logger.exception("request %s failed while processing its output",
-                                 core_output.request_id)
-                output = self.abort_request(core_output.request_id,
-                                            f"{type(error).__name__}: {error}")
-                if output is None:  # the core had ended it already
-                    output = self.output_processor.abort(core_output.request_id,
-                                                         f"{type(error).__name__}: {error}")
+                logger.exception("request %s failed while processing its output", request_id)
+                if core_output.finish_reason is None:
+                    self.core.abort_request(request_id)
+                output = self.output_processor.abort(request_id,
+                                                     f"{type(error).__name__}: {error}")
             else:
                 if output.finished and core_output.finish_reason is None:  # a stop string
-                    self.core.abort_request(core_output.request_id, reason="stop")
-            if output is not None:
-                outputs.append(output)
+                    self.core.abort_request(request_id, reason="stop")
+            outputs.append(output)
         return outputs
     # --8<-- [end:step]
 

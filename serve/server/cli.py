@@ -100,6 +100,11 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, if set)",
     )
     parser.add_argument(
+        "--no-core-process", action="store_true",
+        help="run the engine core in the server's process, on a thread (default: in a process "
+        "of its own, so that the server's Python work never delays a step)",
+    )
+    parser.add_argument(
         "--batch-wait-ms", type=finite_float(), default=None,
         help="ignored: requests join the running batch at every step (kept so that older "
         "command lines still start)",
@@ -190,7 +195,7 @@ def build_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
     except ValueError as error:  # EngineConfig names the field that is out of range
         parser.error(as_flag(str(error)))
     try:
-        return AsyncEngine(LLMEngine(config))
+        return AsyncEngine(LLMEngine(config, core_process=not args.no_core_process))
     except ValueError as error:  # no such model, an unsupported architecture, a context too long
         logger.debug("the engine could not be built", exc_info=True)
         parser.error(as_flag(str(error)))

@@ -1,0 +1,124 @@
+"""The engine core as a program of its own, so that the server's Python never competes with it:
+
+    python -m serve.core.core_process INPUT_ADDRESS OUTPUT_ADDRESS
+
+The server side (serve/engine/core_client.py) starts it and talks to it over two ZeroMQ sockets
+with the messages of serve/messages.py, encoded with msgpack: a CoreStart first (the engine's
+config), then requests, aborts and commands. The core answers CoreReady once its model and KV
+pool are up (or CoreFailed with the reason it could not start), then a CoreStep after every step
+it runs. It steps whenever it has unfinished requests and reads what arrived in between, so the
+server side never waits for it, nor it for the server side. It exits on a shutdown command, and
+on its own when the process that started it is gone.
+"""
+
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+import zmq
+
+from serve.config import EngineConfig
+from serve.core.engine_core import EngineCore
+from serve.messages import (
+    CoreAbort,
+    CoreCommand,
+    CoreFailed,
+    CoreReady,
+    CoreRequest,
+    CoreStart,
+    CoreStep,
+    ToCore,
+)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 1000  # how often an idle core checks that the server side is still there
+
+
+class CoreProcess:
+    """The loop around one EngineCore: read messages, step, send what the step produced."""
+
+    def __init__(self, input_address: str, output_address: str) -> None:
+        self.context = zmq.Context()
+        self.input = self.context.socket(zmq.PULL)
+        self.input.connect(input_address)
+        self.output = self.context.socket(zmq.PUSH)
+        self.output.connect(output_address)
+        self.decoder = msgspec.msgpack.Decoder(ToCore)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.parent = os.getppid()
+        self.core: EngineCore | None = None
+        self.running = True
+
+    def start(self) -> bool:
+        """Build the core from the first message; False (after saying why) if it cannot be."""
+        start = self.decoder.decode(self.input.recv())
+        assert isinstance(start, CoreStart), start
+        try:
+            self.core = EngineCore(EngineConfig(**start.config), set(start.eos_token_ids))
+        except Exception as error:
+            if not isinstance(error, ValueError):  # a config that cannot be served: the
+                logger.exception("the engine core could not start")  # server says why
+            self.send(CoreFailed(type(error).__name__, str(error)))
+            return False
+        self.send(CoreReady(self.core.max_model_len, self.core.hf_config.vocab_size,
+                            self.core.allocator.num_pages))
+        return True
+
+    def send(self, message) -> None:
+        self.output.send(self.encoder.encode(message), copy=False)
+
+    def run(self) -> None:
+        core = self.core
+        while self.running:
+            busy = core.has_unfinished_requests()
+            if self.input.poll(0 if busy else IDLE_POLL_MS):
+                while self.running and self.input.poll(0):  # everything that arrived
+                    self.apply(self.decoder.decode(self.input.recv()))
+            if os.getppid() != self.parent:  # (a system call: cheap beside a step)
+                logger.warning("the server side is gone; the engine core exits")
+                return
+            if self.running and core.has_unfinished_requests():
+                outputs = core.step()
+                self.send(CoreStep(outputs, core.take_stats()))
+
+    def apply(self, message) -> None:
+        core = self.core
+        if isinstance(message, CoreRequest):
+            core.add_request(message)
+        elif isinstance(message, CoreAbort):
+            core.abort_request(message.request_id, message.reason)
+        elif isinstance(message, CoreCommand) and message.name == "reset_prefix_cache":
+            core.reset_prefix_cache()
+        elif isinstance(message, CoreCommand) and message.name == "shutdown":
+            self.running = False
+        else:
+            raise ValueError(f"the engine core cannot handle {message!r}")
+
+    def close(self) -> None:
+        self.input.close(linger=0)
+        self.output.close(linger=1000)  # let the last messages go out
+        self.context.term()
+
+
+def main(argv: list[str]) -> int:
+    # The server side decides when the core stops (a Ctrl-C in a terminal reaches the whole
+    # process group: the server drains, then tells the core to shut down).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
+                        format="%(levelname)s core %(name)s: %(message)s")
+    process = CoreProcess(*argv)
+    try:
+        if not process.start():
+            return 1
+        process.run()
+        return 0
+    finally:
+        process.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
