@@ -105,22 +105,25 @@ def instrument(engine, recorder: Recorder) -> list[str]:
             recorder.tokens += input_ids.numel()
 
     runner = engine.runner
-    if callable(getattr(runner, "execute", None)):
-        # From stage 3 the runner takes a whole step's inputs: count them there, since from
-        # stage 4 a decode step replays a CUDA graph and never calls the model's forward.
-        execute = runner.execute
+    # From stage 3 the runner takes a whole step's inputs: count them there, since from stage
+    # 4 a decode step replays a CUDA graph and never calls the model's forward (from stage 7
+    # the engine calls `launch`, and `execute` only wraps it).
+    entry = next((name for name in ("launch", "execute")
+                  if callable(getattr(runner, name, None))), None)
+    if entry is not None:
+        execute = getattr(runner, entry)
 
         @functools.wraps(execute)
         def counted_execute(inputs, *args, **kwargs):
             recorder.tokens += inputs.num_tokens
             return execute(inputs, *args, **kwargs)
 
-        runner.execute = counted_execute
+        setattr(runner, entry, counted_execute)
     else:
         runner.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     hooked.append("model")
     # From stage 3 the runner samples too: its `logits` is the model's part of the step.
-    forward_name = "logits" if callable(getattr(runner, "execute", None)) else "forward"
+    forward_name = "logits" if entry is not None else "forward"
     if callable(getattr(runner, forward_name, None)):
         setattr(runner, forward_name, timed(recorder, "forward", getattr(runner, forward_name)))
         hooked.append("forward")

@@ -39,8 +39,11 @@ def test_chunks_change_no_token_on_a_pool_that_preempts(qwen3_dir):
     assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
 
 
-def test_running_requests_get_a_token_every_step_while_a_long_prompt_is_chunked(qwen3_dir):
-    llm = LLM(qwen3_dir, device="cpu", page_size=4, num_pages=256, max_num_batched_tokens=16)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_running_requests_get_a_token_every_step_while_a_long_prompt_is_chunked(qwen3_dir,
+                                                                               overlap):
+    llm = LLM(qwen3_dir, device="cpu", page_size=4, num_pages=256, max_num_batched_tokens=16,
+              overlap_scheduling=overlap)
     engine = llm.engine
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     engine.add_request("a", [1, 2, 3], params)
@@ -54,8 +57,9 @@ def test_running_requests_get_a_token_every_step_while_a_long_prompt_is_chunked(
         steps_until_long += 1
         if "long" in outputs:
             break
-    # 200 prompt tokens, 14 a step (16 minus the two decodes): 15 steps, the last one sampling
-    assert steps_until_long == 15
+    # 200 prompt tokens, 14 a step (16 minus the two decodes): 15 steps, the last one sampling;
+    # with overlap, a step's tokens are reported by the next call
+    assert steps_until_long == 15 + overlap
 
 
 def test_a_budget_smaller_than_the_context_is_accepted(qwen3_dir):

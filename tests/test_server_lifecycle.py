@@ -100,7 +100,7 @@ def test_sigterm_drains_then_exits_zero(long_context_dir):
                 base_url, {"prompt": "def main():", "ignore_eos": True, "max_tokens": None},
                 long, long_started)),
             threading.Thread(target=stream_events, args=(
-                base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": 120}, short,
+                base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": 40}, short,
                 short_started)),
         ]
         for thread in threads:

@@ -10,11 +10,12 @@ that meets a stop string there is ended here with `abort_request(..., reason="st
 
 import logging
 import time
+from dataclasses import dataclass
 
 from serve.config import EngineConfig
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
-from serve.core.model_runner import ModelRunner
+from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
 from serve.core.request import Request, RequestStatus
 from serve.core.sampler import SamplingTensors
 from serve.core.scheduler import ScheduledRequest, Scheduler
@@ -24,6 +25,17 @@ from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
 
 logger = logging.getLogger(__name__)
+
+PENDING = -1  # an output token sampled by a step in flight, not yet seen by the host
+
+
+@dataclass
+class InFlight:
+    """A launched step: which request each sampled row belongs to, and where its token goes."""
+
+    launched: LaunchedStep
+    rows: list[tuple[Request, int]]  # (request, index in its output_token_ids)
+    row_of: dict[str, int]  # request id -> its sampled row
 
 
 class EngineCore:
@@ -45,6 +57,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.cache)
         self.stats = StatsCollector()
+        self.overlap = config.overlap_scheduling and self.runner.supports_overlap
+        self._in_flight: InFlight | None = None
 
     def _context_the_pool_holds(self, asked: bool) -> int:
         """max_model_len, if the KV pool holds one sequence that long (else no request of that
@@ -82,44 +96,90 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     # --8<-- [start:step]
     def step(self) -> list[CoreOutput]:
-        """Schedule, run one forward pass over every scheduled request, sample the requests
-        whose tokens reach their end (not a prefill chunk that stops short), report."""
+        """Launch the next step, then report the tokens of the step before it.
+
+        With overlap scheduling, the host schedules and launches step N+1 while the device still
+        runs step N: the tokens step N samples feed step N+1 on the device, and the host reads
+        them only afterwards, so the device never waits for the host between steps. The price:
+        a request that ends at step N (EOS, a stop token) has already been given a row in step
+        N+1, whose token is dropped. Without overlap, each step is launched and read in turn."""
+        launched = self._launch_next()
+        if self.overlap:
+            previous, self._in_flight = self._in_flight, launched
+        else:
+            previous = launched
+        return self._collect(previous) if previous is not None else []
+    # --8<-- [end:step]
+
+    def _launch_next(self) -> InFlight | None:
+        """Schedule and launch a step; its sampled tokens are PENDING until collected."""
         schedule = self.scheduler.schedule()
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
-            return []
+            return None
         sampled = [item.completes for item in schedule.scheduled]
-        token_ids = self.runner.execute(self._step_inputs(schedule.scheduled, sampled))
+        inputs = self._step_inputs(schedule.scheduled, sampled)
+        fill = self._fill(schedule.scheduled)
         for item in schedule.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
+        launched = self.runner.launch(inputs, fill)
+        rows, row_of = [], {}
+        for item, is_sampled in zip(schedule.scheduled, sampled, strict=True):
+            if is_sampled:
+                request = item.request
+                row_of[request.request_id] = len(rows)
+                request.output_token_ids.append(PENDING)
+                rows.append((request, len(request.output_token_ids) - 1))
+        self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
+        return InFlight(launched, rows, row_of)
+
+    def _fill(self, scheduled: list[ScheduledRequest]) -> TokenFill | None:
+        """The rows whose input token is one the step in flight is still sampling (each is a
+        decode row: its one new token is the PENDING one)."""
+        previous = self._in_flight
+        if previous is None or not self.overlap:
+            return None
+        rows, indices, offset = [], [], 0
+        for item in scheduled:
+            index = previous.row_of.get(item.request.request_id)
+            if index is not None and item.request.output_token_ids[-1] == PENDING:
+                rows.append(offset)
+                indices.append(index)
+            offset += item.num_new_tokens
+        return TokenFill(rows, indices, previous.launched.sampled) if rows else None
+
+    def _collect(self, in_flight: InFlight) -> list[CoreOutput]:
+        """Wait for a launched step's tokens, put them in place of their PENDING marks, apply
+        the rules that end a request, and report."""
+        token_ids = self.runner.collect(in_flight.launched)
         now = time.monotonic()
         outputs = []
-        sampled_requests = [item.request for item, s in zip(schedule.scheduled, sampled,
-                                                            strict=True) if s]
-        for request, token_id in zip(sampled_requests, token_ids, strict=True):
-            request.output_token_ids.append(token_id)
-            self.stats.on_token(request, now)
-            self._check_stop(request, token_id)
-            outputs.append(CoreOutput(request.request_id, [token_id], request.finish_reason,
-                                      request.num_cached_tokens))
+        for (request, index), token_id in zip(in_flight.rows, token_ids, strict=True):
             if request.finished:
+                continue  # ended meanwhile (an abort, or one step late: see step)
+            request.output_token_ids[index] = token_id
+            self.stats.on_token(request, now)
+            self._check_stop(request, token_id, index + 1)
+            if request.finished:
+                del request.output_token_ids[index + 1 :]  # a row of the step in flight
                 self.scheduler.finish(request)  # its pages are free for the next step
                 self.stats.on_finish(request, now)
-        self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
+            outputs.append(CoreOutput(request.request_id, [token_id], request.finish_reason,
+                                      request.num_cached_tokens))
         return outputs
-    # --8<-- [end:step]
 
-    def _check_stop(self, request: Request, token_id: int) -> None:
-        """The rules that end a request at a token; a stop string is the server side's."""
+    def _check_stop(self, request: Request, token_id: int, num_output_tokens: int) -> None:
+        """The rules that end a request at its num_output_tokens-th token; a stop string is
+        the server side's."""
         params = request.params
         if (not params.ignore_eos and token_id in self.eos_token_ids) \
                 or token_id in params.stop_token_ids:
             self._finish(request, "stop")
-        elif len(request.output_token_ids) >= request.max_tokens:
+        elif num_output_tokens >= request.max_tokens:
             self._finish(request, "length")
 
     @staticmethod

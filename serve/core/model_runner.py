@@ -7,6 +7,7 @@ positions, slots, the attention index arrays, which rows to sample) and returns 
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -61,7 +62,15 @@ class ModelRunner:
         self.sampler = Sampler(cfg.vocab_size, self.device)
         if self.device.type == "cuda":
             self.sampler.warm_up()
-        self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see execute
+        self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see launch
+        self._parity = 0
+        # Overlap scheduling needs every host buffer a step copies from to stay untouched until
+        # the copy has run; the staging buffers, FlashInfer's plan buffers and the fill indices
+        # are not double-buffered yet, so on a GPU the engine runs its steps one at a time.
+        self.supports_overlap = self.device.type != "cuda"
+        self._sampled_host = [torch.empty(config.max_num_batched_tokens, dtype=torch.int64,
+                                          pin_memory=self.device.type == "cuda")
+                              for _ in range(2)]
         self.graphs: CudaGraphRunner | None = None  # captured once the pool exists
         graph_sizes = self._graph_batch_sizes(config)
         if graph_sizes:  # index buffers for the longest pages list a batch could ever have
@@ -168,18 +177,48 @@ class ModelRunner:
 
     # --8<-- [start:forward]
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> list[int]:
-        """Run one step and sample; returns one token id per sampled row."""
+    def launch(self, inputs: StepInputs, fill: "TokenFill | None" = None) -> "LaunchedStep":
+        """Start one step on the device and return without waiting for it: the model, then
+        sampling; the sampled ids are copied to the host in the background. With `fill`, some
+        rows' input tokens are taken on the device from an earlier step's sampled ids, which the
+        host has not seen yet (overlap scheduling)."""
         # (at most two parts, each copied through its own staging buffer)
         parts = [self.to_device(part, staging) for part, staging
                  in zip(self.split_for_graphs(inputs), self.stagings, strict=False)]
+        if fill is not None:  # the rows that need them are decode rows: the first part's
+            # (from host lists: on a GPU this copy should come from pinned memory, see
+            # supports_overlap)
+            rows, indices = (torch.as_tensor(x, device=self.device)
+                             for x in (fill.rows, fill.indices))
+            parts[0].token_ids[rows] = fill.source[indices]
         if len(parts) == 1:
             logits = self.logits(parts[0])  # [sampled rows, vocab]
         else:
             logits = torch.cat([self.logits(part) for part in parts])
-        if not len(logits):  # a step of prefill chunks only: nothing to sample, no sync
+        if not len(logits):  # a step of prefill chunks only: nothing to sample
+            return LaunchedStep(None, None, None)
+        sampled = self.sampler(logits, parts[0].sampling)
+        if self.device.type != "cuda":
+            return LaunchedStep(sampled, sampled, None)
+        self._parity ^= 1  # two host buffers: the previous step's may still be unread
+        host = self._sampled_host[self._parity][: len(sampled)]
+        host.copy_(sampled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(sampled, host, done)
+
+    @staticmethod
+    def collect(launched: "LaunchedStep") -> list[int]:
+        """The sampled token ids of a launched step (waits for it: the step's one host sync)."""
+        if launched.host is None:
             return []
-        return self.sampler(logits, parts[0].sampling).tolist()  # the step's one host sync
+        if launched.done is not None:
+            launched.done.synchronize()
+        return launched.host.tolist()
+
+    def execute(self, inputs: StepInputs) -> list[int]:
+        """Run one step and sample; returns one token id per sampled row."""
+        return self.collect(self.launch(inputs))
 
     def split_for_graphs(self, inputs: StepInputs) -> list[StepInputs]:
         """A mixed step (the scheduler puts decode rows first, prompt chunks after) as two: its
@@ -249,3 +288,23 @@ def _available_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class TokenFill:
+    """Input tokens a step takes on the device from an earlier step's sampled ids: row
+    rows[i] gets source[indices[i]]."""
+
+    rows: list[int]
+    indices: list[int]
+    source: torch.Tensor
+
+
+@dataclass
+class LaunchedStep:
+    """A step on its way: its sampled ids on the device, their copy on the host (valid once
+    `done` has passed) and the event that marks it."""
+
+    sampled: torch.Tensor | None
+    host: torch.Tensor | None
+    done: "torch.cuda.Event | None"

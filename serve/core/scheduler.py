@@ -84,7 +84,8 @@ class Scheduler:
         queue, prefilling = deque(), []  # running requests not yet given their tokens
         for request in self.running:  # (one pass: this runs for every request every step)
             if request.num_tokens - request.num_computed_tokens == 1:
-                queue.append(request)
+                if len(request.output_token_ids) < request.max_tokens:  # else: its last token
+                    queue.append(request)  # is still being sampled (overlap scheduling)
             else:
                 prefilling.append(request)
         queue.extend(prefilling)  # decodes first
