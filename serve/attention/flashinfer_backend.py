@@ -55,6 +55,10 @@ class FlashInferAttentionBackend:
         )
         self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         self.wrapper = self.prefill  # the wrapper planned for the current step
+        # A wrapper's plan writes a pinned host buffer and copies it to the device without
+        # waiting; before it is planned again, the host waits for that copy to have run (with
+        # overlap scheduling the next step is planned while the device may still be behind).
+        self._planned: dict[int, torch.cuda.Event] = {}
 
     # --8<-- [start:graph_wrappers]
     def enable_cuda_graphs(self, batch_sizes: list[int], max_kv_pages: int) -> None:
@@ -87,12 +91,14 @@ class FlashInferAttentionBackend:
         if meta.is_decode:
             # A graph's wrapper for its batch size (the graph was captured reading its buffers).
             self.wrapper = self.graph_decode[meta.num_seqs] if for_cuda_graph else self.decode
+            self._wait_for_last_plan(self.wrapper)
             self.wrapper.plan(
                 meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                 q_data_type=self.dtype, kv_data_type=self.dtype,
             )
         else:
+            self._wait_for_last_plan(self.prefill)
             self.prefill.plan(
                 meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
@@ -100,7 +106,15 @@ class FlashInferAttentionBackend:
                 q_data_type=self.dtype, kv_data_type=self.dtype,
             )
             self.wrapper = self.prefill
+        planned = torch.cuda.Event()
+        planned.record()
+        self._planned[id(self.wrapper)] = planned
     # --8<-- [end:plan]
+
+    def _wait_for_last_plan(self, wrapper) -> None:
+        planned = self._planned.get(id(wrapper))
+        if planned is not None:
+            planned.synchronize()
 
     # --8<-- [start:forward]
     def forward(

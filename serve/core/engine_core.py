@@ -57,7 +57,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.cache)
         self.stats = StatsCollector()
-        self.overlap = config.overlap_scheduling and self.runner.supports_overlap
+        self.overlap = config.overlap_scheduling
         self._in_flight: InFlight | None = None
 
     def _context_the_pool_holds(self, asked: bool) -> int:

@@ -64,10 +64,9 @@ class ModelRunner:
             self.sampler.warm_up()
         self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see launch
         self._parity = 0
-        # Overlap scheduling needs every host buffer a step copies from to stay untouched until
-        # the copy has run; the staging buffers, FlashInfer's plan buffers and the fill indices
-        # are not double-buffered yet, so on a GPU the engine runs its steps one at a time.
-        self.supports_overlap = self.device.type != "cuda"
+        # (Overlap scheduling needs every host buffer a step copies from to stay untouched until
+        # the copy has run: the stagings and FlashInfer's plans wait for their last copy, and the
+        # sampled ids go to one of two host buffers, in turn.)
         self._sampled_host = [torch.empty(config.max_num_batched_tokens, dtype=torch.int64,
                                           pin_memory=self.device.type == "cuda")
                               for _ in range(2)]
@@ -186,8 +185,6 @@ class ModelRunner:
         parts = [self.to_device(part, staging) for part, staging
                  in zip(self.split_for_graphs(inputs), self.stagings, strict=False)]
         if fill is not None:  # the rows that need them are decode rows: the first part's
-            # (from host lists: on a GPU this copy should come from pinned memory, see
-            # supports_overlap)
             rows, indices = (torch.as_tensor(x, device=self.device)
                              for x in (fill.rows, fill.indices))
             parts[0].token_ids[rows] = fill.source[indices]

@@ -120,14 +120,16 @@ class DeviceStaging:
 
     Every array is laid out as bytes in one buffer (each at an 8-byte boundary, so it can be
     viewed back as its own dtype); one non-blocking copy moves the whole buffer, and the device
-    arrays are views into the copy. The buffer is reused: that is safe because the engine waits
-    for each step's sampled tokens before it builds the next step's inputs (a step in two parts
-    uses two stagings, so the second never overwrites what the first is still copying).
+    arrays are views into the copy. The pinned buffer is reused, so before it is written again
+    the host waits for the last copy out of it to have run: with overlap scheduling the next
+    step's inputs are built while the device may still be behind (a step in two parts uses two
+    stagings, so the second never waits for the first).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.host = torch.empty(0, dtype=torch.uint8)
+        self.copied: torch.cuda.Event | None = None  # marks the last copy out of self.host
 
     def to_device(self, inputs: StepInputs) -> StepInputs:
         if self.device.type == "cpu":
@@ -155,6 +157,8 @@ class DeviceStaging:
         for name, array in arrays.items():
             offsets[name] = total
             total += -(-array.numel() * array.element_size() // 8) * 8
+        if self.copied is not None:
+            self.copied.synchronize()  # in the usual step, long done
         if self.host.numel() < total:  # grow (pinned allocation is slow: keep the buffer)
             self.host = torch.empty(max(total, 2 * self.host.numel()), dtype=torch.uint8,
                                     pin_memory=True)
@@ -163,5 +167,7 @@ class DeviceStaging:
             start = offsets[name]
             self.host[start : start + nbytes].view(array.dtype).copy_(array.reshape(-1))
         device_buffer = self.host[:total].to(self.device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
         return {name: device_buffer[offsets[name] : offsets[name] + a.numel() * a.element_size()]
                 .view(a.dtype).view(a.shape) for name, a in arrays.items()}
