@@ -525,3 +525,18 @@ def test_mixed_step_times_chunks_beside_decodes_and_profiles_one(qwen3_dir, tmp_
     assert summary["what"] == "one mixed step" and summary["rows"] == 3  # decode rows sampled
     assert summary["tokens"] == 8  # three decode tokens and a five-token chunk
     assert "mixed step" in timeline_module.title(json.loads(timeline_out.read_text()), "v9.9")
+
+
+def test_gc_pause_measures_a_full_collection_before_and_after_freezing(qwen3_dir, tmp_path):
+    import gc
+
+    from bench import gc_pause
+
+    try:
+        result = gc_pause.main(["--model", qwen3_dir, "--device", "cpu",
+                                "--out", str(tmp_path / "gc.json")])
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
+    pauses = result["full_collection_ms"]
+    assert result["frozen"] > 0.9 * result["objects_tracked"]
+    assert pauses["median_after"] < pauses["median_before"]

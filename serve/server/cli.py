@@ -7,6 +7,7 @@ as asked (an unknown directory, an unsupported architecture, a context past the 
 
 import argparse
 import dataclasses
+import gc
 import inspect
 import logging
 import math
@@ -215,5 +216,7 @@ def main(argv: list[str] | None = None, prog: str = "nanoserve") -> None:
     # The app's lifespan starts the engine's loop thread. SIGTERM drains: nothing new is
     # admitted, running requests get --shutdown-timeout seconds, then the process exits 0;
     # an engine failure exits 1.
+    gc.collect()  # what start-up built lives as long as the server: see core_process.py
+    gc.freeze()
     sys.exit(run_server(app, engine, args.host, args.port, args.log_level,
                         args.shutdown_timeout))
