@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from bench.model_config import parse_engine_args
 from bench.results import environment, write_result
 from serve import LLM, SamplingParams
 
@@ -39,28 +40,42 @@ def busy_neighbours(count: int):
             spinner.wait()
 
 
-def host_step_us(llm: LLM, batch_size: int, steps: int) -> float:
-    """Median host time of a decode step of batch_size requests, the model stubbed out."""
+def host_step_us(llm: LLM, batch_size: int, steps: int,
+                 warmup_steps: int = WARMUP_STEPS) -> float:
+    """Median host time of a decode step of batch_size requests, the model stubbed out, after
+    warmup_steps steps (each request has that many output tokens when the timing starts)."""
     engine = llm.engine
     ids = [f"host-{batch_size}-{i}" for i in range(batch_size)]
-    params = SamplingParams(temperature=0.6, max_tokens=WARMUP_STEPS + steps + 2,
+    params = SamplingParams(temperature=0.6, max_tokens=warmup_steps + steps + 2,
                             ignore_eos=True)
     for request_id in ids:
         engine.add_request(request_id, list(range(10, 10 + PROMPT_LEN)), params)
     runner = engine.runner
-    real_execute = runner.execute
-    runner.execute = lambda inputs: [5] * len(inputs.sample_indices)
+    # The engine calls launch (then collect) from stage 7, execute before.
+    stubbed = "launch" if hasattr(runner, "launch") else "execute"
+    real = getattr(runner, stubbed)
+    if stubbed == "launch":
+        from serve.core.model_runner import LaunchedStep
+
+        def stub(inputs, fill=None):
+            return LaunchedStep(None, torch.full((len(inputs.sample_indices),), 5), None)
+    else:
+        def stub(inputs):
+            return [5] * len(inputs.sample_indices)
+    setattr(runner, stubbed, stub)
     try:
         times = []
-        for step in range(WARMUP_STEPS + steps):
+        for step in range(warmup_steps + steps):
             start = time.perf_counter()
             engine.step()
-            if step >= WARMUP_STEPS:
+            if step >= warmup_steps:
                 times.append(time.perf_counter() - start)
     finally:
-        runner.execute = real_execute
+        setattr(runner, stubbed, real)
         for request_id in ids:
             engine.abort_request(request_id)
+        while engine.has_unfinished_requests():  # a step may still be in flight
+            engine.step()
     return statistics.median(times) * 1e6
 
 
@@ -72,25 +87,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     parser.add_argument("--busy-neighbours", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS,
+                        help="steps before the timing: each request's output is this long then")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an LLM(...) argument, e.g. overlap_scheduling=true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
-    max_model_len = PROMPT_LEN + WARMUP_STEPS + args.steps + 2  # what the longest request needs
+    # what the longest request needs
+    max_model_len = PROMPT_LEN + args.warmup_steps + args.steps + 2
     llm = LLM(args.model, device="cpu", max_model_len=max_model_len,
-              num_pages=max(args.batch_sizes) * (max_model_len // 16 + 1))
+              num_pages=max(args.batch_sizes) * (max_model_len // 16 + 1),
+              **parse_engine_args(args.engine_arg))
     rows = []
     for neighbours in args.busy_neighbours:
         with busy_neighbours(neighbours):
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for batch_size in args.batch_sizes:
-                    us = host_step_us(llm, batch_size, args.steps)
+                    us = host_step_us(llm, batch_size, args.steps, args.warmup_steps)
                     rows.append({"busy_neighbours": neighbours, "threads": threads,
                                  "batch_size": batch_size, "host_step_us": us})
                     print(f"neighbours {neighbours}  threads {threads}  bs {batch_size:4d}  "
                           f"host step {us:8.0f} us", flush=True)
     result = {"kind": "host_overhead", "env": environment("cpu"), "model": args.model,
-              "prompt_len": PROMPT_LEN, "rows": rows}
+              "prompt_len": PROMPT_LEN, "warmup_steps": args.warmup_steps, "rows": rows}
     if args.out:
         write_result(args.out, result)
     return result
