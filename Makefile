@@ -49,9 +49,9 @@ install:
 
 demo-model: $(DEMO_MODEL)
 
-# The directory appears only when the build has finished (serve.demo_model renames it into place).
+# The directory appears only when the build has finished (bench.demo_model renames it into place).
 $(DEMO_MODEL): | venv
-	$(PY) -m serve.demo_model --out $@
+	$(PY) -m bench.demo_model --out $@
 
 # Build the demo model only when it is the one being served.
 serve: venv $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL))

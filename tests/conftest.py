@@ -7,7 +7,7 @@ gives its path as a str, the type EngineConfig.model takes.
 
 import pytest
 
-from serve.demo_model import build_model_dir, corpus_from_stdlib, train_tokenizer
+from bench.demo_model import build_model_dir, corpus_from_stdlib, train_tokenizer
 
 ARCHS = ("qwen3", "qwen2", "llama")
 TEST_VOCAB_SIZE = 512

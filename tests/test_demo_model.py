@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve.demo_model import (
+from bench.demo_model import (
     CHATML_TEMPLATE,
     build_model_dir,
     corpus_from_stdlib,

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.demo_model import build_model_dir
 from serve.config import EngineConfig
-from serve.demo_model import build_model_dir
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.input_processor import InputProcessor
 from serve.engine.llm_engine import LLMEngine

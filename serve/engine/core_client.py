@@ -82,13 +82,18 @@ class CoreClient:
         return message
 
     def _send(self, message) -> None:
-        # A send with no core connected would wait forever: wait for room, checking that the
-        # core is alive (it connects within moments of starting; then this costs one poll).
-        while not self.input.poll(STEP_WAIT_MS, zmq.POLLOUT):
-            if self.process.poll() is not None:
-                raise EngineDeadError(
-                    f"the engine core process exited with status {self.process.returncode}")
-        self.input.send(self.encoder.encode(message), copy=False)
+        # A blocking send with no core connected (not yet, or no more) would wait forever: send
+        # without blocking, and while there is no room, check that the core is alive.
+        data = self.encoder.encode(message)
+        while True:
+            try:
+                self.input.send(data, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                if self.process.poll() is not None:
+                    raise EngineDeadError("the engine core process exited with status "
+                                          f"{self.process.returncode}") from None
+                self.input.poll(STEP_WAIT_MS, zmq.POLLOUT)
 
     def add_request(self, request: CoreRequest) -> None:
         self._in_flight.add(request.request_id)

@@ -4,7 +4,7 @@ The weights are random, so the model talks noise; what matters is that the direc
 the shape of a real Hugging Face checkpoint (config.json, model.safetensors, tokenizer files, a
 chat template), so every code path from loading to detokenizing runs for real.
 
-    python -m serve.demo_model --out .models/tiny-qwen3
+    python -m bench.demo_model --out .models/tiny-qwen3
 """
 
 import argparse
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m serve.demo_model",
+        prog="python -m bench.demo_model",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
