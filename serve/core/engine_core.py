@@ -127,13 +127,14 @@ class EngineCore:
         for item in schedule.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
         launched = self.runner.launch(inputs, fill)
-        rows, row_of = [], {}
+        rows = []
         for item, is_sampled in zip(schedule.scheduled, sampled, strict=True):
             if is_sampled:
                 request = item.request
-                row_of[request.request_id] = len(rows)
                 request.output_token_ids.append(PENDING)
                 rows.append((request, len(request.output_token_ids) - 1))
+        # (which row holds whose token: only the next step's fill asks, with overlap)
+        row_of = {r.request_id: i for i, (r, _) in enumerate(rows)} if self.overlap else {}
         self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
         return InFlight(launched, rows, row_of)
 

@@ -62,8 +62,3 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-    @property
-    def started(self) -> bool:
-        """It has produced output (a preempted request has; a waiting one has not)."""
-        return bool(self.output_token_ids)

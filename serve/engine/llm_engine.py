@@ -2,8 +2,9 @@
 
 `LLMEngine` tokenizes and checks each request (InputProcessor), hands the core token ids
 (serve/messages.py), and turns the core's new tokens back into text, applying stop strings
-(OutputProcessor). `step()` runs one core step and reports what each request produced. The core
-runs in this process here; `serve/core/` holds everything it is made of.
+(OutputProcessor). `step()` reports what each request produced since the last call. The core
+(everything in `serve/core/`) runs in this process, where `step()` runs its steps, or in a
+process of its own (CoreClient), which steps by itself.
 """
 
 import logging
