@@ -54,27 +54,38 @@ def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
 
 
 def profile_batch(llm: LLM, batch_size: int, input_len: int, output_len: int) -> dict:
-    """Run one batch to the end, timing every engine step."""
+    """Run one batch to the end, timing every engine step.
+
+    A step's time is the interval between two returns of `engine.step()`, with no
+    synchronization inside the loop: a step returns once its tokens are on the host, so the
+    interval is the period at which steps finish. With overlap scheduling that period is what
+    the device takes per step when the host keeps up; a synchronize around each step would
+    take the overlap away."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     for i in range(batch_size):
         prompt = [(i * 7919 + j * 31) % 1000 + 10 for j in range(input_len)]
         engine.add_request(f"profile-{batch_size}-{i}", prompt, params)
     step_times, tokens_per_step = [], []
+    synchronize()
+    begin = last = time.perf_counter()
+    first_token_s = None
     while engine.has_unfinished_requests():
-        synchronize()
-        start = time.perf_counter()
         outputs = engine.step()
-        synchronize()
-        step_times.append(time.perf_counter() - start)
-        tokens_per_step.append(sum(len(o.new_token_ids) for o in outputs))
+        now = time.perf_counter()
+        step_times.append(now - last)
+        last = now
+        tokens = sum(len(o.new_token_ids) for o in outputs)
+        tokens_per_step.append(tokens)
+        if first_token_s is None and tokens:
+            first_token_s = now - begin
     # Decode steps: those that advanced the whole batch by one token each, after the prefill(s).
     decode = [t for t, n in zip(step_times, tokens_per_step, strict=True) if n == batch_size]
     decode = decode[1:] if len(decode) > 1 else decode  # the first full step includes prefill
     if not decode:  # the engine never ran all rows in one step (e.g. they did not fit one batch)
         return None
-    return {"decode_step_s": statistics.median(decode), "first_token_s": step_times[0],
-            "total_s": sum(step_times)}
+    return {"decode_step_s": statistics.median(decode), "first_token_s": first_token_s,
+            "total_s": last - begin}
 
 
 def count_decode_kernels(llm: LLM) -> tuple[int, int] | None:
