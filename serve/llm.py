@@ -14,11 +14,20 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """Generate for a list of prompts in one call; the results come back in the prompts' order."""
+    """Generate for a list of prompts in one call; the results come back in the prompts' order.
 
-    def __init__(self, model: str, **engine_args) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+    core_process=True runs the engine core (scheduler, KV cache, model) in a process of its
+    own, as the server does: turning tokens into text then runs beside the core's steps instead
+    of between them. By default the core runs in this process, where tests and benchmarks can
+    look inside it (`llm.engine.runner`, `.scheduler`)."""
+
+    def __init__(self, model: str, core_process: bool = False, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), core_process)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the core process, if there is one (it also stops when this process exits)."""
+        self.engine.shutdown()
 
     @property
     def tokenizer(self):

@@ -19,6 +19,7 @@ On the CPU a sort-based filter is the readable reference the GPU path is tested 
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -38,9 +39,15 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@lru_cache(maxsize=1 << 16)
+def _seed_hash(seed: int) -> int:
+    """The seed's half of every key of its request (cached: a step needs it for every row)."""
+    return _splitmix64(seed & MASK64)
+
+
 def noise_key(seed: int, position: int) -> int:
     """The 32-bit key of the noise that samples the token at `position` of a seeded request."""
-    return _splitmix64(_splitmix64(seed & MASK64) ^ position) & MASK32
+    return _splitmix64(_seed_hash(seed) ^ position) & MASK32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -91,21 +98,24 @@ class SamplingTensors:
         cls, params: list[SamplingParams], seeds: list[int], positions: list[int], vocab: int
     ) -> "SamplingTensors":
         """positions[r]: the position of the token row r samples (its sequence's length)."""
-        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        # one pass over the rows, then one tensor per column
+        columns = [(1.0 if p.greedy else p.temperature,
+                    min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p, p.greedy,
+                    noise_key(seed, position))
+                   for p, seed, position in zip(params, seeds, positions, strict=True)]
+        temperature, top_k, top_p, min_p, greedy, keys = (
+            zip(*columns, strict=True) if columns else ((),) * 6)
         return cls(
-            temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params],
-                                     dtype=torch.float32),
+            temperature=torch.tensor(temperature, dtype=torch.float32),
             top_k=torch.tensor(top_k, dtype=torch.int32),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
-            is_greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool),
-            noise_keys=torch.tensor([noise_key(s, pos) for s, pos in zip(seeds, positions,
-                                                                          strict=True)],
-                                    dtype=torch.int64),
-            all_greedy=all(p.greedy for p in params),
-            any_top_k=any(k < vocab for k in top_k),
-            any_top_p=any(p.top_p < 1.0 for p in params),
-            any_min_p=any(p.min_p > 0.0 for p in params),
+            top_p=torch.tensor(top_p, dtype=torch.float32),
+            min_p=torch.tensor(min_p, dtype=torch.float32),
+            is_greedy=torch.tensor(greedy, dtype=torch.bool),
+            noise_keys=torch.tensor(keys, dtype=torch.int64),
+            all_greedy=all(greedy),
+            any_top_k=min(top_k, default=vocab) < vocab,
+            any_top_p=min(top_p, default=1.0) < 1.0,
+            any_min_p=max(min_p, default=0.0) > 0.0,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
