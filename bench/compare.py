@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                     run([sys.executable, "-m", "bench.serving", "--base-url", server.base_url,
                          *workload_flags(workload), *prompts, "--request-rate", rate,
                          "--out", str(scratch / out.name)], REPO_ROOT,
-                        {**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                        {**os.environ, "PYTHONPATH": os.pathsep.join(
+                            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)})
                     write_result(out, {**read_result(scratch / out.name), "run_id": run_id,
                                        "tag": tag, "variant": variant, "server_commit": commit})
                     manifest["online"].append({"tag": tag, "variant": variant, "rate": rate,

@@ -34,8 +34,8 @@ class EngineConfig:
     # prefill; milestones/06 measures the choice)
     max_num_batched_tokens: int = 8192
     # launch each step before reading the last one's tokens, so that the device never waits
-    # for the host between steps (stops take effect one step late); off until measured on a GPU
-    overlap_scheduling: bool = False
+    # for the host between steps (stops take effect one step late; milestones/07 measures it)
+    overlap_scheduling: bool = True
     page_size: int = 16  # tokens per KV page
     # KV pool size in pages (default: measured from free GPU memory; on a CPU, a few
     # full-length sequences)
