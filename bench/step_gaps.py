@@ -7,9 +7,11 @@ For each setting of `overlap_scheduling`, B requests are prefilled and decoded f
 then --steps consecutive engine steps run under torch.profiler with no synchronization between
 them (as a server runs them). From the GPU's kernels and copies: the window from the first to
 the last, the time the GPU was busy in it, and every idle gap, so that the idle time per step
-is the window minus the busy time, over the steps. Without overlap the host builds the next
-step while the GPU waits; with it, the host works while the GPU runs the step before. Each
-setting's window is also written as a timeline for bench.timeline to draw.
+is the window minus the busy time, over the steps. Before that, without the profiler, CUDA
+events recorded around each step's launch give the GPU's time per step and the gap between the
+end of one step's work and the start of the next, as the GPU saw them. Without overlap the host
+builds the next step while the GPU waits; with it, the host works while the GPU runs the step
+before. Each setting's window is also written as a timeline for bench.timeline to draw.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from bench.results import environment, write_result
 from serve import LLM, SamplingParams
 
 SETTLE_STEPS = 4  # decode steps before the profiled ones: the batch is steady
+UNPROFILED_STEPS = 20  # timed without the profiler, before the profiled ones
 
 
 def gpu_gaps(timeline: dict) -> dict:
@@ -48,7 +51,8 @@ def gpu_gaps(timeline: dict) -> dict:
 def profile_steps(llm: LLM, batch_size: int, input_len: int, num_steps: int) -> dict:
     """Profile num_steps consecutive decode steps of a steady batch."""
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=SETTLE_STEPS + num_steps + 8,
+    params = SamplingParams(temperature=0,
+                            max_tokens=SETTLE_STEPS + UNPROFILED_STEPS + num_steps + 8,
                             ignore_eos=True)
     for i in range(batch_size):
         prompt = [(i * 7919 + j * 31) % 1000 + 10 for j in range(input_len)]
@@ -56,13 +60,37 @@ def profile_steps(llm: LLM, batch_size: int, input_len: int, num_steps: int) -> 
     produced = 0
     while produced < batch_size * (SETTLE_STEPS + 1):  # the prefill, then settling decodes
         produced += sum(len(o.new_token_ids) for o in engine.step())
-    # unprofiled steps first, for the step period without the profiler's own host cost
+    # Unprofiled steps first: the step period, and on a GPU, from CUDA events recorded on the
+    # stream around each launch, how long the GPU worked on each step and waited before the
+    # next one, without the profiler's own host cost.
+    runner, launch = engine.runner, engine.runner.launch
+    marks = []
+
+    def marked_launch(inputs, fill=None):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        launched = launch(inputs, fill)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        marks.append((start, end))
+        return launched
+
+    if torch.cuda.is_available():
+        runner.launch = marked_launch
     periods, last = [], time.perf_counter()
-    for _ in range(3):
+    for _ in range(UNPROFILED_STEPS):
         engine.step()
         now = time.perf_counter()
         periods.append(now - last)
         last = now
+    runner.launch = launch
+    events = None
+    if marks:
+        torch.cuda.synchronize()
+        events = {"gpu_step_ms": statistics.median(s.elapsed_time(e) for s, e in marks),
+                  "gap_us": statistics.median(
+                      1e3 * marks[i][1].elapsed_time(marks[i + 1][0])
+                      for i in range(len(marks) - 1))}
     recorder = Recorder()
     instrument(engine, recorder)
     recorder.profiling = True
@@ -80,7 +108,7 @@ def profile_steps(llm: LLM, batch_size: int, input_len: int, num_steps: int) -> 
     gaps = gpu_gaps(timeline)
     timeline["summary"]["what"] = f"{num_steps} consecutive decode steps"
     timeline["summary"]["unprofiled_step_ms"] = statistics.median(periods) * 1e3
-    return {"timeline": timeline, "gaps": gaps}
+    return {"timeline": timeline, "gaps": gaps, "events": events}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,14 +135,21 @@ def main(argv: list[str] | None = None) -> dict:
         device = str(llm.engine.runner.device)
         measured = profile_steps(llm, args.batch_size, args.input_len, args.steps)
         summary, gaps = measured["timeline"]["summary"], measured["gaps"]
+        events = measured["events"] or {}
         row = {"overlap_scheduling": overlap, "steps": args.steps,
                "unprofiled_step_ms": summary["unprofiled_step_ms"],
+               # unprofiled, from CUDA events: the GPU's time on a step and its wait after it
+               "gpu_step_ms": events.get("gpu_step_ms"), "gap_between_steps_us":
+               events.get("gap_us"),
                "profiled_step_ms": gaps["window_us"] / args.steps / 1e3,
                "gpu_busy_fraction": 1 - gaps["idle_us"] / gaps["window_us"],
                "idle_us_per_step": gaps["idle_us"] / args.steps,
                "largest_gaps_us": [round(g, 1) for g in gaps["gaps_us"][:2 * args.steps]],
                "kernels": summary["kernels"], "launches": summary["launches"]}
         rows.append(row)
+        if events:
+            print(f"overlap={overlap!s:5}  unprofiled: GPU {events['gpu_step_ms']:.2f} ms a step, "
+                  f"then idle {events['gap_us']:.0f} µs (median)", flush=True)
         print(f"overlap={overlap!s:5}  step {row['unprofiled_step_ms']:.2f} ms unprofiled, "
               f"{row['profiled_step_ms']:.2f} ms profiled; GPU idle "
               f"{row['idle_us_per_step']:.0f} µs a step ({100 * row['gpu_busy_fraction']:.1f} % "
