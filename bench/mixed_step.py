@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     extra = parse_engine_args(args.engine_arg)
     max_model_len = args.max_model_len or args.long_len + 2048
-    # The engine is built for the largest budget; each measurement lowers the scheduler's.
+    # The engine is built for the largest budget; each measurement lowers the scheduler's. It
+    # runs without overlap scheduling: each mixed step is timed alone.
+    extra = {"overlap_scheduling": False, **extra}
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=max_model_len, max_num_batched_tokens=max(args.budgets),
               max_num_seqs=max(max(args.batch_sizes) + 1, 2), **extra)

@@ -362,6 +362,10 @@ def backend_name(llm) -> str | None:
 def build_llm(args: argparse.Namespace, extra: dict):
     from serve import LLM
 
+    # Each step is timed and counted alone: with overlap scheduling (from stage 7), a step would
+    # return the tokens of the one before it, and the next one would run during its timing.
+    if "overlap_scheduling" in engine_config_fields():
+        extra = {"overlap_scheduling": False, **extra}
     return LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed, **extra)
 

@@ -379,7 +379,8 @@ def test_probe_counts_the_tokens_of_a_step_that_never_calls_the_model(qwen3_dir,
     step's tokens where the runner takes them, so such a step is still seen as a decode step."""
     from serve import LLM
 
-    engine = LLM(qwen3_dir, device="cpu", num_pages=64).engine
+    # without overlap scheduling, as the probe builds it
+    engine = LLM(qwen3_dir, device="cpu", num_pages=64, overlap_scheduling=False).engine
     recorder = probe.Recorder()
     probe.instrument(engine, recorder)
     runner, vocab = engine.runner, engine.hf_config.vocab_size

@@ -48,8 +48,9 @@ def test_mixed_params_in_one_batch_each_give_their_own_result(qwen3_dir):
 
 def test_a_finished_request_makes_room_at_once(qwen3_dir):
     """max_num_seqs bounds the running batch; a queued request starts the step after a running
-    one finishes, not when the whole batch is done."""
-    engine = LLM(qwen3_dir, device="cpu", max_num_seqs=2).engine
+    one finishes, not when the whole batch is done. (Step by step: without overlap scheduling,
+    each step's tokens are read before the next step is scheduled.)"""
+    engine = LLM(qwen3_dir, device="cpu", max_num_seqs=2, overlap_scheduling=False).engine
     lengths = {"a": 2, "b": 8, "c": 3}
     for rid, n in lengths.items():
         engine.add_request(rid, "x = 1", SamplingParams(max_tokens=n, ignore_eos=True))

@@ -70,7 +70,8 @@ def test_page_size_does_not_change_the_output(qwen3_dir):
 
 
 def test_pages_grow_on_demand_and_come_back(qwen3_dir):
-    llm = LLM(qwen3_dir, device="cpu", num_pages=64, page_size=4)
+    # step by step: each step's tokens are read (and pages freed) before the next is scheduled
+    llm = LLM(qwen3_dir, device="cpu", num_pages=64, page_size=4, overlap_scheduling=False)
     engine, allocator = llm.engine, llm.engine.allocator
     engine.add_request("short", [5] * 6, SamplingParams(max_tokens=2, ignore_eos=True))
     engine.add_request("long", [6] * 6, SamplingParams(max_tokens=40, ignore_eos=True))

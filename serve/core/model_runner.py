@@ -185,8 +185,7 @@ class ModelRunner:
         parts = [self.to_device(part, staging) for part, staging
                  in zip(self.split_for_graphs(inputs), self.stagings, strict=False)]
         if fill is not None:  # the rows that need them are decode rows: the first part's
-            rows, indices = (torch.as_tensor(x, device=self.device)
-                             for x in (fill.rows, fill.indices))
+            rows, indices = (self._to_device_async(x) for x in (fill.rows, fill.indices))
             parts[0].token_ids[rows] = fill.source[indices]
         if len(parts) == 1:
             logits = self.logits(parts[0])  # [sampled rows, vocab]
@@ -203,6 +202,16 @@ class ModelRunner:
         done = torch.cuda.Event()
         done.record()
         return LaunchedStep(sampled, host, done)
+
+    def _to_device_async(self, values: list[int]) -> torch.Tensor:
+        """A list of ints on the device without waiting for it. A copy from pageable memory
+        (`torch.as_tensor(values, device=...)`) makes the host wait for everything queued on
+        the stream, the step in flight included, which would undo overlap scheduling; a
+        pinned block from torch's caching host allocator is not reused before its copy ran."""
+        array = torch.tensor(values, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return array
+        return array.pin_memory().to(self.device, non_blocking=True)
 
     @staticmethod
     def collect(launched: "LaunchedStep") -> list[int]:
