@@ -29,6 +29,7 @@ the GPU machine could not, and redraws the stage table and plot from it.
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -91,8 +92,18 @@ def export_stages(dest: Path) -> dict[str, str]:
     (dest / STAGES_FILE).write_text(json.dumps(tags, indent=2) + "\n")
     env = environment("cpu")
     (dest / HEAD_FILE).write_text(json.dumps({"git_commit": env["git_commit"],
-                                              "git_dirty": env["git_dirty"]}) + "\n")
+                                              "git_dirty": env["git_dirty"],
+                                              "fingerprint": tree_fingerprint()}) + "\n")
     return tags
+
+
+def tree_fingerprint(root: Path = REPO_ROOT) -> str:
+    """A hash of the engine's and the harness's sources as they are in this tree: HEAD.json
+    names a commit only for the tree it was exported from (checked by load_stages)."""
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "serve").rglob("*.py"), *(root / "bench").rglob("*.py")]):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def short_stage(tag: str) -> str:
@@ -245,7 +256,11 @@ def load_stages(args: argparse.Namespace, scratch: Path) -> tuple[dict, dict, di
     folders = {tag: root / tag for tag in tags}
     if args.current:
         # The exporting checkout's commit (HEAD.json) first: the stages were exported from this
-        # very tree just before it travelled, while the GPU machine's .git may be stale.
+        # very tree just before it travelled, while the GPU machine's .git may be stale. An
+        # export older than the tree would name the wrong commit: it is refused.
+        if head.get("fingerprint") and head["fingerprint"] != tree_fingerprint():
+            raise SystemExit(f"{args.stages_dir}/{HEAD_FILE} was exported from another tree "
+                             f"(commit {head.get('git_commit')}): export the stages again")
         if head.get("git_commit"):
             commit, dirty = head["git_commit"], head.get("git_dirty")
         else:

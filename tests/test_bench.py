@@ -541,3 +541,18 @@ def test_gc_pause_measures_a_full_collection_before_and_after_freezing(qwen3_dir
     pauses = result["full_collection_ms"]
     assert result["frozen"] > 0.9 * result["objects_tracked"]
     assert pauses["median_after"] < pauses["median_before"]
+
+
+def test_an_export_of_another_tree_is_refused(tmp_path):
+    """HEAD.json names the commit of the tree it was exported from; a harness run beside a
+    newer tree (an export left over from an earlier call) must not name that commit."""
+    (tmp_path / stages.STAGES_FILE).write_text("{}")
+    args = argparse.Namespace(stages_dir=str(tmp_path), only=None, current="v9.9-next")
+    head = {"git_commit": "c0ffee", "git_dirty": False}
+    (tmp_path / stages.HEAD_FILE).write_text(json.dumps(
+        {**head, "fingerprint": stages.tree_fingerprint()}))
+    tags, _, _ = stages.load_stages(args, tmp_path)
+    assert tags == {"v9.9-next": "c0ffee"}
+    (tmp_path / stages.HEAD_FILE).write_text(json.dumps({**head, "fingerprint": "0" * 16}))
+    with pytest.raises(SystemExit, match="another tree"):
+        stages.load_stages(args, tmp_path)
