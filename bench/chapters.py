@@ -15,7 +15,8 @@ A chapter states three kinds of thing about its measurements (see docs/writing-c
   milestones/runs/<run id>/run.json that lists it; any other file is a run of its own).
   Besides sum, len, min, max and abs, an expression may read a profiled step's CPU ops:
   sum(cpu_op_us(t1, "aten::linear")) / 1000 is the milliseconds that op took in timeline
-  file t1;
+  file t1, and gpu_kernel_us(t1, "void flashinfer::") the durations of the GPU kernels whose
+  names start so;
 - a generated block:  <!-- begin throughput v00 v01 --> ... <!-- end throughput -->
   whose content is rendered from the files (tables, provenance boxes); --write fills it in, the
   check fails when it differs from what the files give.
@@ -120,8 +121,19 @@ def cpu_op_us(timeline: dict, name: str) -> list[float]:
     return [duration for op, _, duration in timeline["cpu"] if op == index]
 
 
+def gpu_kernel_us(timeline: dict, prefix: str) -> list[float]:
+    """The durations (us) of the GPU kernels (and copies) whose name starts with `prefix` in a
+    profiled timeline file: sum() of them is the GPU time they took, len() how many ran."""
+    if not isinstance(timeline, dict) or not {"names", "gpu"} <= timeline.keys():
+        raise ValueError("gpu_kernel_us reads a timeline file (names and gpu)")
+    chosen = {i for i, name in enumerate(timeline["names"]) if name.startswith(prefix)}
+    if not chosen:  # a misspelt kernel fails rather than counting zero
+        raise ValueError(f"no GPU kernel named {prefix!r}... in this timeline")
+    return [duration for kernel, _, duration in timeline["gpu"] if kernel in chosen]
+
+
 FUNCTIONS: dict[str, Callable] = {"sum": sum, "len": len, "min": min, "max": max, "abs": abs,
-                                  "cpu_op_us": cpu_op_us}
+                                  "cpu_op_us": cpu_op_us, "gpu_kernel_us": gpu_kernel_us}
 
 
 def evaluate(expression: str, results: dict[str, Result]) -> tuple[float, set[str]]:

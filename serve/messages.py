@@ -12,6 +12,7 @@ import msgspec
 from serve.sampling_params import SamplingParams
 
 
+# --8<-- [start:core_messages]
 class CoreRequest(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     """A request ready for the core: its prompt as token ids, every limit already resolved."""
 
@@ -31,6 +32,7 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" (EOS or a stop token), "length", "abort"
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
     error: str | None = None  # set when the core ended the request because it failed
+# --8<-- [end:core_messages]
 
 
 class FinishedRequestStats(msgspec.Struct, frozen=True, array_like=True):

@@ -238,3 +238,16 @@ def test_cpu_op_us_reads_a_profiled_steps_cpu_ops_from_a_timeline_file(tmp_path,
         {"t": timeline, "o": other}))[0]
     assert "not allowed" in errors(page_with(
         tmp_path, '1<!-- = len(cpu_op_us(t, name="aten::linear")) -->', {"t": timeline}))[0]
+
+
+def test_gpu_kernel_us_sums_the_kernels_whose_names_start_so(tmp_path, monkeypatch):
+    paths = one_run(tmp_path, monkeypatch, {"01/timeline.json": {
+        "names": ["void flashinfer::Decode<1>", "void flashinfer::Decode<2>", "nvjet_gemm"],
+        "gpu": [[0, 0.0, 100.0], [2, 100.0, 40.0], [1, 140.0, 60.0], [2, 200.0, 50.0]]}})
+    page = page_with(tmp_path, '0.16 ms<!-- = sum(gpu_kernel_us(t, "void flashinfer::")) / 1000 '
+                     '--> in 2<!-- = len(gpu_kernel_us(t, "void flashinfer::")) --> kernels',
+                     {"t": paths["01/timeline.json"]})
+    assert errors(page) == []
+    assert "no GPU kernel" in errors(page_with(
+        tmp_path, '1<!-- = len(gpu_kernel_us(t, "cutlass")) -->',
+        {"t": paths["01/timeline.json"]}))[0]

@@ -76,6 +76,7 @@ class CoreProcess:
     def send(self, message) -> None:
         self.output.send(self.encoder.encode(message), copy=False)
 
+    # --8<-- [start:run]
     def run(self) -> None:
         core = self.core
         while self.running:
@@ -89,6 +90,7 @@ class CoreProcess:
             if self.running and core.has_unfinished_requests():
                 outputs = core.step()
                 self.send(CoreStep(outputs, core.take_stats()))
+    # --8<-- [end:run]
 
     def apply(self, message) -> None:
         core = self.core

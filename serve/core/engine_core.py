@@ -138,6 +138,7 @@ class EngineCore:
         self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
         return InFlight(launched, rows, row_of)
 
+    # --8<-- [start:fill]
     def _fill(self, scheduled: list[ScheduledRequest]) -> TokenFill | None:
         """The rows whose input token is one the step in flight is still sampling (each is a
         decode row: its one new token is the PENDING one)."""
@@ -152,7 +153,9 @@ class EngineCore:
                 indices.append(index)
             offset += item.num_new_tokens
         return TokenFill(rows, indices, previous.launched.sampled) if rows else None
+    # --8<-- [end:fill]
 
+    # --8<-- [start:collect]
     def _collect(self, in_flight: InFlight) -> list[CoreOutput]:
         """Wait for a launched step's tokens, put them in place of their PENDING marks, apply
         the rules that end a request, and report."""
@@ -172,6 +175,7 @@ class EngineCore:
             outputs.append(CoreOutput(request.request_id, [token_id], request.finish_reason,
                                       request.num_cached_tokens))
         return outputs
+    # --8<-- [end:collect]
 
     def _check_stop(self, request: Request, token_id: int, num_output_tokens: int) -> None:
         """The rules that end a request at its num_output_tokens-th token; a stop string is

@@ -175,6 +175,7 @@ class ModelRunner:
     # --8<-- [end:pool_size]
 
     # --8<-- [start:forward]
+    # --8<-- [start:launch]
     @torch.inference_mode()
     def launch(self, inputs: StepInputs, fill: "TokenFill | None" = None) -> "LaunchedStep":
         """Start one step on the device and return without waiting for it: the model, then
@@ -212,6 +213,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return array
         return array.pin_memory().to(self.device, non_blocking=True)
+    # --8<-- [end:launch]
 
     @staticmethod
     def collect(launched: "LaunchedStep") -> list[int]:
