@@ -22,7 +22,7 @@ from serve.core.kv.kv_pool import KVPool
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.request import Request
 from serve.core.scheduler import Scheduler
-from serve.models.llama import head_dim_of
+from serve.models.shapes import head_dim_of
 
 
 def contiguous_max_batch(lengths: list[tuple[int, int]], budget_tokens: int) -> int:

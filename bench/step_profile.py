@@ -18,7 +18,7 @@ import torch
 from bench.model_config import parse_engine_args, synchronize
 from bench.results import environment, gpu_state, write_result
 from serve import LLM, SamplingParams
-from serve.models.llama import head_dim_of
+from serve.models.shapes import head_dim_of
 
 
 def measure_copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float | None:

@@ -48,11 +48,16 @@ class EngineConfig:
     # reuse the KV cache of prompt prefixes that earlier requests computed (a radix tree over
     # KV pages)
     enable_prefix_caching: bool = True
+    # split the model over this many processes (GPUs, or CPU processes over gloo): each holds
+    # 1/N of every layer's heads and MLP columns
+    tensor_parallel_size: int = 1
 # --8<-- [end:config]
 
     def __post_init__(self) -> None:
         if not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.page_size < 1:

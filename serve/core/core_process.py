@@ -106,6 +106,8 @@ class CoreProcess:
             raise ValueError(f"the engine core cannot handle {message!r}")
 
     def close(self) -> None:
+        if self.core is not None:
+            self.core.shutdown()
         self.input.close(linger=0)
         self.output.close(linger=1000)  # let the last messages go out
         self.context.term()

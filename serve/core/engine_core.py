@@ -16,6 +16,7 @@ from serve.config import EngineConfig
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
 from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
+from serve.core.parallel_runner import ParallelRunner
 from serve.core.request import Request, RequestStatus
 from serve.core.sampler import SamplingTensors
 from serve.core.scheduler import ScheduledRequest, Scheduler
@@ -49,7 +50,8 @@ class EngineCore:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
-        self.runner = ModelRunner(config, self.hf_config, self.model_path, self.max_model_len)
+        runner_class = ParallelRunner if config.tensor_parallel_size > 1 else ModelRunner
+        self.runner = runner_class(config, self.hf_config, self.model_path, self.max_model_len)
         self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
         self.cache = RadixCache(self.allocator) if config.enable_prefix_caching else None
@@ -213,6 +215,11 @@ class EngineCore:
             return True
         self.cache.evict(self.cache.num_cached_pages)
         return self.cache.num_cached_pages == 0
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if there are any."""
+        if isinstance(self.runner, ParallelRunner):
+            self.runner.shutdown()
 
     def take_stats(self) -> EngineStats:
         """The queue and pool now, and everything counted since the last call."""

@@ -28,8 +28,8 @@ from serve.core.step_inputs import (
     split_step_inputs,
 )
 from serve.layers.attention import Attention
-from serve.models.llama import head_dim_of
 from serve.models.loader import build_model
+from serve.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,12 @@ CPU_KV_POOL_BYTES = 1 << 30  # on a CPU, without --num-pages: at most 1 GiB of K
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_path: str, max_model_len: int):
+    """With tensor parallelism, one runner per rank holds that rank's part of the model and of
+    the KV pool (its KV heads); every rank runs every step. `loaded` runs once the weights are
+    in, before anything that communicates: the ranks check there that they all started."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_path: str, max_model_len: int,
+                 tp: TensorParallel = TensorParallel(), loaded=None) -> None:
         self.device = config.torch_device()
         if self.device.type == "cuda":
             # The host only builds small index tensors, which torch's intra-op thread pool (a
@@ -48,18 +53,22 @@ class ModelRunner:
         self.dtype = config.torch_dtype()
         self.hf_config = hf_config
         self.model = build_model(
-            hf_config, model_path, config.load_format, self.dtype, self.device, config.seed
+            hf_config, model_path, config.load_format, self.dtype, self.device, config.seed, tp
         )
+        self.shapes = shapes = self.model.shapes  # this rank's head counts and sizes
+        if loaded is not None:
+            loaded()
         num_params = sum(p.numel() for p in self.model.parameters())
-        logger.info("model: %.1fM parameters, %s on %s", num_params / 1e6, self.dtype, self.device)
-        cfg = hf_config
+        logger.info("model: %.1fM parameters%s, %s on %s", num_params / 1e6,
+                    f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else "", self.dtype,
+                    self.device)
         self.page_size = config.page_size
         self.backend = make_backend(
-            config.attention_backend, cfg.num_attention_heads, cfg.num_key_value_heads,
-            head_dim_of(cfg), self.page_size, self.dtype, self.device,
+            config.attention_backend, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim,
+            self.page_size, self.dtype, self.device,
         )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.sampler = Sampler(cfg.vocab_size, self.device)
+        self.sampler = Sampler(shapes.vocab_size, self.device)
         if self.device.type == "cuda":
             self.sampler.warm_up()
         self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see launch
@@ -78,6 +87,7 @@ class ModelRunner:
                                             config.max_num_seqs * pages_per_seq + graph_sizes[-1])
         num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len,
                                                                  graph_sizes)
+        num_pages = tp.min(num_pages)  # every rank holds every page: the smallest pool wins
         self._check_fits_memory(num_pages)
         self.kv_pool = self._make_pool(num_pages)
         self._bind(self.kv_pool)
@@ -104,9 +114,9 @@ class ModelRunner:
                                kv_pool.pad_page, self.device)
 
     def _make_pool(self, num_pages: int) -> KVPool:
-        cfg = self.hf_config
-        return KVPool(cfg.num_hidden_layers, num_pages, self.page_size, cfg.num_key_value_heads,
-                      head_dim_of(cfg), self.dtype, self.device)
+        shapes = self.shapes
+        return KVPool(shapes.num_layers, num_pages, self.page_size, shapes.num_kv_heads,
+                      shapes.head_dim, self.dtype, self.device)
 
     def _bind(self, kv_pool: KVPool) -> None:
         """Point every attention layer at its pages of kv_pool."""
@@ -125,9 +135,9 @@ class ModelRunner:
                 f"{available / 2**30:,.1f} GiB available: lower --num-pages or --page-size")
 
     def _bytes_per_page(self) -> int:
-        cfg = self.hf_config
-        return KVPool.bytes_per_page(cfg.num_hidden_layers, self.page_size,
-                                     cfg.num_key_value_heads, head_dim_of(cfg), self.dtype)
+        shapes = self.shapes
+        return KVPool.bytes_per_page(shapes.num_layers, self.page_size, shapes.num_kv_heads,
+                                     shapes.head_dim, self.dtype)
 
     # --8<-- [start:pool_size]
     def _num_pages_that_fit(self, config: EngineConfig, max_model_len: int,

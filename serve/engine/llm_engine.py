@@ -100,9 +100,8 @@ class LLMEngine:
         return [s.request_id for s in states if started is None or bool(s.token_ids) == started]
 
     def shutdown(self) -> None:
-        """Stop a core that runs in a process of its own (one in this process needs nothing)."""
-        if isinstance(self.core, CoreClient):
-            self.core.shutdown()
+        """Stop the core: its process, or in this process its tensor-parallel workers."""
+        self.core.shutdown()
 
     # --8<-- [start:step]
     def step(self) -> list[RequestOutput]:

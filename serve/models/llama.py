@@ -10,26 +10,32 @@ from torch import nn
 from serve.attention.metadata import AttentionMetadata
 from serve.layers.activation import silu_and_mul
 from serve.layers.attention import Attention
-from serve.layers.linear import MergedLinear
+from serve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from serve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from serve.layers.norm import RMSNorm
 from serve.layers.rotary import RotaryEmbedding, rope_parameters
+from serve.models.shapes import ModelShapes
+from serve.parallel import TensorParallel
 
 
 # --8<-- [start:llama_attention]
 class LlamaAttention(nn.Module):
+    """This rank's heads: q/k/v column-split by heads, o_proj row-split (one all-reduce)."""
+
     def __init__(
-        self, config, rotary: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+        self, config, shapes: ModelShapes, rotary: RotaryEmbedding, qkv_bias: bool,
+        qk_norm: bool
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias
+        self.num_heads, self.num_kv_heads = shapes.num_heads, shapes.num_kv_heads
+        self.head_dim = shapes.head_dim
+        q_size = config.num_attention_heads * self.head_dim  # all ranks' (the checkpoint's)
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias, shapes.tp
         )
         o_bias = getattr(config, "attention_bias", False)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, o_bias, shapes.tp)
         if qk_norm:  # Qwen3 normalizes each head of q and k before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -54,11 +60,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    """This rank's columns: gate/up column-split, down_proj row-split (one all-reduce)."""
+
+    def __init__(self, config, tp: TensorParallel) -> None:
         super().__init__()
         size, bias = config.intermediate_size, getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, {"gate": size, "up": size},
+                                                 bias, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -66,10 +75,11 @@ class LlamaMLP(nn.Module):
 
 # --8<-- [start:decoder_layer]
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, **attn_switches) -> None:
+    def __init__(self, config, shapes: ModelShapes, rotary: RotaryEmbedding,
+                 **attn_switches) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, **attn_switches)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, shapes, rotary, **attn_switches)
+        self.mlp = LlamaMLP(config, shapes.tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -92,14 +102,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, **attn_switches) -> None:
+    def __init__(self, config, shapes: ModelShapes, **attn_switches) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   shapes.tp)
         rotary = RotaryEmbedding(
-            head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
+            shapes.head_dim, config.max_position_embeddings, rope_parameters(config)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, **attn_switches)
+            LlamaDecoderLayer(config, shapes, rotary, **attn_switches)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -118,11 +129,12 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias_default = False  # Llama's q/k/v carry a bias only if the config says so
     qk_norm = False
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
+        self.shapes = ModelShapes.of(config, tp)
         qkv_bias = getattr(config, "attention_bias", False) or self.qkv_bias_default
-        self.model = LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, self.shapes, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:  # small models reuse the embedding matrix as the head
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -133,7 +145,3 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_rows, vocab_size], float32 for sampling
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

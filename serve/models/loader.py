@@ -9,8 +9,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
-from serve.layers.linear import MergedLinear
 from serve.models import model_class_for
+from serve.parallel import TensorParallel
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
@@ -54,9 +54,11 @@ def load_config(path: str):
 
 
 def build_model(
-    config, path: str, load_format: str, dtype: torch.dtype, device: torch.device, seed: int
+    config, path: str, load_format: str, dtype: torch.dtype, device: torch.device, seed: int,
+    tp: TensorParallel = TensorParallel(),
 ) -> nn.Module:
-    """Construct the module directly on the device in the target dtype, then load or randomize."""
+    """Construct this rank's part of the module directly on the device in the target dtype,
+    then load or randomize it."""
     if load_format == "auto":
         load_format = "dummy" if path.endswith(".json") else "safetensors"
     if load_format == "safetensors" and path.endswith(".json"):
@@ -65,11 +67,11 @@ def build_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class_for(config)(config)
+            model = model_class_for(config)(config, tp)
     finally:
         torch.set_default_dtype(old_dtype)
     if load_format == "dummy":
-        fill_random_weights(model, seed)
+        fill_random_weights(model, seed)  # the same on every rank: replicated biases agree
     elif load_format == "safetensors":
         load_safetensors(model, path)
     else:
@@ -91,7 +93,9 @@ def fill_random_weights(model: nn.Module, seed: int) -> None:
 
 
 def load_safetensors(model: nn.Module, path: str) -> None:
-    """Copy each checkpoint tensor into its parameter; q/k/v and gate/up go into merged weights."""
+    """Copy each checkpoint tensor into its parameter: q/k/v and gate/up into merged weights, and
+    with tensor parallelism only this rank's rows or columns, which are all that is read from
+    the file (a safetensors slice reads the bytes it is indexed with)."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -104,27 +108,31 @@ def load_safetensors(model: nn.Module, path: str) -> None:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     if name not in tied:  # a tied head is the embedding, already loaded
-                        loaded.add(_load_one(name, f.get_tensor(name), params, modules))
+                        loaded.add(_load_one(name, f.get_slice(name), params, modules))
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {sorted(missing)[:5]} ...")
 
 
-def _load_one(name: str, tensor: torch.Tensor, params: dict, modules: dict) -> str:
-    """Load one checkpoint tensor; return the name of the parameter it went into."""
+def _load_one(name: str, source, params: dict, modules: dict) -> str:
+    """Load one checkpoint tensor (a safetensors slice, read lazily); return the name of the
+    parameter it went into. A module with a `load` method reads its own part of it."""
     module_path, leaf = name.rsplit(".", 1)  # e.g. model.layers.0.self_attn.q_proj, weight
     parent, child = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
+    part = None
     if child in MERGED_PARTS:
         merged_name, part = MERGED_PARTS[child]
-        target = f"{parent}.{merged_name}.{leaf}"
-        merged: MergedLinear = modules[f"{parent}.{merged_name}"]
-        merged.load_part(params[target], tensor, part)
-        return target  # the merged weight counts as loaded once any part arrives
+        module_path = f"{parent}.{merged_name}"
+        name = f"{module_path}.{leaf}"  # the merged weight counts as loaded once any part does
     if name not in params:
         if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store RoPE tables
             return name
         raise ValueError(f"unexpected weight {name!r} in checkpoint")
-    params[name].copy_(tensor)
+    load = getattr(modules[module_path], "load", None)
+    if load is not None:
+        load(params[name], source, part)
+    else:
+        params[name].copy_(source[:])
     return name
 
 

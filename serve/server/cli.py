@@ -83,7 +83,8 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
         description="Serve one model over an OpenAI-compatible API.",
         formatter_class=_HelpFormatter,
     )
-    add_dataclass_flags(parser, EngineConfig, aliases={"max_num_seqs": ["--max-batch-size"]})
+    add_dataclass_flags(parser, EngineConfig, aliases={"max_num_seqs": ["--max-batch-size"],
+                                                       "tensor_parallel_size": ["-tp"]})
     parser.add_argument(
         "--host",
         default="127.0.0.1",

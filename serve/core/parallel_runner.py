@@ -1,0 +1,125 @@
+"""Tensor parallelism's processes: rank 0 runs the engine core and a model runner; every other
+rank is a worker process that runs only its model runner, step for step with rank 0.
+
+Each step, rank 0 broadcasts the step's host inputs (and which rows take their token from the
+step before, with overlap scheduling) over a gloo group, then every rank launches the same step
+on its part of the model. The model's all-reduces join the ranks inside the step; the LM head's
+all-gather gives every rank the whole vocabulary's logits, and every rank samples the same
+tokens from them (the sampler draws from a hash of seed and position, not from a generator), so
+each worker feeds its own sampled ids to its next step, as rank 0 does.
+
+Start-up: every rank loads its weights, then reports through a pipe; rank 0 waits for all of
+them before anything that communicates, so a rank that fails to load is one clear error, not a
+hang. A worker is `python -m serve.core.tp_worker` (a fresh interpreter that imports only the
+engine: not multiprocessing's spawn, which would import the user's script again).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from serve.config import EngineConfig
+from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
+from serve.core.step_inputs import StepInputs
+from serve.parallel import join_group, leave_group
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600  # loading an 8B model's shard from a slow disk
+
+
+@dataclass
+class StepMessage:
+    """What rank 0 broadcasts for one step: None as inputs stops the workers."""
+
+    inputs: StepInputs | None
+    fill_rows: list[int] | None = None
+    fill_indices: list[int] | None = None
+
+
+class ParallelRunner:
+    """Rank 0's runner: starts the workers, and gives every step to them and to its own
+    ModelRunner. The engine core uses it as it would use one ModelRunner."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_path: str,
+                 max_model_len: int) -> None:
+        size = config.tensor_parallel_size
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        self.workers, reports = [], []
+        for rank in range(1, size):
+            read, write = os.pipe()
+            spec = json.dumps([dataclasses.asdict(config), model_path, max_model_len, rank,
+                               address, write])
+            self.workers.append(subprocess.Popen(
+                [sys.executable, "-m", "serve.core.tp_worker", spec], pass_fds=[write]))
+            os.close(write)
+            reports.append(os.fdopen(read))
+        try:
+            try:
+                self.tp = join_group(0, size, address, config.torch_device())
+            except Exception as error:  # a worker that never joined: say which
+                gone = [f"rank {r} exited with status {w.poll()}"
+                        for r, w in enumerate(self.workers, start=1) if w.poll() is not None]
+                raise RuntimeError(f"tensor parallel ranks did not meet ({'; '.join(gone)}): "
+                                   f"{error}") from error
+            self.runner = ModelRunner(config, hf_config, model_path, max_model_len, self.tp,
+                                      loaded=lambda: _wait_for(reports, self.workers))
+        except BaseException:
+            self.shutdown(force=True)
+            raise
+
+    @property
+    def kv_pool(self):
+        return self.runner.kv_pool
+
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    def launch(self, inputs: StepInputs, fill: TokenFill | None = None) -> LaunchedStep:
+        self.tp.broadcast(StepMessage(inputs, fill and fill.rows, fill and fill.indices))
+        return self.runner.launch(inputs, fill)
+
+    def collect(self, launched: LaunchedStep) -> list[int]:
+        return self.runner.collect(launched)
+
+    def shutdown(self, force: bool = False) -> None:
+        """Stop the workers (they leave their loop when told, or die with their parent)."""
+        if not force:
+            try:
+                self.tp.broadcast(StepMessage(None))
+            except Exception:  # a worker already gone: nobody to tell
+                force = True
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=0 if force else 30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        leave_group()
+
+
+def _wait_for(reports: list, workers: list[subprocess.Popen]) -> None:
+    """Every worker's report that its weights are in; the first failure is raised here."""
+    for rank, (report, worker) in enumerate(zip(reports, workers, strict=True), start=1):
+        ready, _, _ = select.select([report], [], [], START_TIMEOUT_S)
+        line = report.readline().strip() if ready else None
+        if line == "ok":
+            continue
+        if line is None:
+            raise RuntimeError(f"tensor parallel rank {rank} did not start in {START_TIMEOUT_S} s")
+        raise RuntimeError(f"tensor parallel rank {rank} failed to start: "
+                           f"{line or f'its process exited with status {worker.wait()}'}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+

@@ -1,0 +1,61 @@
+"""A tensor-parallel worker: ranks 1..N-1, started by rank 0's ParallelRunner as
+`python -m serve.core.tp_worker SPEC`. It loads its part of the model, reports on the pipe it
+was given, then runs every step rank 0 broadcasts until told to stop."""
+
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from serve.config import EngineConfig
+from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
+from serve.core.parallel_runner import StepMessage
+from serve.models.loader import load_config
+from serve.parallel import join_group, leave_group
+
+FAIL_RANK_FOR_TESTS = "NANOSERVE_TEST_FAIL_RANK"  # a rank that raises while loading (tests)
+
+
+def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: int,
+               address: str, report) -> None:
+    """A worker rank's whole life: load, report, then run every step rank 0 broadcasts."""
+    try:
+        if config.torch_device().type == "cuda":
+            torch.cuda.set_device(rank)  # rank r runs on GPU r ("cuda" means this one from now)
+        tp = join_group(rank, config.tensor_parallel_size, address, config.torch_device())
+        if os.environ.get(FAIL_RANK_FOR_TESTS) == str(rank):
+            raise RuntimeError("a failure injected for a test")
+        runner = ModelRunner(config, load_config(model_path), model_path, max_model_len, tp,
+                             loaded=lambda: _send(report, "ok"))
+    except Exception as error:
+        _send(report, f"{type(error).__name__}: {error}")
+        raise SystemExit(1) from None
+    previous: LaunchedStep | None = None
+    while True:
+        message: StepMessage = tp.broadcast()
+        if message.inputs is None:
+            break
+        fill = None
+        if message.fill_rows:  # the tokens of this rank's own previous step, as on rank 0
+            fill = TokenFill(message.fill_rows, message.fill_indices, previous.sampled)
+        previous = runner.launch(message.inputs, fill)
+    leave_group()
+
+
+def _send(report, line: str) -> None:
+    report.write(line.replace("\n", " ") + "\n")
+    report.flush()
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
+                        format="%(levelname)s worker %(name)s: %(message)s")
+    config, model_path, max_model_len, rank, address, report_fd = json.loads(argv[0])
+    with os.fdopen(report_fd, "w") as report:
+        run_worker(EngineConfig(**config), model_path, max_model_len, rank, address, report)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
