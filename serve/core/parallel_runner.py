@@ -14,6 +14,7 @@ hang. A worker is `python -m serve.core.tp_worker` (a fresh interpreter that imp
 engine: not multiprocessing's spawn, which would import the user's script again).
 """
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -51,7 +52,7 @@ class ParallelRunner:
                  max_model_len: int) -> None:
         size = config.tensor_parallel_size
         address = f"tcp://127.0.0.1:{_free_port()}"
-        self.workers, reports = [], []
+        self.workers, reports, self.stopped = [], [], False
         for rank in range(1, size):
             read, write = os.pipe()
             spec = json.dumps([dataclasses.asdict(config), model_path, max_model_len, rank,
@@ -73,6 +74,7 @@ class ParallelRunner:
         except BaseException:
             self.shutdown(force=True)
             raise
+        atexit.register(self.shutdown)  # a script that never calls shutdown still stops them
 
     @property
     def kv_pool(self):
@@ -82,15 +84,20 @@ class ParallelRunner:
     def graphs(self):
         return self.runner.graphs
 
+    # --8<-- [start:launch]
     def launch(self, inputs: StepInputs, fill: TokenFill | None = None) -> LaunchedStep:
         self.tp.broadcast(StepMessage(inputs, fill and fill.rows, fill and fill.indices))
         return self.runner.launch(inputs, fill)
+    # --8<-- [end:launch]
 
     def collect(self, launched: LaunchedStep) -> list[int]:
         return self.runner.collect(launched)
 
     def shutdown(self, force: bool = False) -> None:
-        """Stop the workers (they leave their loop when told, or die with their parent)."""
+        """Stop the workers: tell them, or (force) kill them. Once is enough."""
+        if self.stopped:
+            return
+        self.stopped = True
         if not force:
             try:
                 self.tp.broadcast(StepMessage(None))
@@ -98,7 +105,7 @@ class ParallelRunner:
                 force = True
         for worker in self.workers:
             try:
-                worker.wait(timeout=0 if force else 30)
+                worker.wait(timeout=None if not force else 0.1)
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()

@@ -15,9 +15,12 @@ from serve.core.parallel_runner import StepMessage
 from serve.models.loader import load_config
 from serve.parallel import join_group, leave_group
 
+logger = logging.getLogger(__name__)
+
 FAIL_RANK_FOR_TESTS = "NANOSERVE_TEST_FAIL_RANK"  # a rank that raises while loading (tests)
 
 
+# --8<-- [start:run_worker]
 def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: int,
                address: str, report) -> None:
     """A worker rank's whole life: load, report, then run every step rank 0 broadcasts."""
@@ -34,7 +37,11 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
         raise SystemExit(1) from None
     previous: LaunchedStep | None = None
     while True:
-        message: StepMessage = tp.broadcast()
+        try:
+            message: StepMessage = tp.broadcast()
+        except RuntimeError as error:  # rank 0 is gone (its process ended or crashed)
+            logger.warning("rank 0 is gone, rank %d stops: %s", rank, str(error)[:200])
+            raise SystemExit(1) from None
         if message.inputs is None:
             break
         fill = None
@@ -42,6 +49,7 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
             fill = TokenFill(message.fill_rows, message.fill_indices, previous.sampled)
         previous = runner.launch(message.inputs, fill)
     leave_group()
+# --8<-- [end:run_worker]
 
 
 def _send(report, line: str) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from serve.parallel import TensorParallel
 
 
+# --8<-- [start:embedding]
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int,
                  tp: TensorParallel = TensorParallel()) -> None:
@@ -43,3 +44,4 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.tp.all_gather(F.linear(hidden, self.weight))
         return logits[:, : self.vocab_size]  # drop the padding rows' logits
+# --8<-- [end:embedding]

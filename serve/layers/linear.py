@@ -18,6 +18,7 @@ from torch import nn
 from serve.parallel import TensorParallel
 
 
+# --8<-- [start:column]
 class ColumnParallelLinear(nn.Module):
     """One matmul whose output is the concatenation of several named parts (q, k, v), each
     holding this rank's share of that part's rows."""
@@ -48,8 +49,10 @@ class ColumnParallelLinear(nn.Module):
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split(list(self.part_sizes.values()), dim=-1)
+# --8<-- [end:column]
 
 
+# --8<-- [start:row]
 class RowParallelLinear(nn.Module):
     """A matmul whose input features are split across ranks: each rank multiplies its share and
     an all-reduce adds the partial outputs (the bias is added once, after it)."""
@@ -72,3 +75,4 @@ class RowParallelLinear(nn.Module):
             param.data.copy_(source[:])
         else:
             param.data.copy_(source[:, self.start : self.start + param.shape[1]])
+# --8<-- [end:row]
