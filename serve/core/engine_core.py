@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from serve.config import EngineConfig
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
@@ -21,7 +23,7 @@ from serve.core.request import Request, RequestStatus
 from serve.core.sampler import SamplingTensors
 from serve.core.scheduler import ScheduledRequest, Scheduler
 from serve.core.stats import StatsCollector
-from serve.core.step_inputs import StepInputs, build_step_inputs
+from serve.core.step_inputs import PageRows, StepInputs, build_step_inputs
 from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
 
@@ -53,7 +55,9 @@ class EngineCore:
         runner_class = ParallelRunner if config.tensor_parallel_size > 1 else ModelRunner
         self.runner = runner_class(config, self.hf_config, self.model_path, self.max_model_len)
         self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
-        self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size)
+        self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size,
+                                       config.max_num_seqs + 1,  # + one being admitted
+                                       -(-self.max_model_len // config.page_size))
         self.cache = RadixCache(self.allocator) if config.enable_prefix_caching else None
         self.allocator.evictor = self.cache  # the allocator evicts through it when it runs dry
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
@@ -205,7 +209,8 @@ class EngineCore:
             [item.request.token_ids_from(item.request.num_computed_tokens)[:item.num_new_tokens]
              for item in scheduled],
             [r.num_computed_tokens for r in requests],
-            [r.page_table.pages for r in requests],
+            PageRows(self.allocator.block_table,
+                     torch.tensor([r.page_table.row for r in requests])),
             self.allocator.page_size, sampling, sampled)
 
     def reset_prefix_cache(self) -> bool:

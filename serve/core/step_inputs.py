@@ -11,6 +11,14 @@ from serve.core.sampler import SamplingTensors
 
 
 @dataclass
+class PageRows:
+    """Each sequence's pages as a row of a block table (PageAllocator.block_table)."""
+
+    table: torch.Tensor  # [rows, max pages] int32
+    rows: torch.Tensor  # [num_seqs] int64: each sequence's row
+
+
+@dataclass
 class StepInputs:
     """What the model runner executes: token ids at positions, where their K/V go, which pages
     each sequence attends over, and which rows are sampled with which rules."""
@@ -30,13 +38,14 @@ class StepInputs:
 def build_step_inputs(
     new_token_ids: list[list[int]],
     num_computed: list[int],
-    page_tables: list[list[int]],
+    page_tables: "list[list[int]] | PageRows",
     page_size: int,
     sampling: SamplingTensors | None = None,
     sampled: list[bool] | None = None,
 ) -> StepInputs:
     """Sequence i feeds new_token_ids[i], which start at position num_computed[i], and its
-    tokens live in page_tables[i] (enough pages for all of them). The last new token of each
+    tokens live in page_tables[i] (enough pages for all of them; a list, or a row of a block
+    table). The last new token of each
     sequence with sampled[i] (default: every sequence) is sampled; a prefill chunk that stops
     short of its prompt's end is not. Host tensors only: `to_device` moves them."""
     query_lens = torch.tensor([len(ids) for ids in new_token_ids], dtype=torch.int64)
@@ -45,10 +54,13 @@ def build_step_inputs(
     qo_indptr = _indptr(query_lens)
     num_pages = (seq_lens + page_size - 1) // page_size
     kv_indptr = _indptr(num_pages)
-    kv_indices = torch.tensor(
-        list(chain.from_iterable(pages[:n] for pages, n in zip(page_tables, num_pages.tolist(),
-                                                                strict=True))),
-        dtype=torch.int32)
+    if isinstance(page_tables, PageRows):  # the block table: no Python loop over pages
+        rows = page_tables.table[page_tables.rows, : int(num_pages.max())]
+        kv_indices = rows[torch.arange(rows.shape[1]) < num_pages[:, None]]
+    else:
+        kv_indices = torch.tensor(
+            list(chain.from_iterable(pages[:n] for pages, n in zip(
+                page_tables, num_pages.tolist(), strict=True))), dtype=torch.int32)
     # Per token: which sequence it belongs to, its position, and the slot its K/V go to.
     num_tokens = int(qo_indptr[-1])
     # (output_size: told the total, repeat_interleave skips a pass over query_lens to find it)

@@ -17,6 +17,8 @@ counts the requests that hold it. Each page is in exactly one of three states:
 from collections import deque
 from typing import Protocol
 
+import torch
+
 
 class Evictor(Protocol):
     """What the allocator asks for pages when its free list runs dry (the radix cache)."""
@@ -30,9 +32,16 @@ class PageAllocator:
     Every count below is kept up to date as pages move, so reading one costs nothing.
     """
 
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, max_tables: int = 0,
+                 max_pages_per_table: int = 0) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
+        # The block table: row r lists the pages of the page table that holds row r, so that a
+        # step gathers its requests' pages with one tensor op instead of a Python loop over
+        # every page. A table holds a row while it holds pages (max_tables rows: the most
+        # requests that hold pages at once, one being admitted included).
+        self.block_table = torch.zeros(max_tables, max_pages_per_table, dtype=torch.int32)
+        self.free_rows = list(range(max_tables - 1, -1, -1))
         self.free_pages: deque[int] = deque(range(num_pages))
         self.ref_counts = [0] * num_pages  # requests holding each page
         self.cached = [False] * num_pages  # kept by the radix cache
@@ -118,12 +127,26 @@ class PageTable:
     def __init__(self, allocator: PageAllocator) -> None:
         self.allocator = allocator
         self.pages: list[int] = []
+        self.row: int | None = None  # its row of the allocator's block table, while it has pages
 
     def adopt(self, pages: list[int]) -> None:
         """Start from pages that already hold the first tokens (a prefix the cache found)."""
         assert not self.pages, "only an empty table adopts a prefix"
         self.allocator.retain(pages)
         self.pages = list(pages)
+        self._write(0, pages)
+
+    def _write(self, start: int, pages: list[int]) -> None:
+        """Mirror pages, which start at position start, into the block table row (a few times
+        per request: once per page_size tokens). Without a block table, nothing to do."""
+        allocator = self.allocator
+        if not pages or not len(allocator.block_table):
+            return
+        if self.row is None:
+            assert allocator.free_rows, "more tables hold pages than the block table has rows"
+            self.row = allocator.free_rows.pop()
+        allocator.block_table[self.row, start : start + len(pages)] = torch.tensor(
+            pages, dtype=torch.int32)
 
     def num_missing_pages(self, num_tokens: int) -> int:
         """Pages still to take before tokens 0..num_tokens-1 all have a slot."""
@@ -138,6 +161,7 @@ class PageTable:
         pages = self.allocator.allocate(missing)
         if pages is None:
             return False
+        self._write(len(self.pages), pages)
         self.pages.extend(pages)
         return True
 
@@ -150,9 +174,13 @@ class PageTable:
             self.allocator.retain([new for _, new in changed])
             self.allocator.release([old for old, _ in changed])
             self.pages[: len(pages)] = pages
+            self._write(0, pages)
 
     def release(self) -> None:
-        """Give back every page held. Safe to call twice."""
+        """Give back every page held, and the block table row. Safe to call twice."""
         self.allocator.release(self.pages)
         self.pages = []
+        if self.row is not None:
+            self.allocator.free_rows.append(self.row)
+            self.row = None
 # --8<-- [end:page_table]
