@@ -5,6 +5,7 @@ was given, then runs every step rank 0 broadcasts until told to stop."""
 import json
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -58,6 +59,10 @@ def _send(report, line: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # Rank 0 decides when a worker stops (a Ctrl-C in a terminal reaches the whole process
+    # group: the server drains, which needs every rank, then its core tells the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
                         format="%(levelname)s worker %(name)s: %(message)s")
     config, model_path, max_model_len, rank, address, report_fd = json.loads(argv[0])
