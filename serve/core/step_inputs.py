@@ -45,9 +45,9 @@ def build_step_inputs(
 ) -> StepInputs:
     """Sequence i feeds new_token_ids[i], which start at position num_computed[i], and its
     tokens live in page_tables[i] (enough pages for all of them; a list, or a row of a block
-    table). The last new token of each
-    sequence with sampled[i] (default: every sequence) is sampled; a prefill chunk that stops
-    short of its prompt's end is not. Host tensors only: `to_device` moves them."""
+    table). The last new token of each sequence with sampled[i] (default: every sequence) is
+    sampled; a prefill chunk that stops short of its prompt's end is not. Host tensors only:
+    `to_device` moves them."""
     query_lens = torch.tensor([len(ids) for ids in new_token_ids], dtype=torch.int64)
     starts = torch.tensor(num_computed, dtype=torch.int64)
     seq_lens = starts + query_lens
