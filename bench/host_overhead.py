@@ -5,8 +5,9 @@ count, alone and beside busy processes that compete for the cores.
     python -m bench.host_overhead --model .models/tiny-qwen3 --batch-sizes 1 32 256 \\
         --threads 1 2 --busy-neighbours 0 1 --out host-overhead.json
 
-The runner's `execute` is replaced by a stub that returns a token per row, so the numbers are the
-engine's Python and host tensor work alone, on any machine (the model is not run).
+The runner's `launch` (`execute` before stage 7) is replaced by a stub that returns a token per
+row, so the numbers are the engine's Python and host tensor work alone, on any machine (the
+model is not run).
 """
 
 import argparse

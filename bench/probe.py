@@ -107,7 +107,7 @@ def instrument(engine, recorder: Recorder) -> list[str]:
     runner = engine.runner
     # From stage 3 the runner takes a whole step's inputs: count them there, since from stage
     # 4 a decode step replays a CUDA graph and never calls the model's forward (from stage 7
-    # the engine calls `launch`, and `execute` only wraps it).
+    # the engine calls `launch`; earlier stages call `execute`).
     entry = next((name for name in ("launch", "execute")
                   if callable(getattr(runner, name, None))), None)
     if entry is not None:

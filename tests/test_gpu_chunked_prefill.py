@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.tokenizer import load_tokenizer
-from tests.test_gpu_prefix_cache import TIE, last_logits, race_scores
+from tests.test_gpu_prefix_cache import assert_equal_but_at_ties
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,13 +46,4 @@ def test_mixed_steps_replay_their_decode_graph_and_change_no_token(gpu_model_dir
     ours = [o.token_ids for o in chunked.generate(PROMPTS, PARAMS, use_tqdm=False)]
     assert any(split_steps), "no step mixed decodes with a prompt chunk"
     assert len(replays) >= sum(split_steps)  # every split step replayed its decode part
-    tokenizer = load_tokenizer(gpu_model_dir)
-    for index, params in enumerate(PARAMS):
-        same = next((i for i, (a, b) in enumerate(zip(ours[index], theirs[index], strict=True))
-                     if a != b), len(ours[index]))
-        if same == len(ours[index]):
-            continue
-        prefix = tokenizer.encode(PROMPTS[index]) + theirs[index][:same]
-        scores = race_scores(last_logits(eager, prefix), params, position=len(prefix))
-        gap = abs(scores[ours[index][same]] - scores[theirs[index][same]])
-        assert gap < TIE, f"prompt {index} diverged at token {same} with no tie ({gap:.3f})"
+    assert_equal_but_at_ties(eager, gpu_model_dir, PROMPTS, PARAMS, ours, theirs)

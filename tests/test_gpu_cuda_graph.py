@@ -117,7 +117,7 @@ def test_a_step_waits_for_the_gpu_only_for_its_tokens(llm, num_seqs):
     inputs.sampling = SamplingTensors.build(
         [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)] * num_seqs,
         list(range(num_seqs)), [10] * num_seqs, runner.hf_config.vocab_size)
-    runner.execute(inputs)  # warm: first calls may compile or load kernels
+    runner.collect(runner.launch(inputs))  # warm: first calls may compile or load kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.tokenizer import load_tokenizer
-from tests.test_gpu_prefix_cache import TIE, last_logits, race_scores
+from tests.test_gpu_prefix_cache import assert_equal_but_at_ties
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,13 +27,4 @@ def test_two_gpus_give_the_tokens_of_one(gpu_model_dir):
     assert two.engine.runner.graphs is not None  # each rank captured its decode graphs
     ours = [o.token_ids for o in two.generate(PROMPTS, PARAMS, use_tqdm=False)]
     two.shutdown()
-    tokenizer = load_tokenizer(gpu_model_dir)
-    for index, params in enumerate(PARAMS):
-        same = next((i for i, (a, b) in enumerate(zip(ours[index], theirs[index], strict=True))
-                     if a != b), len(ours[index]))
-        if same == len(ours[index]):
-            continue
-        prefix = tokenizer.encode(PROMPTS[index]) + theirs[index][:same]
-        scores = race_scores(last_logits(one, prefix), params, position=len(prefix))
-        gap = abs(scores[ours[index][same]] - scores[theirs[index][same]])
-        assert gap < TIE, f"prompt {index} diverged at token {same} with no tie ({gap:.3f})"
+    assert_equal_but_at_ties(one, gpu_model_dir, PROMPTS, PARAMS, ours, theirs)

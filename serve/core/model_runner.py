@@ -234,10 +234,6 @@ class ModelRunner:
             launched.done.synchronize()
         return launched.host.tolist()
 
-    def execute(self, inputs: StepInputs) -> list[int]:
-        """Run one step and sample; returns one token id per sampled row."""
-        return self.collect(self.launch(inputs))
-
     def split_for_graphs(self, inputs: StepInputs) -> list[StepInputs]:
         """A mixed step (the scheduler puts decode rows first, prompt chunks after) as two: its
         decode rows replay their CUDA graph and the chunks run eagerly, instead of all of it

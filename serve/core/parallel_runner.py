@@ -44,9 +44,9 @@ class StepMessage:
     fill_indices: list[int] | None = None
 
 
-class ParallelRunner:
-    """Rank 0's runner: starts the workers, and gives every step to them and to its own
-    ModelRunner. The engine core uses it as it would use one ModelRunner."""
+class ParallelRunner(ModelRunner):
+    """Rank 0's runner: a ModelRunner for rank 0's part of the model that starts the workers
+    and gives them every step it launches."""
 
     def __init__(self, config: EngineConfig, hf_config, model_path: str,
                  max_model_len: int) -> None:
@@ -69,29 +69,18 @@ class ParallelRunner:
                         for r, w in enumerate(self.workers, start=1) if w.poll() is not None]
                 raise RuntimeError(f"tensor parallel ranks did not meet ({'; '.join(gone)}): "
                                    f"{error}") from error
-            self.runner = ModelRunner(config, hf_config, model_path, max_model_len, self.tp,
-                                      loaded=lambda: _wait_for(reports, self.workers))
+            super().__init__(config, hf_config, model_path, max_model_len, self.tp,
+                             loaded=lambda: _wait_for(reports, self.workers))
         except BaseException:
             self.shutdown(force=True)
             raise
         atexit.register(self.shutdown)  # a script that never calls shutdown still stops them
 
-    @property
-    def kv_pool(self):
-        return self.runner.kv_pool
-
-    @property
-    def graphs(self):
-        return self.runner.graphs
-
     # --8<-- [start:launch]
     def launch(self, inputs: StepInputs, fill: TokenFill | None = None) -> LaunchedStep:
         self.tp.broadcast(StepMessage(inputs, fill and fill.rows, fill and fill.indices))
-        return self.runner.launch(inputs, fill)
+        return super().launch(inputs, fill)
     # --8<-- [end:launch]
-
-    def collect(self, launched: LaunchedStep) -> list[int]:
-        return self.runner.collect(launched)
 
     def shutdown(self, force: bool = False) -> None:
         """Stop the workers: tell them, or (force) kill them. Once is enough."""
