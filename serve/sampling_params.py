@@ -38,45 +38,29 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise one ValueError naming every bad field and its rule, the first field first."""
-        if problems := self.problems():
+        # One ValueError naming every broken rule, the first field first (NaN fails every range).
+        stop, stop_ids = self.stop, self.stop_token_ids
+        rules = [
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= -1, f"top_k must be -1 (disabled) or >= 1, got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must fit in 64 bits, [{SEED_MIN}, {SEED_MAX}], got {self.seed}"),
+            (self.max_tokens is None or self.max_tokens >= 1,
+             f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (len(stop) <= MAX_STOP_STRINGS,
+             f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}"),
+            (all(stop), "stop strings must not be empty"),
+            (all(len(s) <= MAX_STOP_STRING_CHARS for s in stop),
+             f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long"),
+            (len(stop_ids) <= MAX_STOP_TOKEN_IDS,
+             f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(stop_ids)}"),
+            (all(token_id >= 0 for token_id in stop_ids), "stop_token_ids must be >= 0"),
+        ]
+        if problems := [message for holds, message in rules if not holds]:
             raise ValueError("; ".join(problems))
-
-    def problems(self) -> list[str]:
-        """One "<field> must ..." line per broken rule (NaN fails every range check)."""
-        found = []
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            found.append(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            found.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            found.append(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            found.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            found.append(f"seed must fit in 64 bits, [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            found.append(f"max_tokens must be >= 1, got {self.max_tokens}")
-        found += self._stop_problems()
-        return found
-
-    def _stop_problems(self) -> list[str]:
-        found = []
-        if len(self.stop) > MAX_STOP_STRINGS:
-            found.append(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
-        if any(not s for s in self.stop):
-            found.append("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
-            found.append(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            found.append(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, "
-                         f"got {len(self.stop_token_ids)}")
-        if any(token_id < 0 for token_id in self.stop_token_ids):
-            found.append("stop_token_ids must be >= 0")
-        return found
 
     @property
     def greedy(self) -> bool:

@@ -118,13 +118,6 @@ class AsyncEngine:
                 self._drain_deadline = time.monotonic() + timeout_s
             self._wakeup.notify()
 
-    def wait_closed(self, timeout_s: float | None = None) -> bool:
-        """Wait for the loop thread to end (after drain or shutdown); False on timeout."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            return not self._thread.is_alive()
-        return True
-
     def stop(self) -> None:
         """Tell the loop thread to stop now, without waiting for it: requests still in flight
         fail with EngineDeadError (safe to call from a signal handler)."""
@@ -135,7 +128,8 @@ class AsyncEngine:
     def shutdown(self) -> None:
         """Stop the loop thread now and wait for it to end (a second call does nothing more)."""
         self.stop()
-        self.wait_closed()
+        if self._thread is not None:
+            self._thread.join()
         self._tokenizers.shutdown()
         self.engine.shutdown()
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from serve.layers import kernels
-from serve.layers.norm import RMSNorm, rms_norm, rms_norm_math
+from serve.layers.norm import RMSNorm, rms_norm_math
 
 
 def rope_parameters(config) -> dict:
@@ -75,13 +75,9 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q_norm: RMSNorm, k_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RMSNorm every head of q and k (q_norm, k_norm: RMSNorm over head_dim), then rotate."""
-        if kernels.use_flashinfer(q):  # three kernels: two norms, one rotation of both
-            q = rms_norm(q, q_norm.weight, q_norm.eps)
-            k = rms_norm(k, k_norm.weight, k_norm.eps)
-            return self(positions, q, k)
-        return qk_norm_rope_math(positions, q, k, q_norm.weight, q_norm.eps, k_norm.weight,
-                                 k_norm.eps, self.cos, self.sin)
+        """RMSNorm every head of q and k (q_norm, k_norm: RMSNorm over head_dim), then rotate:
+        on a GPU three kernels, two norms and one rotation of both."""
+        return self(positions, q_norm(q), k_norm(k))
     # --8<-- [end:forward]
 
 
@@ -109,20 +105,12 @@ def rope_math(
 
 # --8<-- [start:qk_norm_rope]
 def qk_norm_rope_math(
-    positions: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    q_eps: float,
-    k_weight: torch.Tensor,
-    k_eps: float,
-    cos_cache: torch.Tensor,
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+    q_eps: float, k_weight: torch.Tensor, k_eps: float, cos_cache: torch.Tensor,
     sin_cache: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3: every head of q and k normalized over head_dim, then rotated, as new tensors."""
-    cos = cos_cache[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-    sin = sin_cache[positions].unsqueeze(1)
-    q = rms_norm_math(q, q_weight, q_eps)
-    k = rms_norm_math(k, k_weight, k_eps)
-    return rotate_math(q, cos, sin), rotate_math(k, cos, sin)
+    """Qwen3: every head of q and k normalized over head_dim, then rotated, as new tensors (the
+    reference the GPU's kernels are tested against)."""
+    return rope_math(positions, rms_norm_math(q, q_weight, q_eps),
+                     rms_norm_math(k, k_weight, k_eps), cos_cache, sin_cache)
 # --8<-- [end:qk_norm_rope]

@@ -102,7 +102,8 @@ def load_safetensors(model: nn.Module, path: str) -> None:
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
     loaded: set[str] = set()
-    tied = _tied_names(model)
+    # A tied LM head is the embedding under a second name, which named_parameters() skips.
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - params.keys()
     with torch.no_grad():
         for file in files:
             with safe_open(file, framework="pt") as f:
@@ -135,12 +136,3 @@ def _load_one(name: str, source, params: dict, modules: dict) -> str:
         params[name].copy_(source[:])
     return name
 
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names of parameters that are another parameter under a second name (a tied LM head)."""
-    seen, tied = {}, set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen[id(param)] = name
-    return tied

@@ -50,7 +50,7 @@ class BodyLimits:
             deadline = deadline or loop.time() + self.timeout_s
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
                 raise HTTPException(
                     408, f"the request body did not arrive within {self.timeout_s:g} s",
                     headers={"Connection": "close"}) from None

@@ -46,32 +46,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+def number(kind: type, low: float | None = None, high: float | None = None) -> Callable:
+    """An argparse type: a finite `kind` (int or float) in [low, high], either bound optional.
+    argparse reports the ValueError of a non-number as "invalid int value: 'x'"."""
 
-    def parse(text: str) -> int:
-        value = int(text)  # argparse reports a ValueError as "invalid int value: 'x'"
-        if value < low or (high is not None and value > high):
-            rule = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
-
-
-def finite_float(low: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a float that is not NaN or infinite, and >= low when low is given."""
-
-    def parse(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            rule = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
-    parse.__name__ = "float"
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -91,7 +79,8 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
         help="address to listen on (this machine only; vLLM's default is 0.0.0.0, which exposes "
         "the server to the network)",
     )
-    parser.add_argument("--port", type=int_in(1, 65535), default=8000, help="port to listen on")
+    parser.add_argument("--port", type=number(int, 1, 65535), default=8000,
+                        help="port to listen on")
     parser.add_argument(
         "--served-model-name", nargs="+", default=None,
         help="the model names clients may send; responses and /v1/models carry the first "
@@ -107,16 +96,16 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
         "of its own, so that the server's Python work never delays a step)",
     )
     parser.add_argument(
-        "--batch-wait-ms", type=finite_float(), default=None,
+        "--batch-wait-ms", type=number(float), default=None,
         help="ignored: requests join the running batch at every step (kept so that older "
         "command lines still start)",
     )
     parser.add_argument(
-        "--max-request-bytes", type=int_in(1), default=DEFAULT_MAX_REQUEST_BYTES,
+        "--max-request-bytes", type=number(int, 1), default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest request body accepted; a larger one gets 413",
     )
     parser.add_argument(
-        "--shutdown-timeout", type=finite_float(0), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        "--shutdown-timeout", type=number(float, 0), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         help="seconds that requests still running at SIGTERM get to finish",
     )
     parser.add_argument(
