@@ -1,7 +1,7 @@
 """Every stage on the same workload, in one run on one machine: `make bench-stages`.
 
     python -m bench.stages [--model qwen3-0.6b] [--workload course] [--stages-dir DIR]
-                           [--current TAG] [--archive FILE.tar.gz]
+                           [--current TAG] [--archive FILE.tar.gz] [--resume RUN_DIR]
 
 One run measures, one after the other on the same machine:
 
@@ -25,6 +25,13 @@ export the stages first (`make stage-sources` writes .stages/), carry that folde
 `--stages-dir .stages`; `--archive FILE.tar.gz` packs the run's files into one file to bring
 back, and `--adopt FILE.tar.gz`, run in the repository, unpacks them into milestones/, draws what
 the GPU machine could not, and redraws the stage table and plot from it.
+
+A run that outlasts one command (every stage with its probe takes about 13 minutes on an H200,
+where one command may run 10) is cut short and resumed: the first command leaves the manifest
+so far in the run's folder (run.partial.json, after each stage), and `--resume <run folder>`,
+run next on the same machine, runs the stages that are missing in the same run (the course's
+GPU machine, while warm, keeps ignored folders of the working tree between calls: give
+--results-dir one of those). On another machine, or with another workload, it refuses.
 """
 
 import argparse
@@ -34,6 +41,7 @@ import importlib.util
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +59,15 @@ from bench.results import (
     short_device_name,
     write_result,
 )
-from bench.run_files import MILESTONES, RunFiles, listed_files, pack, resolve, unpack
+from bench.run_files import (
+    MILESTONES,
+    RunFiles,
+    listed_files,
+    pack,
+    resolve,
+    stage_folder,
+    unpack,
+)
 from bench.workloads import (
     Workload,
     add_workload_args,
@@ -62,6 +78,7 @@ from bench.workloads import (
 
 STAGES_FILE = "stages.json"  # written by --export-only: tag -> commit
 HEAD_FILE = "HEAD.json"  # written by --export-only: the exporting checkout's commit
+PARTIAL_FILE = "run.partial.json"  # the manifest so far, after each stage (see --resume)
 PROBE = REPO_ROOT / "bench" / "probe.py"
 FLASHINFER_BACKEND = Path("serve/attention/flashinfer_backend.py")
 
@@ -231,6 +248,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="don't compile FlashInfer's kernels in the background during the "
                              "first stage (cleaner, about 100 s longer on a fresh machine)")
     parser.add_argument("--archive", metavar="FILE", help="also pack the run's files into FILE")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="go on with a run that an earlier command began on this machine "
+                             "and that ended early (it had a time limit): the stages it "
+                             "finished are kept, the others run")
     parser.add_argument("--adopt", metavar="FILE",
                         help="unpack a run archived elsewhere into milestones/ and redraw the "
                              "stage table and plot from it; runs nothing")
@@ -309,9 +330,19 @@ def main(argv: list[str] | None = None) -> Path | None:
         scratch = Path(scratch_name)
         tags, folders, head = load_stages(args, scratch)
         name_harness_commit(head)
-        env = environment(device)
-        device_name = args.device_name or short_device_name(env["device_name"])
-        files = RunFiles.new(args.results_dir, started, device_name, workload.name)
+        if args.resume:
+            files, manifest = resume_run(args, workload)
+        else:
+            env = environment(device)
+            device_name = args.device_name or short_device_name(env["device_name"])
+            files = RunFiles.new(args.results_dir, started, device_name, workload.name)
+            manifest = {"kind": "stages_run", "run_id": files.run_id, "command": command_line(),
+                        "started": started.isoformat(timespec="seconds"), "env": env,
+                        "workload": workload.to_dict(), "model": args.model,
+                        "load_format": args.load_format, "max_model_len": args.max_model_len,
+                        "device_name": device_name, "host": socket.gethostname(), "notes": [],
+                        "hf_baseline": files.listed(files.folder / "hf-baseline.json"),
+                        "stages": []}
         run_id, run_dir = files.run_id, files.folder
         print(f"run {run_id}: {', '.join(tags)} -> {run_dir}", flush=True)
 
@@ -320,20 +351,20 @@ def main(argv: list[str] | None = None) -> Path | None:
         requests_file.write_text(json.dumps(requests_as_json(requests)))
         model_args = ["--model", model_path(args.model), "--load-format", args.load_format,
                       "--device", args.device, "--max-model-len", str(args.max_model_len)]
-        manifest = {"kind": "stages_run", "run_id": run_id, "command": command_line(),
-                    "started": started.isoformat(timespec="seconds"), "env": env,
-                    "workload": workload.to_dict(), "model": args.model,
-                    "load_format": args.load_format, "device_name": device_name,
-                    "notes": [], "hf_baseline": files.listed(run_dir / "hf-baseline.json"),
-                    "stages": []}
 
-        # the baseline once, with this checkout's harness, shared by every stage below
-        hf_out = scratch / "hf.json"
-        run([sys.executable, "-m", "bench.hf_baseline", "--model", args.model, "--device",
-             args.device, "--hf-batch-size", str(args.hf_batch_size), "--warmup",
-             *workload_flags(workload), "--out", str(hf_out)], REPO_ROOT)
-        hf = read_result(hf_out)
-        write_result(run_dir / "hf-baseline.json", {**hf, "run_id": run_id})
+        if not args.resume:  # the baseline once, with this checkout's harness, for every stage
+            hf_out = scratch / "hf.json"
+            run([sys.executable, "-m", "bench.hf_baseline", "--model", args.model, "--device",
+                 args.device, "--hf-batch-size", str(args.hf_batch_size), "--warmup",
+                 *workload_flags(workload), "--out", str(hf_out)], REPO_ROOT)
+            write_result(run_dir / "hf-baseline.json", {**read_result(hf_out), "run_id": run_id})
+        hf = read_result(run_dir / "hf-baseline.json")
+        finished = {entry["tag"] for entry in manifest["stages"]}
+        tags = {tag: commit for tag, commit in tags.items() if tag not in finished}
+        if args.resume:  # what the stage that was cut short left of this run, it writes anew
+            for tag in tags:
+                for leftover in (files.root / stage_folder(tag)).glob(f"*-{files.started}.*"):
+                    leftover.unlink()
 
         prewarm = None
         flashinfer_stages = [t for t in tags if (folders[t] / FLASHINFER_BACKEND).exists()]
@@ -367,11 +398,13 @@ def main(argv: list[str] | None = None) -> Path | None:
                 entry.update(probe_stage(args, folder, tag, commit, files, scratch, model_args,
                                          requests_file, result, len(requests)))
             manifest["stages"].append(entry)
+            (run_dir / PARTIAL_FILE).write_text(json.dumps(manifest, indent=1))
         if prewarm:
             prewarm.wait()
         manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         write_result(run_dir / "run.json", manifest)
+        (run_dir / PARTIAL_FILE).unlink(missing_ok=True)
     rows = plot_stages.load_run(run_dir)
     table = plot_stages.render_table(run_dir, rows)
     with (run_dir / "stages.md").open("x") as file:
@@ -387,6 +420,26 @@ def main(argv: list[str] | None = None) -> Path | None:
     print(f"run {run_id} done: {run_dir}, and each stage's files in its folder beside it:")
     print("\n".join(f"  {listed}" for listed in listed_files(read_result(run_dir / "run.json"))))
     return run_dir
+
+
+def resume_run(args: argparse.Namespace, workload: Workload) -> tuple[RunFiles, dict]:
+    """The files and manifest so far of the run in --resume. A run's ratios never cross
+    machines, so it goes on only on the machine that began it, with the same workload."""
+    run_dir = Path(args.resume).resolve()
+    manifest = json.loads((run_dir / PARTIAL_FILE).read_text())
+    if manifest["host"] != socket.gethostname():
+        raise SystemExit(f"{run_dir} was begun on {manifest['host']}, not on this machine")
+    asked = {"workload": workload.to_dict(), "model": args.model,
+             "load_format": args.load_format, "max_model_len": args.max_model_len}
+    asked = json.loads(json.dumps(asked))  # as the manifest holds it (tuples as lists)
+    if changed := [key for key, value in asked.items() if manifest[key] != value]:
+        raise SystemExit(f"{run_dir} began with another {', '.join(changed)}")
+    manifest["notes"].append(f"resumed by a second command on the same machine, at "
+                             f"{datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC: "
+                             f"{command_line()}")
+    files = RunFiles(run_dir.parent.parent, manifest["run_id"], manifest["device_name"],
+                     workload.name)
+    return files, manifest
 
 
 def probe_stage(args, folder: Path, tag: str, commit: str, files: RunFiles, scratch: Path,

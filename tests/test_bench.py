@@ -556,3 +556,52 @@ def test_an_export_of_another_tree_is_refused(tmp_path):
     (tmp_path / stages.HEAD_FILE).write_text(json.dumps({**head, "fingerprint": "0" * 16}))
     with pytest.raises(SystemExit, match="another tree"):
         stages.load_stages(args, tmp_path)
+
+
+def test_a_stage_run_cut_short_is_resumed_on_the_same_machine(tmp_path, monkeypatch):
+    """A run of every stage can outlast one command (the GPU machine's 10-minute limit):
+    --resume goes on with the stages the first command did not finish, in the same run, after
+    removing what a stage cut short had written; on another machine it is refused."""
+    exported = tmp_path / "stages"
+    exported.mkdir()
+    tags = {"v0.0-a": "a0" * 20, "v0.1-b": "b1" * 20, "v0.2-c": "c2" * 20}
+    (exported / stages.STAGES_FILE).write_text(json.dumps(tags))
+    calls: list[str] = []
+    cut_at = {"stage": "v0.1-b"}
+
+    def fake_run(command, cwd, env=None):
+        out = Path(command[command.index("--out") + 1])
+        if "bench.hf_baseline" in command:
+            calls.append("hf")
+            out.write_text(json.dumps({"metrics": {"output_tokens_per_s": 10.0}}))
+            return
+        tag = Path(cwd).name
+        if tag == cut_at["stage"]:
+            raise KeyboardInterrupt  # the command's time limit
+        calls.append(tag)
+        out.write_text(json.dumps({"env": {"git_commit": tags[tag]},
+                                   "metrics": {"output_tokens_per_s": 100.0 * len(calls)}}))
+
+    monkeypatch.setattr(stages, "run", fake_run)
+    results = tmp_path / "milestones"
+    common = ["--stages-dir", str(exported), "--device", "cpu", "--no-probe",
+              "--no-stage-table", "--results-dir", str(results)]
+    with pytest.raises(KeyboardInterrupt):
+        stages.main(common)
+    (run_dir,) = (results / "runs").iterdir()
+    started = "-".join(run_dir.name.split("-")[:2])
+    leftover = results / "01" / f"probe-cpu-b1b1b1b1-course-{started}.json"
+    leftover.parent.mkdir()
+    leftover.write_text("{}")  # as a probe cut short would leave it
+    cut_at["stage"] = None
+    stages.main([*common, "--resume", str(run_dir)])
+    assert calls == ["hf", "v0.0-a", "v0.1-b", "v0.2-c"]  # the baseline and v0.0 ran once
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert [entry["tag"] for entry in manifest["stages"]] == list(tags)
+    assert "resumed" in manifest["notes"][-1]
+    assert not leftover.exists() and not (run_dir / stages.PARTIAL_FILE).exists()
+    assert "| v0.1 | `b1b1b1b1` | 300.0 | 1.50× |" in (run_dir / "stages.md").read_text()
+
+    (run_dir / stages.PARTIAL_FILE).write_text(json.dumps({**manifest, "host": "elsewhere"}))
+    with pytest.raises(SystemExit, match="not on this machine"):
+        stages.main([*common, "--resume", str(run_dir)])
