@@ -605,3 +605,17 @@ def test_a_stage_run_cut_short_is_resumed_on_the_same_machine(tmp_path, monkeypa
     (run_dir / stages.PARTIAL_FILE).write_text(json.dumps({**manifest, "host": "elsewhere"}))
     with pytest.raises(SystemExit, match="not on this machine"):
         stages.main([*common, "--resume", str(run_dir)])
+
+
+def test_a_code_only_export_leaves_out_chapters_and_results(tmp_path, monkeypatch):
+    """What travels to the GPU machine for a run of every stage: each stage's code and
+    harness, without its docs/ and milestones/ (which hold most of an export's bytes)."""
+    tags = stages.milestone_tags()
+    assert tags, "make tags makes the milestone tags (the README's commands run it)"
+    last = dict([list(tags.items())[-1]])
+    monkeypatch.setattr(stages, "milestone_tags", lambda: last)
+    assert stages.export_stages(tmp_path, code_only=True) == last
+    folder = tmp_path / next(iter(last))
+    assert (folder / "serve" / "__init__.py").exists() and (folder / "bench").is_dir()
+    assert not (folder / "docs").exists() and not (folder / "milestones").exists()
+    assert json.loads((tmp_path / stages.STAGES_FILE).read_text()) == last
