@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from serve.layers import kernels
-from serve.layers.norm import RMSNorm, rms_norm_math
+from serve.layers.norm import RMSNorm, rms_norm, rms_norm_math
 
 
 def rope_parameters(config) -> dict:
@@ -76,8 +76,10 @@ class RotaryEmbedding(nn.Module):
         q_norm: RMSNorm, k_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm every head of q and k (q_norm, k_norm: RMSNorm over head_dim), then rotate:
-        on a GPU three kernels, two norms and one rotation of both."""
-        return self(positions, q_norm(q), k_norm(k))
+        on a GPU three kernels, two norms and one rotation of both. (The norms are called as
+        functions: an eager step makes this call in every layer, and a module call costs more.)"""
+        q = rms_norm(q, q_norm.weight, q_norm.eps)
+        return self(positions, q, rms_norm(k, k_norm.weight, k_norm.eps))
     # --8<-- [end:forward]
 
 
