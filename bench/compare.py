@@ -41,7 +41,7 @@ from bench.results import (
     write_result,
 )
 from bench.run_files import MILESTONES, RunFiles, pack, resolve, short_commit, unpack
-from bench.stages import (
+from bench.stage_trees import (
     load_stages,
     model_path,
     name_harness_commit,

@@ -22,6 +22,7 @@ from bench import (
     plot_stages,
     probe,
     serving,
+    stage_trees,
     stages,
     throughput,
     workloads,
@@ -546,16 +547,16 @@ def test_gc_pause_measures_a_full_collection_before_and_after_freezing(qwen3_dir
 def test_an_export_of_another_tree_is_refused(tmp_path):
     """HEAD.json names the commit of the tree it was exported from; a harness run beside a
     newer tree (an export left over from an earlier call) must not name that commit."""
-    (tmp_path / stages.STAGES_FILE).write_text("{}")
+    (tmp_path / stage_trees.STAGES_FILE).write_text("{}")
     args = argparse.Namespace(stages_dir=str(tmp_path), only=None, current="v9.9-next")
     head = {"git_commit": "c0ffee", "git_dirty": False}
-    (tmp_path / stages.HEAD_FILE).write_text(json.dumps(
-        {**head, "fingerprint": stages.tree_fingerprint()}))
-    tags, _, _ = stages.load_stages(args, tmp_path)
+    (tmp_path / stage_trees.HEAD_FILE).write_text(json.dumps(
+        {**head, "fingerprint": stage_trees.tree_fingerprint()}))
+    tags, _, _ = stage_trees.load_stages(args, tmp_path)
     assert tags == {"v9.9-next": "c0ffee"}
-    (tmp_path / stages.HEAD_FILE).write_text(json.dumps({**head, "fingerprint": "0" * 16}))
+    (tmp_path / stage_trees.HEAD_FILE).write_text(json.dumps({**head, "fingerprint": "0" * 16}))
     with pytest.raises(SystemExit, match="another tree"):
-        stages.load_stages(args, tmp_path)
+        stage_trees.load_stages(args, tmp_path)
 
 
 def test_a_stage_run_cut_short_is_resumed_on_the_same_machine(tmp_path, monkeypatch):
@@ -565,7 +566,7 @@ def test_a_stage_run_cut_short_is_resumed_on_the_same_machine(tmp_path, monkeypa
     exported = tmp_path / "stages"
     exported.mkdir()
     tags = {"v0.0-a": "a0" * 20, "v0.1-b": "b1" * 20, "v0.2-c": "c2" * 20}
-    (exported / stages.STAGES_FILE).write_text(json.dumps(tags))
+    (exported / stage_trees.STAGES_FILE).write_text(json.dumps(tags))
     calls: list[str] = []
     cut_at = {"stage": "v0.1-b"}
 
@@ -610,12 +611,12 @@ def test_a_stage_run_cut_short_is_resumed_on_the_same_machine(tmp_path, monkeypa
 def test_a_code_only_export_leaves_out_chapters_and_results(tmp_path, monkeypatch):
     """What travels to the GPU machine for a run of every stage: each stage's code and
     harness, without its docs/ and milestones/ (which hold most of an export's bytes)."""
-    tags = stages.milestone_tags()
+    tags = stage_trees.milestone_tags()
     assert tags, "make tags makes the milestone tags (the README's commands run it)"
     last = dict([list(tags.items())[-1]])
-    monkeypatch.setattr(stages, "milestone_tags", lambda: last)
-    assert stages.export_stages(tmp_path, code_only=True) == last
+    monkeypatch.setattr(stage_trees, "milestone_tags", lambda: last)
+    assert stage_trees.export_stages(tmp_path, code_only=True) == last
     folder = tmp_path / next(iter(last))
     assert (folder / "serve" / "__init__.py").exists() and (folder / "bench").is_dir()
     assert not (folder / "docs").exists() and not (folder / "milestones").exists()
-    assert json.loads((tmp_path / stages.STAGES_FILE).read_text()) == last
+    assert json.loads((tmp_path / stage_trees.STAGES_FILE).read_text()) == last

@@ -70,7 +70,7 @@ def test_every_result_of_a_run_is_in_its_runs_manifest():
 
 
 def milestone_tags() -> dict[str, str]:
-    from bench.stages import milestone_tags
+    from bench.stage_trees import milestone_tags
 
     try:
         return milestone_tags()
