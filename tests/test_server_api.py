@@ -397,30 +397,61 @@ def fresh_engine(qwen3_dir) -> AsyncEngine:
     return AsyncEngine(LLMEngine(config))
 
 
-def test_an_api_key_guards_v1_and_leaves_health_and_metrics_open(qwen3_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def keyed_client(qwen3_dir):
+    """A client of an app that requires the API key "sekret"."""
     app = build_app(fresh_engine(qwen3_dir), model_names=MODEL, api_key="sekret")
     with TestClient(app) as client:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
-            for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"),
-                                 ("POST", "/v1/chat/completions")]:
-                response = client.request(method, path, headers=headers,
-                                          json={"prompt": "x", "max_tokens": 1})
-                error = error_of(response, 401)
-                assert error["type"] == "AuthenticationError"
-                assert error["code"] == "invalid_api_key"
-        good = {"Authorization": "Bearer sekret"}
-        assert client.get("/v1/models", headers=good).status_code == 200
-        response = client.post("/v1/completions", headers=good,
-                               json={"prompt": "x", "max_tokens": 1})
-        assert response.status_code == 200, response.text
-        assert client.get("/health").status_code == 200
-        assert client.get("/metrics").status_code == 200
+        yield client
+
+
+def test_an_api_key_guards_every_path_but_health_and_metrics(keyed_client):
+    client = keyed_client
+    guarded = [("GET", "/v1/models"), ("POST", "/v1/completions"),
+               ("POST", "/v1/chat/completions"), ("GET", "/docs"), ("GET", "/redoc"),
+               ("GET", "/openapi.json"), ("GET", "/nowhere")]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+        for method, path in guarded:
+            response = client.request(method, path, headers=headers,
+                                      json={"prompt": "x", "max_tokens": 1})
+            error = error_of(response, 401)
+            assert error["type"] == "AuthenticationError"
+            assert error["code"] == "invalid_api_key"
+    good = {"Authorization": "Bearer sekret"}
+    for path in ["/v1/models", "/docs", "/redoc", "/openapi.json"]:
+        assert client.get(path, headers=good).status_code == 200, path
+    response = client.post("/v1/completions", headers=good, json={"prompt": "x", "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    assert client.get("/health").status_code == 200
+    assert client.head("/health").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(keyed_client):
+    """RFC 9110 §11.1: the scheme is a case-insensitive token, and one or more spaces follow it."""
+    for authorization in ["bearer sekret", "BEARER sekret", "Bearer   sekret"]:
+        response = keyed_client.get("/v1/models", headers={"Authorization": authorization})
+        assert response.status_code == 200, authorization
+    wrong = ["Bearer SEKRET", "Bearer sekret2", "Bearersekret", "Bearer", "Basic sekret"]
+    for authorization in wrong:
+        response = keyed_client.get("/v1/models", headers={"Authorization": authorization})
+        assert response.status_code == 401, authorization
+
+
+def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     args = make_parser().parse_args(["--model", "m"])
     monkeypatch.setenv("NANOSERVE_API_KEY", "from-env")
     assert api_key_of(args) == "from-env"
     assert api_key_of(make_parser().parse_args(["--model", "m", "--api-key", "k"])) == "k"
     monkeypatch.delenv("NANOSERVE_API_KEY")
     assert api_key_of(args) is None
+
+
+def test_health_answers_head_with_gets_status(client, engine, monkeypatch):
+    """Some load balancers probe with HEAD; a server under uvicorn sends it no body."""
+    assert client.head("/health").status_code == 200
+    monkeypatch.setattr(engine, "error", RuntimeError("the loop died"))
+    assert client.head("/health").status_code == 503
 
 
 def test_served_model_names_hide_the_path(qwen3_dir):

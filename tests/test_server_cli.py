@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.server import cli
 from serve.server.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,30 @@ def test_bad_flags_exit_2_with_one_line(capsys, qwen3_dir, flags, message):
 def test_a_missing_model_flag_is_one_line_too(capsys):
     assert exit_of([], capsys) == (
         2, "nanoserve: error: the following arguments are required: --model\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, env, source",
+    [
+        (["--api-key", ""], None, "--api-key"),
+        (["--api-key", " "], "from-env", "--api-key"),  # the flag wins, even when blank
+        ([], "", "$NANOSERVE_API_KEY"),
+        ([], " \t", "$NANOSERVE_API_KEY"),
+    ],
+    ids=["empty-flag", "blank-flag-over-env", "empty-env", "blank-env"],
+)
+def test_an_empty_api_key_is_refused_before_anything_loads(capsys, monkeypatch, flags, env,
+                                                           source):
+    """An empty key would serve without authentication while the command line asks for it."""
+    if env is None:
+        monkeypatch.delenv("NANOSERVE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("NANOSERVE_API_KEY", env)
+    monkeypatch.setattr(cli, "build_engine", lambda *_: pytest.fail("the engine was built"))
+    assert exit_of(["--model", "unused", *flags], capsys) == (
+        2, f"nanoserve: error: {source} is empty; to serve without authentication, leave both "
+           "--api-key and $NANOSERVE_API_KEY unset\n"
     )
 
 

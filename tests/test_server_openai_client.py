@@ -16,19 +16,23 @@ from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
+from serve.server.lifecycle import server_config
 
 MODEL = "tiny-qwen3"
 CHAT = [{"role": "user", "content": "Write a haiku."}]
 
 
 class ServerThread:
-    """uvicorn serving `app` from a background thread, on a port the OS picked."""
+    """uvicorn serving `app` from a background thread, on a port the OS picked, configured as
+    `python -m serve` configures it."""
 
     def __init__(self, app) -> None:
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose protocol says TCP,
+        # and without it every response waits ~40 ms for the client's delayed ACK.
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.bind(("127.0.0.1", 0))  # bound before the start: no race for the port
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        config = server_config(app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, args=([self.socket],), daemon=True)
 

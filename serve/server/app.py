@@ -45,7 +45,8 @@ def build_app(
     without its lifespan (an in-process test client) needs `engine.start()` first. While the
     engine is busy, the app logs its KV pages and requests every 10 s. A request body larger
     than `max_request_bytes` gets a 413, one that has not arrived within `body_timeout_s`
-    a 408. With an `api_key`, every /v1/* request must carry it (`Authorization: Bearer`).
+    a 408. With an `api_key`, every request must carry it (`Authorization: Bearer`), except
+    those to /health and /metrics, which load balancers and Prometheus poll without one.
     """
     served_names = [model_names] if isinstance(model_names, str) else list(model_names or [])
     served_names = served_names or [engine.model_name]
@@ -63,12 +64,18 @@ def build_app(
         engine.shutdown()
 
     app = FastAPI(title="nanoserve", lifespan=lifespan)
-    app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
-    if api_key:  # added last, so it runs first: no body of a stranger's is ever read
+    # The last added runs first. The key is checked before any body is read (BodyLimits reads
+    # nothing itself), but after a body framed two ways is refused: a stranger's request is
+    # the very one that must not leave the connection where a proxy and this server disagree.
+    if api_key:
         app.add_middleware(APIKeyAuth, api_key=api_key)
+    app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
     _add_error_handlers(app)
 
+    # HEAD is the probe some load balancers send. Two routes, not one for both methods, which
+    # would give both the same OpenAPI operation id.
     @app.get("/health")
+    @app.head("/health")
     async def health() -> JSONResponse:
         return health_response(engine)
 

@@ -1,10 +1,16 @@
-"""Limits on a request body: 413 once it passes a size, before it is read whole; 408 when it
-has not fully arrived within a time, so a client that stops sending cannot hold a connection."""
+"""Limits on a request body: 400 when its length is declared twice over (Content-Length and
+Transfer-Encoding), before any of it is read; 413 once it passes a size, before it is read whole;
+408 when it has not fully arrived within a time, so a client that stops sending cannot hold a
+connection."""
 
 import asyncio
 
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.server.errors import ERROR_TYPES, error_response
+from serve.server.protocol import ErrorInfo
 
 # 4 MiB holds a full 128k-token context several times over, as text (~4 bytes a token) or as JSON
 # token ids (~7 bytes each), while a body too big to be a prompt is refused before it is parsed,
@@ -16,14 +22,17 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class BodyLimits:
-    """Pure ASGI middleware: reading a body larger than `max_bytes` raises a 413; a body not
-    complete `timeout_s` after the app began to read it raises a 408 that closes the connection.
+    """Pure ASGI middleware: a request with both Content-Length and Transfer-Encoding gets a 400
+    that closes the connection, before the app sees it; reading a body larger than `max_bytes`
+    raises a 413; a body not complete `timeout_s` after the app began to read it raises a 408
+    that closes the connection.
 
     A body that declares its size (Content-Length) is refused at its first read, before any of
     it arrives; a chunked one (or one that lies about its size) is counted as it arrives. Nothing
-    is buffered here. The errors are HTTPExceptions because FastAPI, which turns other errors met
-    while reading a body into a 400, passes an HTTPException on to the app's error handler. Once
-    the body is complete, reads are not timed: the app then waits for the client to disconnect.
+    is buffered here. The 413 and 408 are HTTPExceptions because FastAPI, which turns other
+    errors met while reading a body into a 400, passes an HTTPException on to the app's error
+    handler; the 400 is answered here, as the app never runs. Once the body is complete, reads
+    are not timed: the app then waits for the client to disconnect.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
@@ -34,6 +43,9 @@ class BodyLimits:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if _framed_twice(scope):
+            await _framed_twice_response()(scope, receive, send)
             return
         declared = _content_length(scope)
         received = 0
@@ -68,6 +80,23 @@ class BodyLimits:
             413, f"the request body is larger than this server's limit of {self.max_bytes} bytes "
             "(--max-request-bytes)",
         )
+
+
+def _framed_twice(scope: Scope) -> bool:
+    """Whether the request declares its body's length both ways. h11 lets Transfer-Encoding win,
+    but a proxy in front may have gone by Content-Length: then the two disagree on where this
+    body ends and the next request begins, and whatever one of them reads as body the other
+    reads as a request of its own (request smuggling, RFC 9112 §6.3 and §11.2)."""
+    names = {name for name, _ in scope.get("headers", [])}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+def _framed_twice_response() -> Response:
+    # Connection: close, as RFC 9112 §6.3 asks: the body is not read, so where the next request
+    # would begin on this connection is unknown.
+    info = ErrorInfo(message="the request has both Content-Length and Transfer-Encoding "
+                     "headers; send one of them", type=ERROR_TYPES[400])
+    return error_response(400, info, {"Connection": "close"})
 
 
 def _content_length(scope: Scope) -> int | None:

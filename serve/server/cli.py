@@ -88,7 +88,8 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--api-key", default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, if set)",
+        help="require 'Authorization: Bearer KEY' on every path but /health and /metrics "
+        f"(default: ${API_KEY_ENV}, if set)",
     )
     parser.add_argument(
         "--no-core-process", action="store_true",
@@ -167,8 +168,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def api_key_of(args: argparse.Namespace) -> str | None:
-    """--api-key, else $NANOSERVE_API_KEY (vLLM reads VLLM_API_KEY the same way), else none."""
-    return args.api_key or os.environ.get(API_KEY_ENV) or None
+    """--api-key, else $NANOSERVE_API_KEY (vLLM reads VLLM_API_KEY the same way), else none.
+    An empty or all-blank key is a ValueError naming where it came from: served as "no key",
+    it would turn authentication off while the command line looks as if it were on."""
+    source, key = "--api-key", args.api_key
+    if key is None:
+        source, key = f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ValueError(f"{source} is empty; to serve without authentication, leave both "
+                         f"--api-key and ${API_KEY_ENV} unset")
+    return key
 
 
 def as_flag(message: str) -> str:
@@ -195,6 +204,10 @@ def build_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
 def main(argv: list[str] | None = None, prog: str = "nanoserve") -> None:
     parser = make_parser(prog)
     args = parser.parse_args(argv)
+    try:
+        api_key = api_key_of(args)  # before anything loads, as every other flag is checked
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.batch_wait_ms is not None:
         logger.warning("--batch-wait-ms has no effect: requests join the running batch at "
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None, prog: str = "nanoserve") -> None:
     engine = build_engine(args, parser)
     app = build_app(engine, model_names=args.served_model_name,
                     max_request_bytes=args.max_request_bytes,
-                    api_key=api_key_of(args))
+                    api_key=api_key)
     # The app's lifespan starts the engine's loop thread. SIGTERM drains: nothing new is
     # admitted, running requests get --shutdown-timeout seconds, then the process exits 0;
     # an engine failure exits 1.
