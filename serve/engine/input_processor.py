@@ -6,6 +6,9 @@ chat template stalls neither the event loop nor the engine's step loop.
 """
 
 import copy
+import functools
+import re
+import secrets
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -95,22 +98,107 @@ class InputProcessor:
         return text, ids
 
     def render_chat(self, messages: list[dict]) -> list[int]:
-        """The conversation's token ids, ending with the assistant's header."""
+        """The conversation's token ids, ending with the assistant's header. A special-token
+        string typed in a message's content or name is tokenized as text, so only the template
+        writes control tokens."""
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions "
                                       "instead", "messages")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=False)
-        except Exception as error:  # the template rejects the conversation (jinja2 raises its own)
-            raise InvalidRequestError(f"cannot apply the chat template: {error}",
-                                      "messages") from error
+        text = self._apply_chat_template(messages)
         # The template already holds every special token, so none are added while tokenizing.
+        # This is also where a huge conversation is refused after a prefix, before any work below.
         ids = self.encode(text, add_special_tokens=False)
+        # Tokenized whole, "<|im_end|>" typed in a message becomes the control token, and a user
+        # can end their turn and forge a system one. Only a conversation holding such a string
+        # (one regex scan finds it) is tokenized again, in pieces, so every other one keeps
+        # exactly the ids of one pass over the render, as the model's own tokenizer gives them.
+        # (transformers' apply_chat_template(sanitize_control_tokens=True) only tokenizes inside
+        # the template call, where encode's prefix cut cannot refuse a huge conversation.)
+        places = self._special_text_places(messages)
+        if places:
+            ids = self._encode_typed_specials_as_text(messages, places, text, ids)
         if not ids:
             raise InvalidRequestError("the conversation renders to no tokens", "messages")
         return ids
+
+    def _apply_chat_template(self, messages: list[dict]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as error:  # the template rejects the conversation (jinja2 raises its own)
+            raise InvalidRequestError(f"cannot apply the chat template: {error}",
+                                      "messages") from error
+
+    @functools.cached_property
+    def _special_text(self) -> re.Pattern:
+        """Matches any of the tokenizer's special-token strings, the longest first (so a refusal
+        names a whole token)."""
+        tokens = {token.content for token in self.tokenizer.added_tokens_decoder.values()
+                  if token.special}
+        tokens.update(self.tokenizer.all_special_tokens)
+        return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
+    def _special_text_places(self, messages: list[dict]) -> list[tuple[int, str]]:
+        """(message index, key) of each user-typed string holding a special-token string."""
+        return [(index, key) for index, message in enumerate(messages)
+                for key in ("content", "name")  # what a user types; the role is one of a few
+                if isinstance(message.get(key), str) and self._special_text.search(message[key])]
+
+    def _encode_typed_specials_as_text(self, messages: list[dict], places: list[tuple[int, str]],
+                                       text: str, whole_ids: list[int]) -> list[int]:
+        """The ids of `text`, the render of `messages`, with the strings at `places` tokenized as
+        plain text and the template's own text as before; refused where that is not possible."""
+        # encode's prefix cut counts each typed special string as one token, so a render of them
+        # gets past it; as text they are more tokens, so one already too long is refused here,
+        # and the work below is only ever done on a prompt that fits the context.
+        if len(whole_ids) > self.max_model_len:
+            raise prompt_too_long(len(whole_ids), 1, self.max_model_len)
+        pieces = self._split_render(messages, places)
+        # The template must have copied each string verbatim: one that trims or rewrites it is
+        # refused rather than guessed at, since what it wrote may still hold the special text.
+        if "".join(pieces) != text:
+            raise self._refusal(messages, places, "this model's chat template changes message "
+                                "text instead of copying it")
+        ids = []
+        for number, piece in enumerate(pieces):
+            if number % 2:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False,
+                                             split_special_tokens=True)
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        # A piece tokenized alone may differ from the same text inside the whole only at its
+        # edges: for a byte-level BPE at most in how a run of whitespace splits (the same text),
+        # but a SentencePiece tokenizer adds a space before a text's start (other text). So the
+        # ids must spell what one pass gave (the typed special strings, as text, decode the same).
+        if self.tokenizer.decode(ids) != self.tokenizer.decode(whole_ids):
+            raise self._refusal(messages, places, "this model's tokenizer would change the text "
+                                "around it")
+        return ids
+
+    def _split_render(self, messages: list[dict], places: list[tuple[int, str]]) -> list[str]:
+        """The render of `messages` in pieces: the template's text at even indices, the strings
+        at `places` at odd ones, wherever the template put them."""
+        # Where the template puts each string is found, not guessed: it renders again with a
+        # placeholder no user can type (a fresh random nonce) in place of each string.
+        nonce = secrets.token_hex(16)
+        marked = [dict(message) for message in messages]
+        strings = {}
+        for number, (index, key) in enumerate(places):
+            placeholder = f"[{nonce}:{number}]"
+            strings[placeholder] = messages[index][key]
+            marked[index][key] = placeholder
+        pattern = "(" + "|".join(map(re.escape, strings)) + ")"
+        return [strings.get(piece, piece)
+                for piece in re.split(pattern, self._apply_chat_template(marked))]
+
+    def _refusal(self, messages: list[dict], places: list[tuple[int, str]],
+                 why: str) -> InvalidRequestError:
+        index, key = places[0]
+        token = self._special_text.search(messages[index][key]).group()
+        return InvalidRequestError(
+            f"messages[{index}].{key} holds the special token {token!r}, which must stay plain "
+            f"text, and {why}: remove special-token strings from the messages", "messages")
 
     # --8<-- [start:encode]
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
