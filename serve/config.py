@@ -5,6 +5,7 @@ from typing import Literal
 
 import torch
 
+from serve.heartbeat import MIN_HEARTBEAT_TIMEOUT_S
 from serve.sampling_params import SEED_MAX, SEED_MIN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +52,9 @@ class EngineConfig:
     # split the model over this many processes (GPUs, or CPU processes over gloo): each holds
     # 1/N of every layer's heads and MLP columns
     tensor_parallel_size: int = 1
+    # seconds without a heartbeat after which the engine core's process, or a tensor-parallel
+    # worker, counts as dead (stopped or hung): its requests fail and the server exits
+    heartbeat_timeout: float = 10.0
 # --8<-- [end:config]
 
     def __post_init__(self) -> None:
@@ -60,6 +64,9 @@ class EngineConfig:
                      "max_model_len", "max_num_batched_tokens"):  # (None: its default)
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.heartbeat_timeout >= MIN_HEARTBEAT_TIMEOUT_S:  # (NaN too)
+            raise ValueError(f"heartbeat_timeout must be >= {MIN_HEARTBEAT_TIMEOUT_S:g}, "
+                             f"got {self.heartbeat_timeout}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")

@@ -22,6 +22,7 @@ class CoreRequest(msgspec.Struct, tag=True, array_like=True, omit_defaults=True)
     max_tokens: int  # params.max_tokens, or what is left of the context
     seed: int  # the request's own seed, or one the server side drew for it
     arrival_time: float
+    cache_salt: str | None = None  # shares cached prefixes only with requests of this salt
 
 
 class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

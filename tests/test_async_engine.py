@@ -242,3 +242,52 @@ def test_every_token_a_caller_sees_is_already_counted_in_the_stats(engine):
     seen = asyncio.run(tokens_seen_and_counted())
     assert len(seen) == GREEDY.max_tokens
     assert all(num_seen <= num_counted for num_seen, num_counted in seen)
+
+
+def test_a_request_the_engine_cannot_add_fails_alone(engine, monkeypatch):
+    """Whatever adding a request raises (here the OverflowError msgpack raised for a top_k of
+    2**64, on its way to a core process), that request fails and the loop goes on serving."""
+    add_request = engine.engine.add_request
+
+    def add_or_overflow(request_id, *args, **kwargs):
+        if request_id == "bad":
+            raise OverflowError("can't serialize ints < -2**63 or > 2**64 - 1")
+        return add_request(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine.engine, "add_request", add_or_overflow)
+
+    async def both():
+        return await asyncio.gather(run_to_end(engine, "x", GREEDY, "bad"),
+                                    run_to_end(engine, "y", GREEDY, "good"),
+                                    return_exceptions=True)
+
+    bad, good = asyncio.run(asyncio.wait_for(both(), timeout=10))
+    assert isinstance(bad, RequestFailedError) and "OverflowError" in str(bad)
+    assert good[-1].finish_reason == "length" and engine.status == "ok"
+    assert engine.engine.request_ids() == []  # nothing of the bad one stays behind
+
+
+def test_a_loop_that_dies_admitting_fails_that_request_and_the_ones_queued_behind_it(
+        engine, monkeypatch):
+    """The engine dies while a request is being added (its core process just exited): that
+    request, and those taken with it, fail at once instead of waiting forever."""
+    entered, release = threading.Event(), threading.Event()
+
+    def dying_add(*args, **kwargs):
+        entered.set()
+        release.wait(timeout=5)  # the others queue meanwhile: one batch of commands
+        raise EngineDeadError("the engine core process exited with status -9")
+
+    monkeypatch.setattr(engine.engine, "add_request", dying_add)
+
+    async def three_requests():
+        tasks = [asyncio.create_task(run_to_end(engine, "a", GREEDY, "a"))]
+        await asyncio.to_thread(entered.wait, 5)
+        tasks += [asyncio.create_task(run_to_end(engine, p, GREEDY, p)) for p in ("b", "c")]
+        await asyncio.sleep(0.2)  # b and c are queued behind a
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(asyncio.wait_for(three_requests(), timeout=10))
+    assert all(isinstance(r, EngineDeadError) for r in results), results
+    assert engine.status == "dead"

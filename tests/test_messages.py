@@ -56,3 +56,38 @@ def test_only_messages_cross_between_the_server_side_and_the_core():
             crossing = {name for name in imports_of(path)
                         if name.startswith(("serve.engine", "serve.server"))}
             assert not crossing, (path, crossing)
+
+
+def test_a_request_the_core_cannot_queue_fails_alone_across_the_boundary(qwen3_dir, monkeypatch):
+    """In the core's process, a request whose queueing raises is reported back as that
+    request's failure (CoreOutput.error) instead of ending the core; the server side ends that
+    request with the error and serves the next."""
+    from serve.config import EngineConfig
+    from serve.core.core_process import CoreProcess
+    from serve.engine.llm_engine import LLMEngine
+
+    class RefusingCore:
+        def add_request(self, message):
+            raise RuntimeError(f"cannot queue {message.request_id}")
+
+        def take_stats(self):
+            return EngineStats(0, 0, 0, 8)
+
+        def shutdown(self):
+            pass
+
+    process = CoreProcess("ipc:///nonexistent/in", "ipc:///nonexistent/out")
+    sent = []
+    process.core, process.send = RefusingCore(), sent.append
+    params = SamplingParams(max_tokens=2)
+    process.apply(CoreRequest("r1", [1, 2], params, max_tokens=2, seed=0, arrival_time=0.0))
+    process.close()
+    [step] = sent
+    assert step.outputs == [CoreOutput("r1", [], "abort",
+                                       error="RuntimeError: cannot queue r1")]
+    engine = LLMEngine(EngineConfig(model=qwen3_dir, device="cpu", dtype="float32"))
+    engine.add_request("r1", "x", params)
+    monkeypatch.setattr(engine.core, "step", lambda: roundtrip(step, type(step)).outputs)
+    [failed] = engine.step()
+    assert failed.finished and failed.error == "RuntimeError: cannot queue r1"
+    assert engine.request_ids() == []

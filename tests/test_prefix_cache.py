@@ -150,3 +150,32 @@ def test_the_server_reports_cached_tokens_and_counts_them(qwen3_dir):
     assert metrics["nanoserve:prefix_cache_queries_total"] == 3 * len(PROMPTS[0])
     assert metrics["nanoserve:prefix_cache_hits_total"] == 2 * cached
     assert metrics["nanoserve_prefix_cache_pages"] > 0
+
+
+def test_a_cache_salt_keeps_one_clients_prompts_from_another(qwen3_dir):
+    """cache_salt (vLLM's extra field, on both endpoints): a prompt another client cached is
+    not found under another salt, nor without one, so cached_tokens reveals nothing of it; the
+    same salt shares as before. An empty salt is refused."""
+    from fastapi.testclient import TestClient
+
+    from serve.engine.async_engine import AsyncEngine
+    from serve.server.app import build_app
+
+    engine = AsyncEngine(make_llm(qwen3_dir, True).engine)
+    victim = {"prompt": PROMPTS[0], "max_tokens": 1}
+    chat = {"messages": [{"role": "user", "content": "my PIN is 4711"}], "max_tokens": 1}
+
+    def cached(path: str, body: dict, salt: str | None) -> int:
+        salted = {**body, "cache_salt": salt} if salt is not None else body
+        response = client.post(path, json=salted)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    with TestClient(build_app(engine, model_names="m")) as client:
+        for path, body in [("/v1/completions", victim), ("/v1/chat/completions", chat)]:
+            assert cached(path, body, "victim-salt") == 0
+            assert cached(path, body, "prober-salt") == 0
+            assert cached(path, body, None) == 0
+            assert cached(path, body, "victim-salt") > 0  # the owner still shares with itself
+        refused = client.post("/v1/completions", json={**victim, "cache_salt": ""})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"

@@ -1,7 +1,8 @@
 """The radix cache and the ref-counted allocator: matches are page-aligned and split nodes,
 inserts return the tree's pages, eviction goes least recently used first and never touches a
-page a request holds; a hypothesis state machine checks every invariant after any sequence of
-matches, inserts, releases, growth, preemptions and evictions."""
+page a request holds, requests with different cache salts never share a page; a hypothesis
+state machine checks every invariant after any sequence of matches, inserts, releases, growth,
+preemptions and evictions, by requests of several salts."""
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -20,21 +21,23 @@ def make_cache(num_pages: int = 16) -> tuple[PageAllocator, RadixCache]:
     return allocator, cache
 
 
-def compute(allocator: PageAllocator, cache: RadixCache, token_ids: list[int]) -> PageTable:
+def compute(allocator: PageAllocator, cache: RadixCache, token_ids: list[int],
+            salt: str | None = None) -> PageTable:
     """What a request does: adopt the cached prefix, take pages for the rest, cache its full
     pages and hold the tree's. Returns its table (still held)."""
     table = allocator.new_table()
-    _, pages = cache.match(token_ids)
+    _, pages = cache.match(token_ids, salt)
     table.adopt(pages)
     assert table.grow_to(len(token_ids))
     num_full = len(token_ids) // PAGE_SIZE
-    table.swap_prefix(cache.insert(token_ids, table.pages[:num_full]))
+    table.swap_prefix(cache.insert(token_ids, table.pages[:num_full], salt))
     return table
 
 
-def cache_tokens(allocator: PageAllocator, cache: RadixCache, token_ids: list[int]) -> list[int]:
+def cache_tokens(allocator: PageAllocator, cache: RadixCache, token_ids: list[int],
+                 salt: str | None = None) -> list[int]:
     """Cache token_ids and let them go: their pages stay, evictable. Returns the pages."""
-    table = compute(allocator, cache, token_ids)
+    table = compute(allocator, cache, token_ids, salt)
     pages = table.pages[: len(token_ids) // PAGE_SIZE]
     table.release()
     return pages
@@ -132,21 +135,40 @@ def test_allocation_evicts_when_the_free_list_runs_dry_and_refuses_what_cannot_f
     assert allocator.num_used_pages == 0 and allocator.num_available_pages == 4
 
 
+def test_a_cache_salt_shares_pages_only_with_the_same_salt():
+    """vLLM's cache_salt: a prompt cached under one salt is found under that salt alone; no
+    salt is a salt of its own; evicting one salt's pages leaves the others' in place."""
+    allocator, cache = make_cache()
+    tokens = [1, 2, 3, 4, 5, 6]
+    mine = cache_tokens(allocator, cache, tokens, salt="alice")
+    assert cache.match(tokens, "alice") == (6, mine)
+    assert cache.match(tokens, "bob") == (0, []) and cache.match(tokens) == (0, [])
+    theirs = cache_tokens(allocator, cache, tokens, salt="bob")  # computed again, apart
+    unsalted = cache_tokens(allocator, cache, tokens)
+    assert len({*mine, *theirs, *unsalted}) == 9  # three copies, no page shared
+    assert cache.match(tokens, "bob") == (6, theirs) and cache.match(tokens) == (6, unsalted)
+    assert cache.evict(3) == 3  # alice's whole leaf, the least recently used
+    assert cache.match(tokens, "alice") == (0, []) and cache.match(tokens, "bob")[0] == 6
+
+
 TOKENS = st.lists(st.integers(0, 1), min_size=1, max_size=9)  # a small alphabet shares a lot
+SALTS = st.sampled_from([None, "a", "b"])
 
 
 class Handle:
-    """A request in the state machine: its page table and the tokens whose K/V it computed."""
+    """A request in the state machine: its page table, its cache salt and the tokens whose K/V
+    it computed."""
 
-    def __init__(self, table: PageTable, token_ids: list[int]) -> None:
-        self.table, self.token_ids = table, token_ids
+    def __init__(self, table: PageTable, salt: str | None, token_ids: list[int]) -> None:
+        self.table, self.salt, self.token_ids = table, salt, token_ids
 
 
 class RadixCacheMachine(RuleBasedStateMachine):
     """Requests match, compute, insert, grow, get preempted and finish against one tree and one
-    small pool. `kv` records, for each slot, the tokens its K/V were computed from (the token
-    and all before it), so reading a page that holds other K/V (a wrong match, a node under the
-    wrong parent, a page freed while held) is caught."""
+    small pool. `kv` records, for each slot, the salt of the request that computed it and the
+    tokens its K/V were computed from (the token and all before it), so reading a page that
+    holds other K/V (a wrong match, a node under the wrong parent, a page freed while held) or
+    a page of another salt is caught."""
 
     NUM_PAGES = 12
 
@@ -165,16 +187,16 @@ class RadixCacheMachine(RuleBasedStateMachine):
             if position % PAGE_SIZE == 0:
                 self.kv[page] = [None] * PAGE_SIZE  # a fresh page: whatever it held is gone
             handle.token_ids.append(token)
-            self.kv[page][position % PAGE_SIZE] = tuple(handle.token_ids)
+            self.kv[page][position % PAGE_SIZE] = (handle.salt, tuple(handle.token_ids))
 
-    @rule(token_ids=TOKENS)
-    def admit(self, token_ids: list[int]) -> None:
+    @rule(token_ids=TOKENS, salt=SALTS)
+    def admit(self, token_ids: list[int], salt: str | None) -> None:
         """Match, adopt, take pages for the rest and compute it; or give back all if short."""
-        num_matched, pages = self.cache.match(token_ids)
+        num_matched, pages = self.cache.match(token_ids, salt)
         assert num_matched == len(pages) * PAGE_SIZE <= len(token_ids)
         table = self.allocator.new_table()
         table.adopt(pages)
-        handle = Handle(table, list(token_ids[:num_matched]))
+        handle = Handle(table, salt, list(token_ids[:num_matched]))
         self._check_content(handle)
         if table.grow_to(len(token_ids)):
             self._write(handle, token_ids[num_matched:])
@@ -227,7 +249,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def _insert(self, handle: Handle) -> None:
         num_full = len(handle.token_ids) // PAGE_SIZE
         token_ids = handle.token_ids[: num_full * PAGE_SIZE]
-        tree_pages = self.cache.insert(token_ids, handle.table.pages[:num_full])
+        tree_pages = self.cache.insert(token_ids, handle.table.pages[:num_full], handle.salt)
         assert len(tree_pages) == num_full
         handle.table.swap_prefix(tree_pages)
         self._check_content(handle)
@@ -239,8 +261,8 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def _check_content(self, handle: Handle) -> None:
         for position in range(len(handle.token_ids)):
             page = handle.table.pages[position // PAGE_SIZE]
-            assert self.kv[page][position % PAGE_SIZE] == tuple(handle.token_ids[: position + 1]), \
-                "a page holds other K/V"
+            assert self.kv[page][position % PAGE_SIZE] == \
+                (handle.salt, tuple(handle.token_ids[: position + 1])), "a page holds other K/V"
 
     def _nodes(self) -> list[Node]:
         nodes, stack = [], list(self.cache.root.children.values())
@@ -282,15 +304,19 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_tree_holds_the_tokens_its_edges_say(self) -> None:
+        for key, child in self.cache.root.children.items():  # first pages: salt and tokens
+            assert key[1] == tuple(child.tokens[:PAGE_SIZE]) and child.parent is self.cache.root
         for node in self._nodes():
             path, up = [], node
-            while up is not self.cache.root:
+            while up.parent is not self.cache.root:
                 path[:0] = up.tokens
                 up = up.parent
+            path[:0] = up.tokens
+            salt = up.key[0]  # the salt its first page was cached under
             start = len(path) - len(node.tokens)  # a multiple of PAGE_SIZE
             for i in range(len(node.tokens)):
                 page = node.pages[i // PAGE_SIZE]
-                assert self.kv[page][i % PAGE_SIZE] == tuple(path[: start + i + 1])
+                assert self.kv[page][i % PAGE_SIZE] == (salt, tuple(path[: start + i + 1]))
             for key, child in node.children.items():
                 assert key == tuple(child.tokens[:PAGE_SIZE]) and child.parent is node
 

@@ -10,6 +10,7 @@ finishes in a few steps.
 
 import json
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
@@ -19,6 +20,7 @@ from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
+from tests.test_server_openai_client import ServerThread
 
 MODEL = "tiny-qwen3"
 MAX_MODEL_LEN = 24  # an accepted request generates at most this many tokens
@@ -170,3 +172,58 @@ def test_no_body_breaks_the_server(client, request):
     check_answer(response)
     ordinary = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
     assert ordinary.status_code == 200, ordinary.text
+
+
+# -- every number, at its limits, through the process boundary ------------------------------------
+
+BOUNDARY_NUMBERS = [2**31, -(2**31), 2**53, -(2**53), 2**63, -(2**63), 2**64, 1e29,
+                    float("nan"), float("inf"), float("-inf"), -0.0]
+SHARED_NUMBERS = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed",
+                  "presence_penalty", "frequency_penalty"]
+NUMERIC_FIELDS = {  # endpoint -> {field: how a number goes in it}
+    "/v1/completions": {
+        **{name: lambda x: x for name in [*SHARED_NUMBERS, "best_of", "logprobs"]},
+        "prompt": lambda x: [x], "stop_token_ids": lambda x: [x],
+        "logit_bias": lambda x: {"5": x},
+    },
+    "/v1/chat/completions": {
+        **{name: lambda x: x
+           for name in [*SHARED_NUMBERS, "max_completion_tokens", "top_logprobs"]},
+        "stop_token_ids": lambda x: [x], "logit_bias": lambda x: {"5": x},
+    },
+}
+ORDINARY = {"/v1/completions": {"prompt": "def f(x):", "max_tokens": 2},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}],
+                                     "max_tokens": 2}}
+
+
+@pytest.fixture(scope="module")
+def core_process_client(qwen3_dir):
+    """The server as it runs in production: uvicorn, and the engine core in a process of its
+    own. (A request that hangs fails at the client's timeout.)"""
+    config = EngineConfig(model=str(qwen3_dir), dtype="float32", device="cpu",
+                          max_model_len=MAX_MODEL_LEN)
+    app = build_app(AsyncEngine(LLMEngine(config, core_process=True)), model_names=MODEL)
+    with ServerThread(app) as server, \
+            httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+        yield client
+
+
+def test_no_number_at_its_limits_breaks_a_server_with_a_core_process(core_process_client):
+    """Every numeric field of both endpoints at every boundary value, one at a time: each is
+    served or refused with a 400 naming a field, and the server goes on serving (a top_k of
+    2**64 once killed the whole server: msgpack cannot encode it for the core)."""
+    client = core_process_client
+    for endpoint, fields in NUMERIC_FIELDS.items():
+        for name, place in fields.items():
+            for number in BOUNDARY_NUMBERS:
+                body = json.dumps({**ORDINARY[endpoint], name: place(number)}, allow_nan=True)
+                response = client.post(endpoint, content=body,
+                                       headers={"content-type": "application/json"})
+                check_answer(response)
+                assert response.status_code in (200, 400), (name, number, response.text)
+                if response.status_code == 400:
+                    assert response.json()["error"]["param"], (name, number, response.text)
+    assert client.get("/health").json() == {"status": "ok"}
+    for endpoint, body in ORDINARY.items():
+        assert client.post(endpoint, json=body).status_code == 200

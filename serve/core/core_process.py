@@ -1,14 +1,17 @@
 """The engine core as a program of its own, so that the server's Python never competes with it:
 
-    python -m serve.core.core_process INPUT_ADDRESS OUTPUT_ADDRESS
+    python -m serve.core.core_process INPUT_ADDRESS OUTPUT_ADDRESS HEARTBEAT_FD
 
 The server side (serve/engine/core_client.py) starts it and talks to it over two ZeroMQ sockets
 with the messages of serve/messages.py, encoded with msgpack: a CoreStart first (the engine's
 config), then requests, aborts and commands. The core answers CoreReady once its model and KV
 pool are up (or CoreFailed with the reason it could not start), then a CoreStep after every step
-it runs. It steps whenever it has unfinished requests and reads what arrived in between, so the
-server side never waits for it, nor it for the server side. It exits on a shutdown command, and
-on its own when the process that started it is gone.
+it runs, and one more, with no outputs, when it falls idle (so the server's metrics do not keep
+the last busy step's state). It steps whenever it has unfinished requests and reads what arrived
+in between, so the server side never waits for it, nor it for the server side. Meanwhile a
+thread beats on HEARTBEAT_FD (serve/heartbeat.py), so that the server can tell a stopped core
+from a busy one. It exits on a shutdown command; on its own when the process that started it is
+gone; and with status 1 when a tensor-parallel worker has died.
 """
 
 import gc
@@ -22,10 +25,12 @@ import zmq
 
 from serve.config import EngineConfig
 from serve.core.engine_core import EngineCore
+from serve.heartbeat import start_heartbeat
 from serve.messages import (
     CoreAbort,
     CoreCommand,
     CoreFailed,
+    CoreOutput,
     CoreReady,
     CoreRequest,
     CoreStart,
@@ -35,7 +40,7 @@ from serve.messages import (
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_MS = 1000  # how often an idle core checks that the server side is still there
+IDLE_POLL_MS = 500  # how often an idle core checks on the server side and its TP workers
 
 
 class CoreProcess:
@@ -90,12 +95,22 @@ class CoreProcess:
             if self.running and core.has_unfinished_requests():
                 outputs = core.step()
                 self.send(CoreStep(outputs, core.take_stats()))
+            elif busy:  # idle now (the last requests were aborted): say so once
+                self.send(CoreStep([], core.take_stats()))
+            else:
+                core.check_health()  # a dead TP worker ends the core (the server sees it)
     # --8<-- [end:run]
 
     def apply(self, message) -> None:
         core = self.core
         if isinstance(message, CoreRequest):
-            core.add_request(message)
+            try:
+                core.add_request(message)
+            except Exception as error:  # that request's problem: it fails, the core goes on
+                logger.exception("request %s could not be queued", message.request_id)
+                failed = CoreOutput(message.request_id, [], "abort",
+                                    error=f"{type(error).__name__}: {error}")
+                self.send(CoreStep([failed], core.take_stats()))
         elif isinstance(message, CoreAbort):
             core.abort_request(message.request_id, message.reason)
         elif isinstance(message, CoreCommand) and message.name == "reset_prefix_cache":
@@ -120,12 +135,17 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
                         format="%(levelname)s core %(name)s: %(message)s")
-    process = CoreProcess(*argv)
+    input_address, output_address, heartbeat_fd = argv
+    start_heartbeat(int(heartbeat_fd))
+    process = CoreProcess(input_address, output_address)
     try:
         if not process.start():
             return 1
         process.run()
         return 0
+    except Exception:
+        logger.exception("the engine core failed")
+        return 1
     finally:
         process.close()
 

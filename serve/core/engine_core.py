@@ -88,7 +88,8 @@ class EngineCore:
     def add_request(self, message: CoreRequest) -> None:
         """Queue a request (whatever fits max_model_len fits the pool: see above)."""
         request = Request(message.request_id, message.prompt_token_ids, message.params,
-                          message.max_tokens, message.seed, arrival_time=message.arrival_time)
+                          message.max_tokens, message.seed, message.cache_salt,
+                          arrival_time=message.arrival_time)
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str, reason: str = "abort") -> bool:
@@ -220,6 +221,12 @@ class EngineCore:
             return True
         self.cache.evict(self.cache.num_cached_pages)
         return self.cache.num_cached_pages == 0
+
+    def check_health(self) -> None:
+        """Raise RuntimeError if a tensor-parallel worker has died or stopped beating (checked
+        while idle: a rank that dies mid-step fails that step)."""
+        if isinstance(self.runner, ParallelRunner):
+            self.runner.check_health()
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if there are any."""

@@ -10,8 +10,10 @@ each worker feeds its own sampled ids to its next step, as rank 0 does.
 
 Start-up: every rank loads its weights, then reports through a pipe; rank 0 waits for all of
 them before anything that communicates, so a rank that fails to load is one clear error, not a
-hang. A worker is `python -m serve.core.tp_worker` (a fresh interpreter that imports only the
-engine: not multiprocessing's spawn, which would import the user's script again).
+hang. From then on each worker beats on a second pipe (serve/heartbeat.py), and rank 0 checks
+while idle that every worker still runs and beats. A worker is `python -m serve.core.tp_worker`
+(a fresh interpreter that imports only the engine: not multiprocessing's spawn, which would
+import the user's script again).
 """
 
 import atexit
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from serve.config import EngineConfig
 from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
 from serve.core.step_inputs import StepInputs
+from serve.heartbeat import ProcessWatch
 from serve.parallel import join_group, leave_group
 
 logger = logging.getLogger(__name__)
@@ -52,15 +55,21 @@ class ParallelRunner(ModelRunner):
                  max_model_len: int) -> None:
         size = config.tensor_parallel_size
         address = f"tcp://127.0.0.1:{_free_port()}"
-        self.workers, reports, self.stopped = [], [], False
+        self.workers, reports, self.watches, self.stopped = [], [], [], False
+        self.failed = False  # a worker died or stopped: shut down without asking the others
         for rank in range(1, size):
             read, write = os.pipe()
+            beats, beats_to_worker = os.pipe()
             spec = json.dumps([dataclasses.asdict(config), model_path, max_model_len, rank,
-                               address, write])
-            self.workers.append(subprocess.Popen(
-                [sys.executable, "-m", "serve.core.tp_worker", spec], pass_fds=[write]))
+                               address, write, beats_to_worker])
+            worker = subprocess.Popen([sys.executable, "-m", "serve.core.tp_worker", spec],
+                                      pass_fds=[write, beats_to_worker])
             os.close(write)
+            os.close(beats_to_worker)
+            self.workers.append(worker)
             reports.append(os.fdopen(read))
+            self.watches.append(ProcessWatch(worker, beats, f"tensor parallel rank {rank}",
+                                             config.heartbeat_timeout))
         try:
             try:
                 self.tp = join_group(0, size, address, config.torch_device())
@@ -74,6 +83,8 @@ class ParallelRunner(ModelRunner):
         except BaseException:
             self.shutdown(force=True)
             raise
+        for watch in self.watches:
+            watch.start()
         atexit.register(self.shutdown)  # a script that never calls shutdown still stops them
 
     # --8<-- [start:launch]
@@ -82,11 +93,20 @@ class ParallelRunner(ModelRunner):
         return super().launch(inputs, fill)
     # --8<-- [end:launch]
 
+    def check_health(self) -> None:
+        """RuntimeError if a worker has exited or stopped beating."""
+        for watch in self.watches:
+            if problem := watch.problem():
+                self.failed = True
+                raise RuntimeError(problem)
+
     def shutdown(self, force: bool = False) -> None:
-        """Stop the workers: tell them, or (force) kill them. Once is enough."""
+        """Stop the workers: tell them, or (force, or a worker has failed) kill them. Once is
+        enough."""
         if self.stopped:
             return
         self.stopped = True
+        force = force or self.failed  # a stopped rank would hold the broadcast for minutes
         if not force:
             try:
                 self.tp.broadcast(StepMessage(None))
@@ -98,6 +118,8 @@ class ParallelRunner(ModelRunner):
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+        for watch in self.watches:
+            watch.close()
         leave_group()
 
 

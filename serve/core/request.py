@@ -32,6 +32,7 @@ class Request:
     params: SamplingParams
     max_tokens: int  # the most output tokens it may produce (resolved, never None)
     sampling_seed: int  # its own seed, or one the engine drew for it
+    cache_salt: str | None = None  # shares cached prefixes only with requests of this salt
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" or "length" (OpenAI's names), "abort"

@@ -134,7 +134,7 @@ class Scheduler:
         if self.cache is not None:
             # The last token is always computed: its logits give the next token.
             num_cached, pages = self.cache.match(
-                request.token_ids_from(0)[: request.num_tokens - 1])
+                request.token_ids_from(0)[: request.num_tokens - 1], request.cache_salt)
             table.adopt(pages)  # first: pages it matched are no longer evictable
         num_new = min(request.num_tokens - num_cached, budget)
         if not self._fits(num_cached + num_new, request):
@@ -172,7 +172,8 @@ class Scheduler:
             return
         table = request.page_table
         token_ids = request.token_ids_from(0)[: num_full * self.allocator.page_size]
-        table.swap_prefix(self.cache.insert(token_ids, table.pages[:num_full]))
+        table.swap_prefix(self.cache.insert(token_ids, table.pages[:num_full],
+                                            request.cache_salt))
 
     def _preempt(self, request: Request) -> None:
         self._cache(request)  # its recompute will likely find these pages still cached

@@ -1,6 +1,7 @@
 """A tensor-parallel worker: ranks 1..N-1, started by rank 0's ParallelRunner as
 `python -m serve.core.tp_worker SPEC`. It loads its part of the model, reports on the pipe it
-was given, then runs every step rank 0 broadcasts until told to stop."""
+was given, then runs every step rank 0 broadcasts until told to stop; meanwhile a thread beats
+on a second pipe (serve/heartbeat.py), so that rank 0 can tell a stopped worker from a busy one."""
 
 import json
 import logging
@@ -13,6 +14,7 @@ import torch
 from serve.config import EngineConfig
 from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
 from serve.core.parallel_runner import StepMessage
+from serve.heartbeat import start_heartbeat
 from serve.models.loader import load_config
 from serve.parallel import join_group, leave_group
 
@@ -65,7 +67,9 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
                         format="%(levelname)s worker %(name)s: %(message)s")
-    config, model_path, max_model_len, rank, address, report_fd = json.loads(argv[0])
+    config, model_path, max_model_len, rank, address, report_fd, heartbeat_fd = \
+        json.loads(argv[0])
+    start_heartbeat(heartbeat_fd)
     with os.fdopen(report_fd, "w") as report:
         run_worker(EngineConfig(**config), model_path, max_model_len, rank, address, report)
 

@@ -4,7 +4,9 @@ The engine is not thread-safe, so only the loop thread touches it. Callers talk 
 through a command queue (add, abort), and the thread hands each step's outputs back to the
 caller's event loop with `call_soon_threadsafe`, one asyncio.Queue per request. Prompts are
 tokenized on worker threads of their own (TokenizerPool), so that neither the callers' event
-loop nor the engine's steps wait for a long prompt or a slow chat template.
+loop nor the engine's steps wait for a long prompt or a slow chat template. While idle, the
+thread wakes every IDLE_CHECK_S to check that the engine's processes are alive and to publish
+their state; a failure of the engine ends every request at once, and the loop.
 """
 
 import asyncio
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+IDLE_CHECK_S = 0.5  # how often an idle loop checks the engine's health and publishes its state
+
 
 @dataclass
 class _Stream:
@@ -49,6 +53,7 @@ class _Add:
     request_id: str
     engine_input: EngineInput
     arrival_time: float
+    cache_salt: str | None
     stream: _Stream
 
 
@@ -69,6 +74,7 @@ class AsyncEngine:
         self._closed = False  # the loop has exited; no command will ever be read again
         self._busy = False  # the engine has unfinished requests (written by the loop thread)
         self._streams: dict[str, _Stream] = {}  # touched by the loop thread only
+        self._taken: deque[_Add | _Abort] = deque()  # commands taken, not yet applied (ditto)
         self._thread: threading.Thread | None = None
         self._tokenizers = TokenizerPool(engine.input_processor)
         self._stats_listeners: list[Callable[[EngineStats], None]] = []
@@ -136,9 +142,10 @@ class AsyncEngine:
     # --8<-- [start:generate]
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str,
-        arrival_time: float | None = None,
+        arrival_time: float | None = None, cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's RequestOutput after every step that advanced it, until finished.
+        With a cache_salt it shares cached prompt prefixes only with requests of that salt.
 
         A prompt the engine refuses raises here (InvalidRequestError) before any output; a
         request that fails later raises RequestFailedError. Closing this generator early (the
@@ -148,7 +155,7 @@ class AsyncEngine:
         self._check_admitting()  # refuse before tokenizing for nothing
         engine_input = await self._tokenizers.process(prompt, params)
         stream = _Stream(asyncio.get_running_loop())
-        self._send(_Add(request_id, engine_input, arrival_time, stream))
+        self._send(_Add(request_id, engine_input, arrival_time, cache_salt, stream))
         done = False
         try:
             while not done:
@@ -184,11 +191,16 @@ class AsyncEngine:
         try:
             self._publish(self.engine.take_stats())  # readers see the idle state at once
             while (commands := self._wait_for_work()) is not None:
-                for command in commands:
-                    self._apply(command)
+                self._taken = commands
+                while commands:
+                    self._apply(commands.popleft())
                 if self._drain_deadline is not None:
                     self._end_for_shutdown()
-                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                else:  # idle: no step would notice a dead process
+                    self.engine.check_health()
+                    outputs = []
                 # Stats first: a client that has a token finds it counted in the metrics.
                 self._publish(self.engine.take_stats())
                 for output in outputs:
@@ -204,17 +216,17 @@ class AsyncEngine:
         if self.error is not None and self.on_fatal is not None:
             self.on_fatal(self.error)
 
-    def _wait_for_work(self) -> list[_Add | _Abort] | None:
-        """Sleep until there is a command or a step to run; None means stop."""
+    def _wait_for_work(self) -> deque[_Add | _Abort] | None:
+        """Sleep until there is a command or a step to run, or IDLE_CHECK_S has passed (then
+        with no commands: time for a health check); None means stop."""
         with self._wakeup:
-            while not (self._commands or self._busy or self._stopping
-                       or self._drain_deadline is not None):
-                self._wakeup.wait()
+            if not (self._commands or self._busy or self._stopping
+                    or self._drain_deadline is not None):
+                self._wakeup.wait(IDLE_CHECK_S)
             drained = self._drain_deadline is not None and not (self._busy or self._commands)
             if self._stopping or drained:
                 return None
-            commands = list(self._commands)
-            self._commands.clear()
+            commands, self._commands = self._commands, deque()
             return commands
     # --8<-- [end:loop]
 
@@ -226,13 +238,20 @@ class AsyncEngine:
         if command.request_id in self._streams:
             command.stream.put(ValueError(f"request id {command.request_id!r} is already running"))
             return
+        # Registered first: if adding it kills the loop, _close fails it with the rest.
+        self._streams[command.request_id] = command.stream
         try:
             self.engine.add_request(command.request_id, command.engine_input,
-                                    arrival_time=command.arrival_time)
-        except ValueError as error:  # a bad request is that request's problem, not the loop's
+                                    arrival_time=command.arrival_time,
+                                    cache_salt=command.cache_salt)
+        except EngineDeadError:
+            raise
+        except Exception as error:  # a request the engine cannot take fails alone
+            del self._streams[command.request_id]
+            if not isinstance(error, ValueError):  # not a refusal: a fault, worth a traceback
+                logger.exception("request %s could not be added", command.request_id)
+                error = RequestFailedError(f"{type(error).__name__}: {error}")
             command.stream.put(error)
-            return
-        self._streams[command.request_id] = command.stream
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
@@ -273,8 +292,9 @@ class AsyncEngine:
         with self._wakeup:
             self._closed = True
             self._busy = False
-            pending = [c.stream for c in self._commands if isinstance(c, _Add)]
+            pending = [c.stream for c in (*self._taken, *self._commands) if isinstance(c, _Add)]
             self._commands.clear()
+            self._taken.clear()
         reason = "the engine loop failed" if self.error else "the engine shut down"
         for stream in [*self._streams.values(), *pending]:
             error = EngineDeadError(reason)

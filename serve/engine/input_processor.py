@@ -63,13 +63,17 @@ class InputProcessor:
 
     # --8<-- [start:process]
     def process(self, prompt: Prompt, params: SamplingParams) -> EngineInput:
-        text, token_ids = self._token_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none: "
                                       "use stop_token_ids", "stop")
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(
                 f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+        if params.top_k > self.vocab_size:
+            raise InvalidRequestError(f"top_k must be -1 (every token) or in [1, "
+                                      f"{self.vocab_size}] (the vocabulary's size), got "
+                                      f"{params.top_k}", "top_k")
+        text, token_ids = self._token_ids(prompt)  # (the cheap checks first)
         # max_tokens is resolved here and only here: unset means "until the context is full".
         max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
         if max_tokens < 1 or len(token_ids) + max_tokens > self.max_model_len:

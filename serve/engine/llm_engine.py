@@ -70,18 +70,23 @@ class LLMEngine:
     # --8<-- [start:add_request]
     def add_request(
         self, request_id: str, prompt: Prompt | EngineInput, params: SamplingParams | None = None,
-        arrival_time: float | None = None,
+        arrival_time: float | None = None, cache_salt: str | None = None,
     ) -> None:
-        """Queue a request: a prompt to process here, or an EngineInput processed already."""
+        """Queue a request: a prompt to process here, or an EngineInput processed already. With
+        a cache_salt, it shares cached prompt prefixes only with requests of the same salt."""
         if not isinstance(prompt, EngineInput):
             prompt = self.input_processor.process(prompt, params or SamplingParams())
         params = prompt.params
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
         self.output_processor.add_request(request_id, prompt.prompt, prompt.prompt_token_ids,
                                           params)
-        self.core.add_request(CoreRequest(request_id, prompt.prompt_token_ids, params,
-                                          prompt.max_tokens, seed,
-                                          arrival_time or time.monotonic()))
+        try:
+            self.core.add_request(CoreRequest(request_id, prompt.prompt_token_ids, params,
+                                              prompt.max_tokens, seed,
+                                              arrival_time or time.monotonic(), cache_salt))
+        except BaseException:  # the core did not take it: nothing of it may stay here
+            del self.output_processor.requests[request_id]
+            raise
     # --8<-- [end:add_request]
 
     def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
@@ -93,6 +98,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def check_health(self) -> None:
+        """Raise if the core (its process, or a tensor-parallel worker) has died or stopped;
+        called while idle, when no step would notice."""
+        self.core.check_health()
 
     def request_ids(self, started: bool | None = None) -> list[str]:
         """The requests in flight; with started=False, those that have produced no token yet."""
@@ -113,6 +123,9 @@ class LLMEngine:
             request_id = core_output.request_id
             if request_id not in self.output_processor.requests:
                 continue  # ended here meanwhile (a stop string, an abort)
+            if core_output.error is not None:  # the core could not serve it
+                outputs.append(self.output_processor.abort(request_id, core_output.error))
+                continue
             try:
                 output = self.output_processor.process(core_output)
             except Exception as error:

@@ -40,15 +40,15 @@ class Generation:
         params: SamplingParams,
         request_id: str,
         prompt_field: str,
+        cache_salt: str | None = None,
     ) -> "Generation":
         """Submit every prompt and wait for each one's first output.
 
         Waiting for the first output is what lets a prompt the engine refuses (too long, empty)
         fail the whole HTTP request with a 400 before a single byte of a stream has been sent.
         """
-        generators = [
-            engine.generate(prompt, params, f"{request_id}-{i}") for i, prompt in enumerate(prompts)
-        ]
+        generators = [engine.generate(prompt, params, f"{request_id}-{i}", cache_salt=cache_salt)
+                      for i, prompt in enumerate(prompts)]
         firsts = await asyncio.gather(*(anext(g) for g in generators), return_exceptions=True)
         error = next((first for first in firsts if isinstance(first, BaseException)), None)
         if error is None:

@@ -47,10 +47,12 @@ class GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(default=None, ge=-1)  # no upper bound: the sampler clamps it
+    top_k: int | None = Field(default=None, ge=-1)  # at most the vocabulary: InputProcessor
     min_p: float | None = Field(default=None, ge=0, le=1)
     ignore_eos: bool = False
     stop_token_ids: StopTokenIds | None = None
+    # share cached prompt prefixes only with requests that send the same salt (see RadixCache)
+    cache_salt: Text | None = Field(default=None, min_length=1)
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, what) for every field set to something we cannot do yet."""

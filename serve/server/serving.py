@@ -139,7 +139,8 @@ async def serve_generation(request: GenerationRequest, raw_request: Request, eng
     params = check_request(request, model_names)
     prompts = shape.prompts(request)
     request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
-    start = Generation.start(engine, prompts, params, request_id, shape.prompt_field)
+    start = Generation.start(engine, prompts, params, request_id, shape.prompt_field,
+                             request.cache_salt)
     generation = await cancel_on_disconnect(raw_request, start)  # it may wait in the queue
     head = {"id": request_id, "created": int(time.time()), "model": model_names[0]}
     if request.stream:

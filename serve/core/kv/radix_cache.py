@@ -6,6 +6,11 @@ tokens to the pages holding their K/V. Every edge is a run of whole pages (its l
 of page_size), so each page belongs to one node; a node's children are keyed by the tokens of
 their first page, which two siblings never share.
 
+Sharing is visible: a request that finds its prompt cached is answered sooner, and the API
+reports how many of its tokens were cached, so a client could probe what others sent. A request
+may bring a cache salt (vLLM's `cache_salt`): the salt is part of the key of the first page, so
+requests share pages only with requests that bring the same salt (or, like them, none).
+
 The tree holds no page itself: requests hold pages (reference counts in the allocator), and the
 tree marks the pages it keeps as cached. A request that holds a page of a node holds all of that
 node and of every node above it (`match` splits a node where a match ends, and a request swaps its
@@ -25,7 +30,8 @@ class Node:
     tokens: list[int]  # the edge from the parent: len(pages) * page_size tokens
     pages: list[int]  # the pages holding those tokens' K/V, in order
     parent: "Node | None"
-    children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
+    key: tuple  # among its parent's children: its first page of tokens (see _key)
+    children: dict[tuple, "Node"] = field(default_factory=dict)
     last_access: int = 0  # the cache's clock when a match or insert last passed through
 
 
@@ -36,32 +42,35 @@ class RadixCache:
     def __init__(self, allocator: PageAllocator) -> None:
         self.allocator = allocator
         self.page_size = allocator.page_size
-        self.root = Node([], [], None)
+        self.root = Node([], [], None, ())
         self.num_cached_pages = 0
         self.num_evicted_pages = 0  # since the engine started
         self._clock = 0  # ticks once per match or insert: an LRU order that tests can replay
 
     # --8<-- [start:match]
-    def match(self, token_ids: list[int]) -> tuple[int, list[int]]:
-        """The longest cached prefix of token_ids, in whole pages: (its length in tokens, its
-        pages). A node the match ends inside is split there, so a request holds whole nodes."""
-        pages = [page for node in self._walk(token_ids) for page in node.pages]
+    def match(self, token_ids: list[int], salt: str | None = None) -> tuple[int, list[int]]:
+        """The longest prefix of token_ids cached under this salt, in whole pages: (its length
+        in tokens, its pages). A node the match ends inside is split there, so a request holds
+        whole nodes."""
+        pages = [page for node in self._walk(token_ids, salt) for page in node.pages]
         return len(pages) * self.page_size, pages
 
-    def insert(self, token_ids: list[int], pages: list[int]) -> list[int]:
-        """Cache the first len(pages) pages' worth of token_ids, whose K/V `pages` hold. Returns
-        the tree's pages for them: its own where it had those tokens already, the given pages
-        (now cached) for the rest. The caller swaps its copies for the tree's."""
+    def insert(self, token_ids: list[int], pages: list[int], salt: str | None = None) -> list[int]:
+        """Cache, under this salt, the first len(pages) pages' worth of token_ids, whose K/V
+        `pages` hold. Returns the tree's pages for them: its own where it had those tokens
+        already, the given pages (now cached) for the rest. The caller swaps its copies for the
+        tree's."""
         token_ids = token_ids[: len(pages) * self.page_size]
         assert len(token_ids) == len(pages) * self.page_size, "a page is cached only when full"
-        path = self._walk(token_ids)
+        path = self._walk(token_ids, salt)
         tree_pages = [page for node in path for page in node.pages]
         if len(tree_pages) < len(pages):
             parent = path[-1] if path else self.root
+            start = len(tree_pages) * self.page_size
             new_pages = pages[len(tree_pages):]
-            leaf = Node(token_ids[len(tree_pages) * self.page_size:], new_pages, parent,
+            leaf = Node(token_ids[start:], new_pages, parent, self._key(token_ids, start, salt),
                         last_access=self._clock)
-            parent.children[self._key(leaf.tokens)] = leaf
+            parent.children[leaf.key] = leaf
             self.allocator.mark_cached(new_pages)
             self.num_cached_pages += len(new_pages)
             tree_pages += new_pages
@@ -82,7 +91,7 @@ class RadixCache:
         while heap and freed < num_pages:
             _, _, leaf = heapq.heappop(heap)
             parent = leaf.parent
-            del parent.children[self._key(leaf.tokens)]
+            del parent.children[leaf.key]
             self.allocator.uncache(leaf.pages)
             freed += len(leaf.pages)
             if parent is not self.root and not parent.children and not self._in_use(parent):
@@ -92,12 +101,12 @@ class RadixCache:
         return freed
     # --8<-- [end:evict]
 
-    def _walk(self, token_ids: list[int]) -> list[Node]:
+    def _walk(self, token_ids: list[int], salt: str | None) -> list[Node]:
         """The nodes, from the root down, whose tokens token_ids start with, the last one split
         where token_ids leave it; each is stamped as used now."""
         self._clock += 1
         path, node, start = [], self.root, 0
-        while child := node.children.get(self._key(token_ids, start)):
+        while child := node.children.get(self._key(token_ids, start, salt)):
             length = self._common_length(child.tokens, token_ids, start)
             if length < len(child.tokens):
                 child = self._split(child, length)
@@ -117,15 +126,19 @@ class RadixCache:
     def _split(self, node: Node, length: int) -> Node:
         """Cut node's edge after `length` tokens; returns the new upper part."""
         num_pages = length // self.page_size
-        head = Node(node.tokens[:length], node.pages[:num_pages], node.parent)
-        node.parent.children[self._key(node.tokens)] = head  # same first page, same key
+        head = Node(node.tokens[:length], node.pages[:num_pages], node.parent, node.key)
+        node.parent.children[head.key] = head  # same first page, same key
         node.tokens, node.pages, node.parent = node.tokens[length:], node.pages[num_pages:], head
-        head.children[self._key(node.tokens)] = node
+        node.key = tuple(node.tokens[: self.page_size])  # (below the head: never a first page)
+        head.children[node.key] = node
         return head
 
-    def _key(self, token_ids: list[int], start: int = 0) -> tuple[int, ...]:
-        """A child's key: its first page of tokens (shorter than a page: no child has it)."""
-        return tuple(token_ids[start : start + self.page_size])
+    def _key(self, token_ids: list[int], start: int, salt: str | None) -> tuple:
+        """The key of the child that holds token_ids[start:]: the tokens of its first page
+        (shorter than a page: no child has it). A request's first page (start 0, a child of
+        the root) is keyed with its salt too, so a request with another salt finds nothing."""
+        page = tuple(token_ids[start : start + self.page_size])
+        return (salt, page) if start == 0 else page
 
     def _leaves(self) -> list[Node]:
         leaves, stack = [], list(self.root.children.values())
