@@ -85,7 +85,7 @@ class Schedule:
 class Corpus:
     """The interpreter's standard library, split by file into training and held-out texts."""
 
-    name: str  # cpython-3.12.3-stdlib-<hash of the file list>
+    name: str  # python-3.11.7-stdlib-<hash of the file list>
     train: list[str]
     held_out: list[str]
     files: int
@@ -93,11 +93,13 @@ class Corpus:
     bytes: int
 
 
-def load_corpus(max_bytes: int | None = None) -> Corpus:
-    """Every readable .py file of this interpreter's standard library, in path order (with
-    max_bytes, the first files that hold that many bytes and one held-out file), each in the
-    held-out set if a hash of its relative path says so."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def load_corpus(stdlib: Path | None = None, max_bytes: int | None = None) -> Corpus:
+    """Every readable .py file of a standard library, in path order (with max_bytes, the first
+    files that hold that many bytes and one held-out file), each in the held-out set if a hash
+    of its relative path says so. The library is this interpreter's, or a copy of another's in
+    a folder named after it (python-3.11.7-stdlib): the corpus is named the same either way."""
+    root = stdlib or Path(sysconfig.get_paths()["stdlib"])
+    label = stdlib.name if stdlib else f"python-{platform.python_version()}-stdlib"
     train, held_out, names, total = [], [], [], 0
     for path in _stdlib_sources(root):
         try:
@@ -111,8 +113,7 @@ def load_corpus(max_bytes: int | None = None) -> Corpus:
         if max_bytes is not None and total >= max_bytes and held_out:
             break
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-    return Corpus(f"cpython-{platform.python_version()}-stdlib-{digest}", train, held_out,
-                  len(names), len(held_out), total)
+    return Corpus(f"{label}-{digest}", train, held_out, len(names), len(held_out), total)
 
 
 def _is_held_out(name: str) -> bool:
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
-    corpus = load_corpus(200_000 if args.smoke else None)
+    corpus = load_corpus(args.stdlib and Path(args.stdlib), 200_000 if args.smoke else None)
     tokenizer = train_tokenizer(corpus.train, 512 if args.smoke else args.vocab_size)
     train_tokens, held_out = token_stream(tokenizer, corpus.train), \
         token_stream(tokenizer, corpus.held_out)
@@ -360,6 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps of tiny models on a corner of the corpus (tests)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--stdlib", help="a copy of a standard library to train on, in a folder "
+                        "named after it, e.g. python-3.11.7-stdlib (default: this Python's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--target-epochs", type=float, default=16.0)
