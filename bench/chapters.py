@@ -199,10 +199,22 @@ def fmt(value: float | None, decimals: int = 1, unit: str = "") -> str:
     return "—" if value is None else f"{value:,.{decimals}f}{unit}"
 
 
+NOT_RECORDED = "not recorded"
+
+
 def label(result: Result) -> str:
+    """A column's name: the stage's tag, else the code's commit."""
     env = result.data.get("env", {})
     tag = env.get("git_tag")
-    return tag.split("-")[0] if tag else f"`{(env.get('git_commit') or '?')[:8]}`"
+    commit = code_commit(result.data)
+    return tag.split("-")[0] if tag else (f"`{commit[:8]}`" if commit else "code " + NOT_RECORDED)
+
+
+def code_commit(data: dict) -> str | None:
+    """The commit of the code a result measured: a serving result's server (bench.compare
+    records it as server_commit; the env is the harness that sent the requests), else the
+    commit of the checkout that wrote the file."""
+    return data.get("server_commit") or (data.get("env") or {}).get("git_commit")
 
 
 def one_run(results: list[Result]) -> None:
@@ -214,6 +226,9 @@ def one_run(results: list[Result]) -> None:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table; with no rows, a line that says so rather than a header alone."""
+    if not rows:
+        return ["*(The files hold no rows for this table.)*"]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(row) + " |" for row in rows)]
 
@@ -224,7 +239,8 @@ def render_throughput(results: list[Result]) -> list[str]:
     hf = results[0].data.get("hf_baseline")
     columns = [(label(r), r.data["metrics"]) for r in results]
     if hf:
-        columns.append((f"HF `generate` (batch {hf.get('batch_size', '?')})", hf))
+        batch = f" (batch {hf['batch_size']})" if hf.get("batch_size") else ""
+        columns.append((f"HF `generate`{batch}", hf))
     header = [""] + [name for name, _ in columns]
     rows = [["output tokens/s"] + [fmt(m["output_tokens_per_s"]) for _, m in columns],
             ["requests/s"] + [fmt(m["requests_per_s"], 2) for _, m in columns],
@@ -275,6 +291,33 @@ def render_max_batch(results: list[Result]) -> list[str]:
                   "ratio"], rows)
 
 
+def render_mixed_step(results: list[Result]) -> list[str]:
+    """A bench.mixed_step file: per budget, the chunk alone, and for each number B of decoding
+    requests their decode step, the step with a chunk split (decode rows from their graph) and
+    all eager, and how many times faster the split step is (eager ÷ split)."""
+    (result,) = results
+    rows = result.data["rows"]
+    budgets = list(dict.fromkeys(row["budget"] for row in rows))
+    batches = [b for b in dict.fromkeys(row["batch_size"] for row in rows) if b]
+    at = {(row["budget"], row["batch_size"]): row for row in rows}
+    header = ["budget"] + (["chunk alone"] if any(b == 0 for _, b in at) else [])
+    for batch in batches:
+        header += [f"*B* = {batch}: decode", "split", "all eager", "eager ÷ split"]
+    lines = []
+    for budget in budgets:
+        cells = [f"{budget:,}"]
+        if "chunk alone" in header:
+            alone = at.get((budget, 0))
+            cells.append(fmt(alone["eager"]["mixed_step_ms"] if alone else None))
+        for batch in batches:
+            row = at.get((budget, batch))
+            cells += [fmt(row["split"]["decode_step_ms"]), fmt(row["split"]["mixed_step_ms"]),
+                      fmt(row["eager"]["mixed_step_ms"]), fmt(row["split_vs_eager"], 2, "×")] \
+                if row else ["—"] * 4
+        lines.append(cells)
+    return table(header, lines)
+
+
 def on_gpu(result: Result) -> bool:
     return str(result.data.get("device", "")).startswith("cuda")
 
@@ -315,8 +358,9 @@ def render_probe_time(results: list[Result]) -> list[str]:
                   "rest (waiting for the GPU)", "kernels", "GPU busy"], rows)
 
 
-def when(result: Result) -> str:
-    return (result.data.get("env", {}).get("timestamp") or "?")[:16].replace("T", " ")
+def when(data: dict) -> str:
+    stamp = (data.get("env") or {}).get("timestamp") or data.get("started")
+    return f"{stamp[:16].replace('T', ' ')} UTC" if stamp else "time " + NOT_RECORDED
 
 
 def page_depth(page: Path) -> int:
@@ -329,28 +373,88 @@ def page_depth(page: Path) -> int:
 
 
 def render_provenance(results: list[Result], page: Path) -> list[str]:
-    """A small box: which file, which code, which machine, when, which command."""
+    """A small box: which file, which code, which machine, when, which command. A file that
+    records none of that (a profiler timeline) is described by the result written with it."""
     lines = ['??? info "Where these numbers come from"']
     for result in results:
-        env = result.data.get("env", {})
-        manifest = result.manifest()
-        command = (result.command or env.get("command")
-                   or (manifest or {}).get("command") or "(not recorded)")
-        link = Path(*[".."] * page_depth(page), shown(result.path)).as_posix()
-        commit = (env.get("git_commit") or "?")[:8]
-        tag = f" ({env['git_tag']})" if env.get("git_tag") else ""
-        run = f", run `{manifest['run_id']}`" if manifest else ""
-        lines.append(f"    - [`{result.path.name}`]({link}): code `{commit}`{tag}, "
-                     f"{env.get('device_name', '?')}, {when(result)} UTC{run}, `{command}`")
+        line = f"    - {file_link(result.path, page)}: "
+        source = result
+        if not result.data.get("env"):
+            source = written_with(result) or result
+            if source is not result:
+                line += f"written with {file_link(source.path, page)}, "
+        lines.append(line + provenance_of(source))
     return lines
+
+
+def file_link(path: Path, page: Path) -> str:
+    return f"[`{path.name}`]({Path(*['..'] * page_depth(page), shown(path)).as_posix()})"
+
+
+def provenance_of(result: Result) -> str:
+    """Code, machine, time, run and command of one result; "not recorded" where it lacks one."""
+    data, env, manifest = result.data, result.data.get("env") or {}, result.manifest()
+    command = (result.command or env.get("command") or (manifest or {}).get("command")
+               or NOT_RECORDED)
+    commit = code_commit(data)
+    tag = data.get("tag") if data.get("server_commit") else env.get("git_tag")
+    code = (f"code `{commit[:8]}`" if commit else "code " + NOT_RECORDED) + \
+        (f" ({tag})" if tag else "")
+    harness = env.get("git_commit")
+    if data.get("server_commit") and harness and harness != data["server_commit"]:
+        code = f"server {code}, requests sent by harness `{harness[:8]}`"
+    device = env.get("device_name") or "device " + NOT_RECORDED
+    run = f", run `{manifest['run_id']}`" if manifest else ""
+    return f"{code}, {device}, {when(data)}{run}, " + \
+        (f"`{command}`" if command != NOT_RECORDED else "command " + NOT_RECORDED)
+
+
+RUN_START = re.compile(r"\d{8}-\d{6}$")
+
+
+def written_with(result: Result) -> Result | None:
+    """The result a file without its own record (a profiler timeline) was written with: the
+    probe its run's manifest lists beside it, else the file of the same folder, commit and run
+    start whose name it extends (timeline-mixed-step-h200-1b4087ff-...-b64-budget2048-<start>
+    is mixed-step-h200-1b4087ff-...-<start>'s)."""
+    manifest = result.manifest()
+    for stage in (manifest or {}).get("stages", []):
+        if stage.get("timeline") and resolve(result.run_json.parent, stage["timeline"]) == \
+                result.path:
+            source = stage.get("probe") or stage.get("throughput")
+            path = resolve(result.run_json.parent, source)
+            return Result(result.name, path, read_result(path), None, result.run_json)
+    stem = result.path.stem.removeprefix("timeline-")
+    start = RUN_START.search(stem)
+    if stem == result.path.stem or not start:
+        return None
+    best, best_shared = None, 3  # at least the kind, the device and the commit in common
+    for path in sorted(result.path.parent.glob(f"*-{start.group()}.json")):
+        if path.name.startswith("timeline-"):
+            continue
+        shared = 0
+        for mine, theirs in zip(stem.split("-"), path.stem.split("-"), strict=False):
+            if mine != theirs:
+                break
+            shared += 1
+        if shared > best_shared:
+            data = read_result(path)
+            if isinstance(data, dict) and data.get("env"):
+                run_json = RUNS_DIR / data["run_id"] / "run.json" if data.get("run_id") \
+                    else None
+                best, best_shared = Result(result.name, path, data, None, run_json), shared
+    return best
 
 
 RENDERERS = {"throughput": render_throughput, "step-profile": render_step_profile,
              "serving": render_serving, "max-batch": render_max_batch,
+             "mixed-step": render_mixed_step,
              "probe-work": render_probe_work, "probe-time": render_probe_time}
 
 
 def render_block(kind: str, args: list[str], results: dict[str, Result], page: Path) -> str:
+    if not args:
+        raise ValueError(f"block {kind} names no result (<!-- begin {kind} NAME ... -->)")
     missing = [a for a in args if a not in results]
     if missing:
         raise ValueError(f"block {kind}: {missing} not declared (<!-- result NAME: path -->)")

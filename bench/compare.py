@@ -17,7 +17,8 @@ stage's results go beside its chapter, in milestones/NN/ (bench-<device>-<commit
 pool-<pool>-<run start>.json offline, serving-…-r<rate>-….json online), and the run's own folder
 milestones/runs/<run id>/ holds run.json (what ran, and the path of every file), the servers'
 logs, compare.md (the tables the chapter includes) and ttft.png. `--adopt FILE` unpacks an
-archived run into milestones/.
+archived run into milestones/; `--render RUN_DIR...` rewrites runs' compare.md from their files
+(after a change to how the tables are drawn; the results themselves are never touched).
 """
 
 import argparse
@@ -59,9 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.compare",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--baseline", required=True, help="the earlier stage's tag")
-    parser.add_argument("--current", required=True,
-                        help="this checkout, as the stage TAG (tagged or not yet)")
+    parser.add_argument("--baseline", help="the earlier stage's tag (required for a run)")
+    parser.add_argument("--current",
+                        help="this checkout, as the stage TAG (tagged or not yet; required for "
+                        "a run)")
     parser.add_argument("--stages-dir", help="stages exported earlier with --export-only")
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--load-format", default="dummy")
@@ -90,8 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--archive", metavar="FILE", help="also pack the run's files into FILE")
     parser.add_argument("--adopt", metavar="FILE",
                         help="unpack a run archived elsewhere into milestones/; runs nothing")
+    parser.add_argument("--render", metavar="RUN_DIR", nargs="+",
+                        help="rewrite each run folder's compare.md from its result files; runs "
+                        "nothing")
     add_workload_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (args.adopt or args.render) and not (args.baseline and args.current):
+        parser.error("a run needs --baseline and --current")
+    return args
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -174,6 +182,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     if args.adopt:
         return adopt(args.adopt)
+    if args.render:
+        for run_dir in map(Path, args.render):
+            (run_dir / "compare.md").write_text(render(run_dir))
+            print(f"wrote {run_dir / 'compare.md'}")
+        return None
     workload = workload_from_args(args)
     device = resolve_device(args.device)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -262,9 +275,11 @@ def render(run_dir: Path) -> str:
     """The run's tables: offline throughput per pool, online latency per rate."""
     manifest = read_result(run_dir / "run.json")
     base = manifest["baseline"]
-    lines = ["| KV pool | stage | output tok/s | vs " + short_stage(base) + " | preemptions "
-             "| mean batch |", "|---|---|---|---|---|---|"]
+    lines = []  # a run with no offline (or no online) part gets no table for it, not a header
     offline = [(e, read_result(resolve(run_dir, e["file"]))) for e in manifest["offline"]]
+    if offline:
+        lines += ["| KV pool | stage | output tok/s | vs " + short_stage(base) + " | preemptions "
+                  "| mean batch |", "|---|---|---|---|---|---|"]
     base_tok_s = {e["pool"]: r["metrics"]["output_tokens_per_s"] for e, r in offline
                   if e["tag"] == base and not e.get("variant")}
     for entry, result in offline:
@@ -278,22 +293,36 @@ def render(run_dir: Path) -> str:
     if manifest["online"]:
         online = [(e, read_result(resolve(run_dir, e["file"]))["metrics"])
                   for e in manifest["online"]]
-        # Runs that counted cached prompt tokens (bench.serving since stage 5) get a column.
+        # Runs that recorded the gaps between a stream's tokens (ITL) or counted cached prompt
+        # tokens (bench.serving since stage 5) get a column for each.
+        with_itl = any("itl_ms" in metrics for _, metrics in online)
         with_cache = any("total_cached_tokens" in metrics for _, metrics in online)
-        lines += ["", "| rate (req/s) | stage | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-                  "| output tok/s |" + (" prompt tokens cached |" if with_cache else ""),
-                  "|---|---|---|---|---|" + ("---|" if with_cache else "")]
+        lines += [""] if lines else []
+        lines += ["| rate (req/s) | stage | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |"
+                  + (" ITL p50 / p99 (ms) |" if with_itl else "")
+                  + " output tok/s |" + (" prompt tokens cached |" if with_cache else ""),
+                  "|---|---|---|---|" + ("---|" if with_itl else "") + "---|"
+                  + ("---|" if with_cache else "")]
         for entry, metrics in online:
             ttft, tpot = metrics["ttft_ms"], metrics["tpot_ms"]
             line = (f"| {entry['rate']} | {label_of(entry)} | "
                     f"{ttft['p50']:.0f} / {ttft['p99']:.0f} | "
-                    f"{tpot['p50']:.1f} / {tpot['p99']:.1f} | "
-                    f"{metrics['output_tokens_per_s']:.1f} |")
+                    f"{tpot['p50']:.1f} / {tpot['p99']:.1f} | ")
+            if with_itl:
+                line += f"{percentiles(metrics.get('itl_ms'))} | "
+            line += f"{metrics['output_tokens_per_s']:.1f} |"
             if with_cache:
                 cached = metrics.get("total_cached_tokens", 0) / metrics["total_input_tokens"]
                 line += f" {cached:.1%} |"
             lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def percentiles(values: dict | None) -> str:
+    """'p50 / p99' of a bench.serving percentile dict, or — where the file has none."""
+    if not values or values.get("p50") is None or values.get("p99") is None:
+        return "—"
+    return f"{values['p50']:.1f} / {values['p99']:.1f}"
 
 
 def plot_ttft(run_dir: Path) -> Path | None:

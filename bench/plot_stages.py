@@ -3,9 +3,10 @@
     python -m bench.plot_stages --run milestones/runs/<run id>
 
 Writes milestones/stages.md (the table the course pages include) and docs/assets/stages.png
-(output tok/s per stage with this run's transformers `generate` as a line, and each stage's
-median decode step where the run probed it). Every number, and so every ratio, comes from that
-one run; tests/test_chapters.py checks that stages.md is exactly what this renders from it.
+(output tok/s per stage with this run's transformers `generate` as a line, and beside it each
+stage's median decode step, when the run probed the stages). Every number, and so every ratio,
+comes from that one run; tests/test_chapters.py checks that stages.md is exactly what this
+renders from it.
 """
 
 import argparse
@@ -107,7 +108,13 @@ def write_plot(run: dict, path: str | Path) -> None:
 
     stages = [short(entry["tag"]) for entry, _, _ in run["stages"]]
     tok_s = [t["metrics"]["output_tokens_per_s"] for _, t, _ in run["stages"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [(short(e["tag"]), p["summary"]["decode"]["median_step_ms"])
+             for e, _, p in run["stages"] if p and p["summary"]["decode"]["median_step_ms"]]
+    # The decode-step panel only where the run probed a stage: a run without probes draws
+    # throughput alone rather than an empty panel.
+    fig, axes = plt.subplots(1, 2 if steps else 1, figsize=(10, 4) if steps else (6.5, 4),
+                             squeeze=False)
+    left = axes[0][0]
     left.bar(stages, tok_s, color="tab:blue")
     left.axhline(run["hf"]["output_tokens_per_s"], color="tab:red", linestyle="--",
                  label="HF generate, same run")
@@ -116,14 +123,11 @@ def write_plot(run: dict, path: str | Path) -> None:
     left.set_ylim(bottom=1)
     left.set_ylabel("output tokens/s (log)")
     left.set_title(f"offline throughput, {run['manifest']['workload']['name']} workload")
-    steps = [(short(e["tag"]), p["summary"]["decode"]["median_step_ms"])
-             for e, _, p in run["stages"] if p and p["summary"]["decode"]["median_step_ms"]]
     if steps:
+        right = axes[0][1]
         right.bar([s for s, _ in steps], [ms for _, ms in steps], color="tab:orange")
         right.set_ylabel("median decode step (ms)")
-    else:
-        right.text(0.5, 0.5, "not probed in this run", ha="center", va="center")
-    right.set_title("one decode step")
+        right.set_title("one decode step")
     fig.suptitle(f"run {run['manifest']['run_id']}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

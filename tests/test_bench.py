@@ -450,6 +450,9 @@ def test_stage_table_and_plot_come_from_one_run(tmp_path):
                       "--plot", str(tmp_path / "stages.png")])
     assert plot_stages.table_run(tmp_path / "stages.md") is not None
     assert (tmp_path / "stages.png").stat().st_size > 10_000
+    # a run without probes draws throughput alone, not an empty decode-step panel beside it
+    width = int.from_bytes((tmp_path / "stages.png").read_bytes()[16:20], "big")
+    assert width == 780
 
 
 def test_a_run_archived_elsewhere_is_adopted_once(tmp_path):

@@ -251,3 +251,37 @@ def test_gpu_kernel_us_sums_the_kernels_whose_names_start_so(tmp_path, monkeypat
     assert "no GPU kernel" in errors(page_with(
         tmp_path, '1<!-- = len(gpu_kernel_us(t, "cutlass")) -->',
         {"t": paths["01/timeline.json"]}))[0]
+
+
+def test_provenance_names_a_servers_code_and_what_wrote_a_bare_timeline(tmp_path):
+    env = {"git_commit": "aaaaaaaa11", "git_tag": None, "device_name": "X",
+           "timestamp": "2026-01-01T00:00:00", "command": "python -m bench.serving"}
+    serving = write(tmp_path / "serving.json", {"env": env, "server_commit": "bbbbbbbb22",
+                                                "tag": "v0.5-x", "metrics": {}})
+    mixed = write(tmp_path / "mixed-step-gpu-cccccccc-m-20260101-000000.json", {
+        **throughput(1.0, commit="cccccccc33"), "rows": []})
+    timeline = write(tmp_path / "timeline-mixed-step-gpu-cccccccc-m-b64-20260101-000000.json",
+                     {"summary": {}, "names": [], "cpu": [], "gpu": []})
+    bare = write(tmp_path / "notes.json", {"n": 1})
+    page = page_with(tmp_path, "<!-- begin provenance s t b -->\n<!-- end provenance -->",
+                     {"s": serving, "t": timeline, "b": bare})
+    assert errors(page, write_blocks=True) == []
+    box = page.read_text()
+    assert "server code `bbbbbbbb` (v0.5-x), requests sent by harness `aaaaaaaa`" in box
+    assert f"written with [`{mixed.name}`]" in box and "code `cccccccc`" in box
+    assert "code not recorded, device not recorded, time not recorded" in box
+    assert not [line for line in box.splitlines() if line.startswith("    - ") and "?" in line]
+
+
+def test_a_table_without_rows_is_a_line_and_a_mixed_step_table_shows_the_speed_up(tmp_path):
+    assert chapters.table(["a", "b"], []) == ["*(The files hold no rows for this table.)*"]
+    step = {"mixed_step_ms": 10.0, "decode_step_ms": 4.0}
+    rows = [{"batch_size": 0, "budget": 512, "split": step, "eager": step, "split_vs_eager": 1.0},
+            {"batch_size": 64, "budget": 512, "split": step,
+             "eager": {**step, "mixed_step_ms": 15.0}, "split_vs_eager": 1.5}]
+    ms = write(tmp_path / "ms.json", {**throughput(1.0), "rows": rows})
+    page = page_with(tmp_path, "<!-- begin mixed-step m -->\n<!-- end mixed-step -->", {"m": ms})
+    assert errors(page, write_blocks=True) == []
+    assert "| 512 | 10.0 | 4.0 | 10.0 | 15.0 | 1.50× |" in page.read_text()
+    empty = page_with(tmp_path, "<!-- begin throughput -->\n<!-- end throughput -->", {})
+    assert "names no result" in errors(empty)[0]

@@ -32,3 +32,20 @@ def test_every_file_of_a_compare_run_is_in_its_manifest(run_dir):
     listed |= {run_dir / "run.json", run_dir / "compare.md"}
     strays = set(run_dir.iterdir()) - listed
     assert not strays, f"not in run.json: {sorted(path.name for path in strays)}"
+
+
+def test_a_run_without_an_offline_part_has_no_empty_table_and_shows_itl(tmp_path):
+    root = tmp_path / "milestones"
+    run_dir = root / "runs" / "r"
+    metrics = {"ttft_ms": {"p50": 20.0, "p99": 50.0}, "tpot_ms": {"p50": 4.0, "p99": 5.0},
+               "itl_ms": {"p50": 4.1, "p99": 18.3}, "output_tokens_per_s": 2000.0}
+    (root / "06").mkdir(parents=True)
+    (root / "06" / "s.json").write_text(json.dumps({"metrics": metrics}))
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({
+        "baseline": "v0.5-a", "offline": [], "online": [
+            {"tag": "v0.6-b", "variant": None, "rate": "8", "file": "milestones/06/s.json"}]}))
+    table = render(run_dir)
+    assert not table.startswith("| KV pool") and "KV pool" not in table
+    assert table.splitlines()[0].startswith("| rate (req/s) |") and "ITL p50 / p99" in table
+    assert "| 8 | v0.6 | 20 / 50 | 4.0 / 5.0 | 4.1 / 18.3 | 2000.0 |" in table
