@@ -32,9 +32,19 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from bench.demo_model import END_OF_TEXT, _stdlib_sources, make_config, train_tokenizer
-from bench.results import environment, result_name, write_result
+from bench.results import REPO_ROOT, environment, read_result, result_name, write_result
 
 HELD_OUT_PERCENT = 5  # of the files, chosen by a hash of their path
+DEMO_MODELS = REPO_ROOT / "bench" / "demo_models"  # the committed checkpoints and their training
+
+
+def demo_models() -> tuple[dict, Path, Path]:
+    """The committed demo models: the result file of the training that made them (the newest
+    in DEMO_MODELS), the target's checkpoint and the draft's."""
+    result = max((read_result(path) for path in DEMO_MODELS.glob("train-demo-*.json")),
+                 key=lambda result: result["environment"]["timestamp"])
+    names = [result["models"][role]["name"] for role in ("target", "draft")]
+    return result, DEMO_MODELS / names[0], DEMO_MODELS / names[1]
 
 
 # --8<-- [start:sizes]
