@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.results import REPO_ROOT, read_result
+from bench.results import REPO_ROOT, env_of, read_result
 from bench.run_files import RUNS_DIR, listed_files, resolve
 
 DECLARATION = re.compile(r"<!-- result (?P<name>\w+): (?P<path>[^|>]+?)"
@@ -204,8 +204,7 @@ NOT_RECORDED = "not recorded"
 
 def label(result: Result) -> str:
     """A column's name: the stage's tag, else the code's commit."""
-    env = result.data.get("env", {})
-    tag = env.get("git_tag")
+    tag = env_of(result.data).get("git_tag")
     commit = code_commit(result.data)
     return tag.split("-")[0] if tag else (f"`{commit[:8]}`" if commit else "code " + NOT_RECORDED)
 
@@ -214,7 +213,7 @@ def code_commit(data: dict) -> str | None:
     """The commit of the code a result measured: a serving result's server (bench.compare
     records it as server_commit; the env is the harness that sent the requests), else the
     commit of the checkout that wrote the file."""
-    return data.get("server_commit") or (data.get("env") or {}).get("git_commit")
+    return data.get("server_commit") or env_of(data).get("git_commit")
 
 
 def one_run(results: list[Result]) -> None:
@@ -359,7 +358,7 @@ def render_probe_time(results: list[Result]) -> list[str]:
 
 
 def when(data: dict) -> str:
-    stamp = (data.get("env") or {}).get("timestamp") or data.get("started")
+    stamp = env_of(data).get("timestamp") or data.get("started")
     return f"{stamp[:16].replace('T', ' ')} UTC" if stamp else "time " + NOT_RECORDED
 
 
@@ -379,7 +378,7 @@ def render_provenance(results: list[Result], page: Path) -> list[str]:
     for result in results:
         line = f"    - {file_link(result.path, page)}: "
         source = result
-        if not result.data.get("env"):
+        if not env_of(result.data):
             source = written_with(result) or result
             if source is not result:
                 line += f"written with {file_link(source.path, page)}, "
@@ -393,7 +392,7 @@ def file_link(path: Path, page: Path) -> str:
 
 def provenance_of(result: Result) -> str:
     """Code, machine, time, run and command of one result; "not recorded" where it lacks one."""
-    data, env, manifest = result.data, result.data.get("env") or {}, result.manifest()
+    data, env, manifest = result.data, env_of(result.data), result.manifest()
     command = (result.command or env.get("command") or (manifest or {}).get("command")
                or NOT_RECORDED)
     commit = code_commit(data)
@@ -439,7 +438,7 @@ def written_with(result: Result) -> Result | None:
             shared += 1
         if shared > best_shared:
             data = read_result(path)
-            if isinstance(data, dict) and data.get("env"):
+            if isinstance(data, dict) and env_of(data):
                 run_json = RUNS_DIR / data["run_id"] / "run.json" if data.get("run_id") \
                     else None
                 best, best_shared = Result(result.name, path, data, None, run_json), shared

@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or str(demo_models()[1])
     started = time.perf_counter()
     samples = sample(model, args.max_tokens, args.seed)
-    result = {"kind": "demo-samples", "environment": environment("cpu"), "model": model,
+    result = {"kind": "demo-samples", "env": environment("cpu"), "model": model,
               "seconds": round(time.perf_counter() - started, 1), "samples": samples}
     print(as_markdown(samples))
     if args.out_dir:
-        path = Path(args.out_dir) / result_name("demo-samples", result["environment"],
+        path = Path(args.out_dir) / result_name("demo-samples", result["env"],
                                                 Path(model).name)
         write_result(path, result)
         path.with_suffix(".md").write_text(as_markdown(samples))

@@ -115,6 +115,12 @@ def gpu_state() -> dict | None:
     return state
 
 
+def env_of(result: dict) -> dict:
+    """The environment a result file records: under "env" (the first demo models' training
+    result, written before the name was settled, says "environment")."""
+    return result.get("env") or result.get("environment") or {}
+
+
 def write_result(path: str | Path, result: dict) -> None:
     """Write a new result file. Results are immutable: an existing file is never overwritten, so
     a rerun must name its output after what it ran (see `result_name`)."""

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from bench.demo_model import END_OF_TEXT, _stdlib_sources, make_config, train_tokenizer
-from bench.results import REPO_ROOT, environment, read_result, result_name, write_result
+from bench.results import (
+    REPO_ROOT,
+    env_of,
+    environment,
+    read_result,
+    result_name,
+    write_result,
+)
 
 HELD_OUT_PERCENT = 5  # of the files, chosen by a hash of their path
 DEMO_MODELS = REPO_ROOT / "bench" / "demo_models"  # the committed checkpoints and their training
@@ -42,7 +49,7 @@ def demo_models() -> tuple[dict, Path, Path]:
     """The committed demo models: the result file of the training that made them (the newest
     in DEMO_MODELS), the target's checkpoint and the draft's."""
     result = max((read_result(path) for path in DEMO_MODELS.glob("train-demo-*.json")),
-                 key=lambda result: result["environment"]["timestamp"])
+                 key=lambda result: env_of(result)["timestamp"])
     names = [result["models"][role]["name"] for role in ("target", "draft")]
     return result, DEMO_MODELS / names[0], DEMO_MODELS / names[1]
 
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = {"target": TARGET, "draft": DRAFT}
         schedules = {"target": Schedule(epochs=args.target_epochs, seconds=args.target_seconds),
                      "draft": Schedule(epochs=args.draft_epochs, seconds=args.draft_seconds)}
-    result: dict = {"kind": "train-demo", "environment": environment(device.type),
+    result: dict = {"kind": "train-demo", "env": environment(device.type),
                     "corpus": {key: value for key, value in asdict(corpus).items()
                                if key not in ("train", "held_out")},
                     "tokenizer": {"vocab_size": len(tokenizer),
@@ -355,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({role: entry["held_out"] for role, entry in result["models"].items()}))
     print(json.dumps(result["draft_agreement"]))
     if args.results_dir:
-        path = Path(args.results_dir) / result_name("train-demo", result["environment"],
+        path = Path(args.results_dir) / result_name("train-demo", result["env"],
                                                     corpus.name.split("-stdlib-")[0])
         write_result(path, result)
         print(f"wrote {path}")
