@@ -1,7 +1,10 @@
-# nanoserve: `make serve` runs the server on a tiny demo model; `make test` is what CI runs.
+# nanoserve: `make serve` runs the server on the demo model; `make test` is what CI runs.
 
 PY ?= .venv/bin/python
-DEMO_MODEL := .models/tiny-qwen3
+# The demo model, trained by bench.train_demo and committed; a random one, built on this machine
+# for what needs a model's shapes only (tests, the stage pipeline's smoke run).
+DEMO_MODEL := bench/demo_models/pycode-8m
+RANDOM_MODEL := .models/tiny-qwen3
 MODEL ?= $(DEMO_MODEL)
 PORT ?= 8000
 DOCS_PORT ?= 8001
@@ -12,12 +15,13 @@ BENCH_ARGS ?=
 export NO_MKDOCS_2_WARNING := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo-model serve test test-stage lint docs tags stage-sources \
+.PHONY: help venv install demo-model random-model serve test test-stage lint docs tags stage-sources \
 	chapters bench-stages bench-stages-smoke
 
 help:
 	@echo "make venv          create .venv, install nanoserve and its dev tools, make the stage tags"
-	@echo "make demo-model    build the random demo model in $(DEMO_MODEL)"
+	@echo "make demo-model    show what the demo model ($(DEMO_MODEL)) writes"
+	@echo "make random-model  build a tiny model with random weights in $(RANDOM_MODEL)"
 	@echo "make serve         serve MODEL (default: the demo model) on PORT ($(PORT))"
 	@echo "make test          lint, run the tests, build the docs strictly (what CI runs)"
 	@echo "make test-stage STAGE=v0.1-static-batching"
@@ -47,15 +51,20 @@ install:
 	.venv/bin/pip install -e '.[dev]'
 	echo $(DEPS_SUM) > .venv/.installed
 
-demo-model: $(DEMO_MODEL)
+# The demo model is committed (docs/demo-models.md says how it was trained): nothing to build.
+demo-model: venv
+	$(PY) -m bench.demo_samples --model $(DEMO_MODEL)
+
+random-model: $(RANDOM_MODEL)
 
 # The directory appears only when the build has finished (bench.demo_model renames it into place).
-$(DEMO_MODEL): | venv
+$(RANDOM_MODEL): | venv
 	$(PY) -m bench.demo_model --out $@
 
-# Build the demo model only when it is the one being served.
-serve: venv $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL))
-	$(PY) -m serve --model $(MODEL) --port $(PORT)
+# The demo model is served under its own name, not its path; any other under --model's value.
+serve: venv $(if $(filter $(RANDOM_MODEL),$(MODEL)),$(RANDOM_MODEL))
+	$(PY) -m serve --model $(MODEL) --port $(PORT) \
+		$(if $(filter $(DEMO_MODEL),$(MODEL)),--served-model-name $(notdir $(DEMO_MODEL)))
 
 test: venv stage-sources
 	$(PY) -m ruff check .
@@ -98,9 +107,9 @@ chapters: venv
 bench-stages: venv stage-sources
 	$(PY) -m bench.stages --stages-dir .stages $(BENCH_ARGS)
 
-# The same pipeline end to end on a CPU in about a minute: demo model, 4 short requests, results
-# in /tmp/nanoserve-results/, laid out like milestones/ (the course's files are left alone).
-bench-stages-smoke: venv stage-sources $(DEMO_MODEL)
-	$(PY) -m bench.stages --stages-dir .stages --model $(DEMO_MODEL) --load-format auto \
+# The same pipeline end to end on a CPU in about a minute: the random model, 4 short requests,
+# results in /tmp/nanoserve-results/, laid out like milestones/ (the course's files are left alone).
+bench-stages-smoke: venv stage-sources $(RANDOM_MODEL)
+	$(PY) -m bench.stages --stages-dir .stages --model $(RANDOM_MODEL) --load-format auto \
 		--device cpu --max-model-len 512 --num-prompts 4 --input-len 8:24 --output-len 4:12 \
 		--results-dir /tmp/nanoserve-results --no-stage-table $(BENCH_ARGS)

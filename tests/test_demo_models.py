@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from bench import train_demo
+from bench.results import REPO_ROOT
 from bench.train_demo import DEMO_MODELS, demo_models
 from serve import LLM, SamplingParams
 
@@ -79,3 +80,12 @@ def test_the_training_command_runs_a_few_steps(tmp_path):
         assert CHECKPOINT_FILES <= {p.name for p in (tmp_path / "models" / entry["name"]).iterdir()}
     written = json.loads(next(tmp_path.glob("train-demo-*.json")).read_text())
     assert written["corpus"]["held_out_files"] > 0 and written["tokenizer"]["held_out_tokens"] > 0
+
+
+def test_the_readme_shows_what_the_demo_model_wrote():
+    """The README's sample is a committed sample's beginning, not text written by hand."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    shown = readme.split("continues a class like this", 1)[1].split("```python\n", 1)[1]
+    shown = shown.split("```", 1)[0]
+    samples = "\n".join(path.read_text() for path in DEMO_MODELS.glob("demo-samples-*.md"))
+    assert len(shown) > 100 and shown in samples
