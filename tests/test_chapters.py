@@ -86,7 +86,7 @@ def test_a_tagged_stage_chapter_quotes_its_own_tag(page):
         pytest.skip("no tag for this stage yet (or no git history): it may quote the tree")
     own = f".stages/{tags[0]}/"
     for path in SNIPPET.findall(page.read_text()):
-        if path.startswith(("milestones/", "docs/")):
+        if path.startswith(("milestones/", "docs/", "bench/demo_models/")):  # results, pages
             continue
         assert path.startswith(own), f"{page.parent.name} quotes {path}, not {own}..."
 
