@@ -85,11 +85,14 @@ def test_an_empty_api_key_is_refused_before_anything_loads(capsys, monkeypatch, 
 
 
 def test_a_model_the_engine_cannot_serve_is_one_line(capsys, qwen3_dir, tmp_path):
+    """(In this process: the same errors reach the command line from a core process, as
+    test_a_pool_that_cannot_be_is_one_line checks once; starting one costs seconds.)"""
     status, stderr = exit_of(["--model", str(tmp_path / "nowhere")], capsys)
     assert status == 2 and stderr.startswith("nanoserve: error: cannot find model")
     assert stderr.count("\n") == 1
 
-    status, stderr = exit_of(["--model", qwen3_dir, "--max-model-len", "1000000"], capsys)
+    status, stderr = exit_of(["--model", qwen3_dir, "--max-model-len", "1000000",
+                              "--no-core-process"], capsys)
     assert status == 2
     assert stderr.startswith("nanoserve: error: --max-model-len 1000000 exceeds the model's")
 
@@ -97,7 +100,8 @@ def test_a_model_the_engine_cannot_serve_is_one_line(capsys, qwen3_dir, tmp_path
     shutil.copytree(qwen3_dir, tmp_path / "gpt2")
     config["architectures"] = ["GPT2LMHeadModel"]
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps(config))
-    status, stderr = exit_of(["--model", str(tmp_path / "gpt2"), "--device", "cpu"], capsys)
+    status, stderr = exit_of(["--model", str(tmp_path / "gpt2"), "--device", "cpu",
+                              "--no-core-process"], capsys)
     assert status == 2
     assert stderr.startswith("nanoserve: error: unsupported architecture ['GPT2LMHeadModel']")
 
@@ -126,15 +130,18 @@ def test_python_dash_m_serve_names_itself_and_prints_no_traceback():
     "flags, start",
     [
         (["--num-pages", "100000000000"], "a KV pool of 100000000000 pages x 16 tokens needs "),
-        (["--page-size", "100000000"], "a KV pool of 1 pages x 100000000 tokens needs "),
-        (["--num-pages", "16", "--page-size", "4", "--max-model-len", "512"],
+        (["--page-size", "100000000", "--no-core-process"],
+         "a KV pool of 1 pages x 100000000 tokens needs "),
+        (["--num-pages", "16", "--page-size", "4", "--max-model-len", "512",
+          "--no-core-process"],
          "--max-model-len 512 needs 128 KV pages of 4 tokens and the pool has 16: raise "
          "--num-pages"),
     ],
 )
 def test_a_pool_that_cannot_be_is_one_line(capsys, qwen3_dir, flags, start):
     """A pool past the machine's memory, or too small for an asked-for context: one line, exit 2
-    (they used to print a traceback, or start and refuse every default request)."""
+    (they used to print a traceback, or start and refuse every default request). The first
+    comes from a core process, as the server runs it; the others from this process."""
     status, stderr = exit_of(["--model", qwen3_dir, "--device", "cpu", *flags], capsys)
     assert status == 2 and stderr.startswith(f"nanoserve: error: {start}")
     assert stderr.count("\n") == 1
