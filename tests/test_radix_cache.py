@@ -4,6 +4,7 @@ page a request holds, requests with different cache salts never share a page; a 
 state machine checks every invariant after any sequence of matches, inserts, releases, growth,
 preemptions and evictions, by requests of several salts."""
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -116,6 +117,22 @@ def test_eviction_skips_held_leaves_and_frees_parents_after_their_children():
     held.release()
     assert cache.evict(10) == 2  # [3 3], then its parent, now a leaf
     assert cache.root.children == {} and allocator.num_free_pages == 16
+
+
+def test_eviction_costs_what_it_frees_not_a_walk_of_the_tree(monkeypatch):
+    """With 1,000 cached leaves, evicting one looks at the least recently used leaf, not at all
+    of them (it used to collect every leaf first: 11 ms for one page at 20,000 leaves)."""
+    allocator, cache = make_cache(num_pages=2_100)
+    for i in range(1_000):
+        cache_tokens(allocator, cache, [i // 40, i % 40, 7, 7])
+    cache.match([500 // 40, 500 % 40, 7, 7])  # one leaf used since: it goes last
+    monkeypatch.setattr(cache, "_leaves", lambda: pytest.fail("eviction walked the tree"))
+    looked_at = []
+    in_use = cache._in_use
+    monkeypatch.setattr(cache, "_in_use", lambda node: looked_at.append(node) or in_use(node))
+    assert cache.evict(1) == 2  # the oldest leaf, [0 0 7 7], whole
+    assert len(looked_at) == 1 and cache.match([0, 0, 7, 7]) == (0, [])
+    assert cache.evict(2_000) == 1_998 and cache.num_cached_pages == 0
 
 
 def test_allocation_evicts_when_the_free_list_runs_dry_and_refuses_what_cannot_fit():

@@ -16,6 +16,8 @@ tree marks the pages it keeps as cached. A request that holds a page of a node h
 node and of every node above it (`match` splits a node where a match ends, and a request swaps its
 own copies for the tree's pages after `insert`). So the cached pages that nobody holds form whole
 subtrees at the bottom of the tree, and evicting leaves bottom-up can free every one of them.
+Which leaf goes first is kept in a heap ordered by last use, so that eviction, which a busy
+server's full pool asks for at every step, costs what it frees, not a walk of the whole tree.
 """
 
 import heapq
@@ -46,6 +48,11 @@ class RadixCache:
         self.num_cached_pages = 0
         self.num_evicted_pages = 0  # since the engine started
         self._clock = 0  # ticks once per match or insert: an LRU order that tests can replay
+        # Leaves by last use, oldest first: (last_access, order, leaf). An entry is pushed when a
+        # leaf is stamped or a node becomes a leaf, and left in place when that entry goes stale
+        # (its node stamped again, grown children, or evicted): popping skips it (lazy deletion).
+        self._lru: list[tuple[int, int, Node]] = []
+        self._order = itertools.count()  # equal clocks never make heapq compare two nodes
 
     # --8<-- [start:match]
     def match(self, token_ids: list[int], salt: str | None = None) -> tuple[int, list[int]]:
@@ -71,6 +78,7 @@ class RadixCache:
             leaf = Node(token_ids[start:], new_pages, parent, self._key(token_ids, start, salt),
                         last_access=self._clock)
             parent.children[leaf.key] = leaf
+            self._push(leaf)
             self.allocator.mark_cached(new_pages)
             self.num_cached_pages += len(new_pages)
             tree_pages += new_pages
@@ -82,20 +90,24 @@ class RadixCache:
         """Drop the least recently used leaves that no request holds, whole leaves, until
         num_pages pages are free or no such leaf is left; a parent whose last child goes becomes
         a leaf in its turn. Returns the number of pages freed."""
-        # Collecting the leaves walks the whole tree; that happens only when the free list is dry.
-        tiebreak = itertools.count()  # equal clocks never make heapq compare two nodes
-        heap = [(leaf.last_access, next(tiebreak), leaf) for leaf in self._leaves()
-                if not self._in_use(leaf)]
-        heapq.heapify(heap)
-        freed = 0
-        while heap and freed < num_pages:
-            _, _, leaf = heapq.heappop(heap)
+        freed, held = 0, []
+        while self._lru and freed < num_pages:
+            entry = heapq.heappop(self._lru)
+            access, _, leaf = entry
+            if leaf.parent is None or leaf.children or access != leaf.last_access:
+                continue  # stale: evicted, no longer a leaf, or stamped again since
+            if self._in_use(leaf):
+                held.append(entry)  # (at most one leaf per running request)
+                continue
             parent = leaf.parent
             del parent.children[leaf.key]
+            leaf.parent = None
             self.allocator.uncache(leaf.pages)
             freed += len(leaf.pages)
-            if parent is not self.root and not parent.children and not self._in_use(parent):
-                heapq.heappush(heap, (parent.last_access, next(tiebreak), parent))
+            if parent is not self.root and not parent.children:
+                self._push(parent)
+        for entry in held:  # evictable again once its request lets go
+            heapq.heappush(self._lru, entry)
         self.num_cached_pages -= freed
         self.num_evicted_pages += freed
         return freed
@@ -111,6 +123,8 @@ class RadixCache:
             if length < len(child.tokens):
                 child = self._split(child, length)
             child.last_access = self._clock
+            if not child.children:
+                self._push(child)
             path.append(child)
             node, start = child, start + length
         return path
@@ -139,6 +153,13 @@ class RadixCache:
         the root) is keyed with its salt too, so a request with another salt finds nothing."""
         page = tuple(token_ids[start : start + self.page_size])
         return (salt, page) if start == 0 else page
+
+    def _push(self, leaf: Node) -> None:
+        heapq.heappush(self._lru, (leaf.last_access, next(self._order), leaf))
+        if len(self._lru) > 2 * self.num_cached_pages + 64:  # mostly stale entries: rebuild,
+            self._lru = [(node.last_access, next(self._order), node)  # once per as many pushes
+                         for node in self._leaves()]
+            heapq.heapify(self._lru)
 
     def _leaves(self) -> list[Node]:
         leaves, stack = [], list(self.root.children.values())
