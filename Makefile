@@ -1,7 +1,7 @@
 # nanoserve: `make serve` runs the server on the demo model; `make test` is what CI runs.
 
 PY ?= .venv/bin/python
-# The demo model, trained by bench.train_demo and committed; a random one, built on this machine
+# The demo model, trained by bench.demo.train and committed; a random one, built on this machine
 # for what needs a model's shapes only (tests, the stage pipeline's smoke run).
 DEMO_MODEL := bench/demo_models/pycode-8m
 RANDOM_MODEL := .models/tiny-qwen3
@@ -53,13 +53,13 @@ install:
 
 # The demo model is committed (docs/demo-models.md says how it was trained): nothing to build.
 demo-model: venv
-	$(PY) -m bench.demo_samples --model $(DEMO_MODEL)
+	$(PY) -m bench.demo.samples --model $(DEMO_MODEL)
 
 random-model: $(RANDOM_MODEL)
 
-# The directory appears only when the build has finished (bench.demo_model renames it into place).
+# The directory appears only when the build has finished (bench.demo.random_model renames it into place).
 $(RANDOM_MODEL): | venv
-	$(PY) -m bench.demo_model --out $@
+	$(PY) -m bench.demo.random_model --out $@
 
 # The demo model is served under its own name, not its path; any other under --model's value.
 serve: venv $(if $(filter $(RANDOM_MODEL),$(MODEL)),$(RANDOM_MODEL))
@@ -86,7 +86,7 @@ test-stage: venv
 # exported from git (the current stage's chapter quotes the working tree itself).
 stage-sources:
 	rm -rf .stages
-	$(PY) -m bench.stages --export-only .stages >/dev/null
+	$(PY) -m bench.course.stages --export-only .stages >/dev/null
 
 lint: venv
 	$(PY) -m ruff check .
@@ -95,21 +95,21 @@ docs: venv stage-sources
 	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 tags:
-	@bash bench/make_tags.sh
+	@bash bench/course/make_tags.sh
 
 chapters: venv
-	$(PY) -m bench.chapters --write
+	$(PY) -m bench.course.chapters --write
 
 # One run of every milestone tag's own code on the same workload: each stage's results beside its
 # chapter in milestones/NN/, the run's manifest in a new folder under milestones/runs/, then the
 # stage table and plot redrawn from it. BENCH_ARGS adds flags, e.g.
 # BENCH_ARGS="--current v0.3-continuous-batching".
 bench-stages: venv stage-sources
-	$(PY) -m bench.stages --stages-dir .stages $(BENCH_ARGS)
+	$(PY) -m bench.course.stages --stages-dir .stages $(BENCH_ARGS)
 
 # The same pipeline end to end on a CPU in about a minute: the random model, 4 short requests,
 # results in /tmp/nanoserve-results/, laid out like milestones/ (the course's files are left alone).
 bench-stages-smoke: venv stage-sources $(RANDOM_MODEL)
-	$(PY) -m bench.stages --stages-dir .stages --model $(RANDOM_MODEL) --load-format auto \
+	$(PY) -m bench.course.stages --stages-dir .stages --model $(RANDOM_MODEL) --load-format auto \
 		--device cpu --max-model-len 512 --num-prompts 4 --input-len 8:24 --output-len 4:12 \
 		--results-dir /tmp/nanoserve-results --no-stage-table $(BENCH_ARGS)

@@ -5,9 +5,9 @@ count, alone and beside busy processes that compete for the cores.
     python -m bench.host_overhead --model .models/tiny-qwen3 --batch-sizes 1 32 256 \\
         --threads 1 2 --busy-neighbours 0 1 --out host-overhead.json
 
-The runner's `launch` (`execute` before stage 7) is replaced by a stub that returns a token per
-row, so the numbers are the engine's Python and host tensor work alone, on any machine (the
-model is not run).
+Each step is stubbed where it enters the runner (bench.step_hook): it returns a token per row
+without running the model, so the numbers are the engine's Python and host tensor work alone,
+on any machine.
 """
 
 import argparse
@@ -21,7 +21,9 @@ import torch
 
 from bench.model_config import parse_engine_args
 from bench.results import environment, write_result
+from bench.step_hook import StepHook
 from serve import LLM, SamplingParams
+from serve.core.model_runner import LaunchedStep
 
 PROMPT_LEN = 290
 WARMUP_STEPS = 20
@@ -51,28 +53,17 @@ def host_step_us(llm: LLM, batch_size: int, steps: int,
                             ignore_eos=True)
     for request_id in ids:
         engine.add_request(request_id, list(range(10, 10 + PROMPT_LEN)), params)
-    runner = engine.runner
-    # The engine calls launch (then collect) from stage 7, execute before.
-    stubbed = "launch" if hasattr(runner, "launch") else "execute"
-    real = getattr(runner, stubbed)
-    if stubbed == "launch":
-        from serve.core.model_runner import LaunchedStep
-
-        def stub(inputs, fill=None):
-            return LaunchedStep(None, torch.full((len(inputs.sample_indices),), 5), None)
-    else:
-        def stub(inputs):
-            return [5] * len(inputs.sample_indices)
-    setattr(runner, stubbed, stub)
     try:
-        times = []
-        for step in range(warmup_steps + steps):
-            start = time.perf_counter()
-            engine.step()
-            if step >= warmup_steps:
-                times.append(time.perf_counter() - start)
+        with StepHook(engine) as hook:
+            hook.stub = lambda inputs: LaunchedStep(  # every row samples 5, on the host
+                None, torch.full((len(inputs.sample_indices),), 5), None)
+            times = []
+            for step in range(warmup_steps + steps):
+                start = time.perf_counter()
+                engine.step()
+                if step >= warmup_steps:
+                    times.append(time.perf_counter() - start)
     finally:
-        setattr(runner, stubbed, real)
         for request_id in ids:
             engine.abort_request(request_id)
         while engine.has_unfinished_requests():  # a step may still be in flight

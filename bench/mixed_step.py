@@ -27,6 +27,7 @@ import torch
 from bench import probe
 from bench.model_config import parse_engine_args, synchronize
 from bench.results import environment, write_result
+from bench.step_hook import StepHook
 from serve import LLM, SamplingParams
 
 NUM_DECODE_STEPS = 12  # pure decode steps timed before each measurement
@@ -80,17 +81,15 @@ class MixedStepBench:
 
     def chunked_prefill(self, eager: bool) -> list[float]:
         """Push one long prompt through in chunks; the times of the steps that held a chunk."""
-        if eager:  # never split: the instance's attribute hides the class's method
-            self.runner.split_for_graphs = lambda inputs: [inputs]
-        request_id, times = self.add(self.long_len, 1), []
-        try:
+        with StepHook(self.engine) as hook:
+            if eager:  # never split: the whole step runs eagerly
+                hook.wrap(self.runner, "split_for_graphs", lambda split, inputs: [inputs])
+            request_id, times = self.add(self.long_len, 1), []
             while True:
                 ms, outputs = self.timed_step()
                 times.append(ms)
                 if any(o.request_id == request_id for o in outputs):  # its prefill completed
                     return times
-        finally:
-            self.runner.__dict__.pop("split_for_graphs", None)
 
     def measure(self, batch_size: int, budget: int, repeats: int) -> dict:
         self.scheduler.max_num_batched_tokens = budget
@@ -118,19 +117,12 @@ class MixedStepBench:
     def profile_mixed_step(self, budget: int) -> dict:
         """One split mixed step under torch.profiler, as bench/probe.py's timeline JSON."""
         self.scheduler.max_num_batched_tokens = budget
-        recorder = probe.Recorder()
-        probe.instrument(self.engine, recorder)
         device = torch.device(self.runner.device)
         request_id = self.add(self.long_len, 1)
-        probe.run_step(self.engine, recorder, device, {}, set())  # the first chunk, unprofiled
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        recorder.profiling = True
-        with torch.profiler.profile(activities=activities) as prof:
-            with torch.profiler.record_function("step"):
+        with probe.Recorder(self.engine) as recorder:
+            probe.run_step(self.engine, recorder, device, {}, set())  # the first chunk, unprofiled
+            with recorder.profiled() as prof:
                 step = probe.run_step(self.engine, recorder, device, {}, set())
-        recorder.profiling = False
         timeline = probe.parse_trace(prof, step)
         timeline["summary"].update({"what": "one mixed step", "tokens": step["tokens"],
                                     "budget": budget})

@@ -4,13 +4,11 @@
         --model qwen3-0.6b --load-format dummy --requests requests.json \\
         --out probe.json --timeline-out timeline.json
 
-bench.stages runs this file in every stage's exported tree, so that `import serve` finds that
-stage's engine. It therefore imports nothing from bench/ (the tree's own bench/ is an older copy)
-and relies only on what every stage keeps: `LLM(...).engine` with add_request, step,
-has_unfinished_requests and abort_request, `engine.runner.model`, and, where they exist,
-`engine.runner.forward` (`engine.runner.logits` once the runner samples too), the sampler
-(`engine.sampler`, later `engine.runner.sampler`) and `engine.output_processor.process_token`
-(`process` from stage 7).
+bench.course.stages runs this file in every stage's exported tree, so that `import serve` finds
+that stage's engine. It therefore imports nothing from bench/ but its sibling step_hook.py (the
+tree's own bench/ is an older copy), and relies only on what every stage keeps:
+`LLM(...).engine` with add_request, step, has_unfinished_requests and abort_request, and the
+calls of a step that step_hook.py finds in each stage's engine.
 
 For the requests in --requests it records:
 
@@ -25,7 +23,6 @@ For the requests in --requests it records:
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -34,11 +31,16 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-PHASES = ("forward", "sample", "output")  # the engine calls we time, in the order a step runs them
+if __package__:  # imported as bench.probe
+    from bench.step_hook import PHASES, StepHook
+else:  # run as a script in a stage's tree, whose `bench` is older: this file's sibling
+    from step_hook import PHASES, StepHook
+
 NUM_WARMUP_REQUESTS = 8
 WARMUP_OUTPUT_LEN = 8
 PROFILE_OUTPUT_LEN = 4  # prefill, one decode step to settle, the profiled one, one more
@@ -49,97 +51,55 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
               "cudaMemcpy", "cudaMemcpyAsync")
 
 
-class Recorder:
-    """What the hooks saw during one engine step."""
+class Recorder(StepHook):
+    """What an engine's steps do while the with-block lasts, one step at a time (reset()): the
+    tokens computed, counted where a step enters the runner (a replayed CUDA graph never calls
+    the model's forward), the rows sampled and the time of each phase of a step."""
 
-    def __init__(self) -> None:
-        self.profiling = False
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.profiling, self.hooked = False, ["model"]  # hooked: what this engine showed it
         self.reset()
+
+    def __enter__(self) -> "Recorder":
+        super().__enter__()
+        self.before.append(self.count_tokens)
+        self.hooked += [phase for phase in PHASES if self.wrap_phase(phase, self.timed(phase))]
+        return self
 
     def reset(self) -> None:
         self.tokens = 0  # token positions the model ran on
         self.rows = 0  # rows of logits the sampler got
         self.seconds = defaultdict(float)  # phase -> seconds spent in that call
 
+    def count_tokens(self, num_tokens: int) -> None:
+        self.tokens += num_tokens
 
-def timed(recorder: Recorder, phase: str, fn):
-    """Wrap an engine call: add its wall time to the phase and, while profiling, label it."""
+    def timed(self, phase: str):
+        """StepHook middleware: times a phase's call (labelled while profiling), counts rows."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        if recorder.profiling:
-            with torch.profiler.record_function(phase):
+        def call(fn, *args, **kwargs):
+            if phase == "sample":
+                self.rows += args[0].shape[0]  # logits: [rows, vocab]
+            start = time.perf_counter()
+            with torch.profiler.record_function(phase) if self.profiling else nullcontext():
                 result = fn(*args, **kwargs)
-        else:
-            result = fn(*args, **kwargs)
-        recorder.seconds[phase] += time.perf_counter() - start
-        return result
+            self.seconds[phase] += time.perf_counter() - start
+            return result
 
-    return wrapper
+        return call
 
-
-class TimedSampler:
-    """Stands in for engine.sampler: counts the rows it samples and times the call."""
-
-    def __init__(self, sampler, recorder: Recorder) -> None:
-        self._sampler = sampler
-        self._recorder = recorder
-        self._call = timed(recorder, "sample", sampler.__call__)
-
-    def __call__(self, logits, *args, **kwargs):
-        self._recorder.rows += logits.shape[0]  # logits: [rows, vocab]
-        return self._call(logits, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._sampler, name)
-
-
-def instrument(engine, recorder: Recorder) -> list[str]:
-    """Attach the hooks to whatever this stage's engine has; returns what could be hooked."""
-    hooked = []
-
-    def count_tokens(module, args, kwargs):
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        if isinstance(input_ids, torch.Tensor):
-            recorder.tokens += input_ids.numel()
-
-    runner = engine.runner
-    # From stage 3 the runner takes a whole step's inputs: count them there, since from stage
-    # 4 a decode step replays a CUDA graph and never calls the model's forward (from stage 7
-    # the engine calls `launch`; earlier stages call `execute`).
-    entry = next((name for name in ("launch", "execute")
-                  if callable(getattr(runner, name, None))), None)
-    if entry is not None:
-        execute = getattr(runner, entry)
-
-        @functools.wraps(execute)
-        def counted_execute(inputs, *args, **kwargs):
-            recorder.tokens += inputs.num_tokens
-            return execute(inputs, *args, **kwargs)
-
-        setattr(runner, entry, counted_execute)
-    else:
-        runner.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-    hooked.append("model")
-    # From stage 3 the runner samples too: its `logits` is the model's part of the step.
-    forward_name = "logits" if entry is not None else "forward"
-    if callable(getattr(runner, forward_name, None)):
-        setattr(runner, forward_name, timed(recorder, "forward", getattr(runner, forward_name)))
-        hooked.append("forward")
-    for owner in (engine, runner):  # the engine's sampler up to stage 2, the runner's after
-        if callable(getattr(owner, "sampler", None)):
-            owner.sampler = TimedSampler(owner.sampler, recorder)
-            hooked.append("sample")
-            break
-    processor = getattr(engine, "output_processor", None)
-    # one call per sampled token; from stage 7, one per request's part of a step
-    for name in ("process_token", "process"):
-        if callable(getattr(processor, name, None)):
-            setattr(processor, name, timed(recorder, "output", getattr(processor, name)))
-            hooked.append("output")
-            break
-    return hooked
+    @contextmanager
+    def profiled(self):
+        """torch.profiler over the block, labelled "step", with each phase's calls labelled."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.device(self.runner.device).type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiling = True
+        with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.record_function("step"):
+                yield prof
+        self.profiling = False
 
 
 def synchronize(device: torch.device) -> None:
@@ -228,16 +188,10 @@ def profile_decode_step(engine, recorder, device, requests: list[dict], prefix: 
     aborted, so a one-request-at-a-time engine does not run them all."""
     prompt_lens = add_requests(engine, requests, prefix, PROFILE_OUTPUT_LEN)
     started, decode_steps, trace = set(), 0, None
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     while engine.has_unfinished_requests() and trace is None:
         if decode_steps == 1:  # the previous step was a decode step: profile this one
-            recorder.profiling = True
-            with torch.profiler.profile(activities=activities) as prof:
-                with torch.profiler.record_function("step"):
-                    step = run_step(engine, recorder, device, prompt_lens, started)
-            recorder.profiling = False
+            with recorder.profiled() as prof:
+                step = run_step(engine, recorder, device, prompt_lens, started)
             if step is not None and is_decode(step):
                 trace = parse_trace(prof, step)
             continue
@@ -334,20 +288,19 @@ def measure(llm, requests: list[dict], label: str, max_tokens: int | None = None
     Returns (result, timeline)."""
     engine = llm.engine
     device = torch.device(engine.runner.device)
-    recorder = Recorder()
-    hooked = instrument(engine, recorder)
-    drain(engine, recorder, device,
-          add_requests(engine, requests[:NUM_WARMUP_REQUESTS], f"{label}-warmup",
-                       WARMUP_OUTPUT_LEN))
-    start = time.perf_counter()
-    steps = drain(engine, recorder, device,
-                  add_requests(engine, requests, f"{label}-run", max_tokens))
-    result = {"hooked": hooked, "max_tokens": max_tokens,
-              "run_wall_s": time.perf_counter() - start, "summary": summarize(steps),
-              "steps": {"columns": list(STEP_COLUMNS),
-                        "rows": [[round(s[c], 3) if isinstance(s[c], float) else s[c]
-                                  for c in STEP_COLUMNS] for s in steps]}}
-    timeline = profile_decode_step(engine, recorder, device, requests, f"{label}-profile")
+    with Recorder(engine) as recorder:
+        drain(engine, recorder, device,
+              add_requests(engine, requests[:NUM_WARMUP_REQUESTS], f"{label}-warmup",
+                           WARMUP_OUTPUT_LEN))
+        start = time.perf_counter()
+        steps = drain(engine, recorder, device,
+                      add_requests(engine, requests, f"{label}-run", max_tokens))
+        result = {"hooked": recorder.hooked, "max_tokens": max_tokens,
+                  "run_wall_s": time.perf_counter() - start, "summary": summarize(steps),
+                  "steps": {"columns": list(STEP_COLUMNS),
+                            "rows": [[round(s[c], 3) if isinstance(s[c], float) else s[c]
+                                      for c in STEP_COLUMNS] for s in steps]}}
+        timeline = profile_decode_step(engine, recorder, device, requests, f"{label}-profile")
     timeline["summary"]["unprofiled_step_ms"] = result["summary"]["decode"]["median_step_ms"]
     result["decode_step"] = timeline["summary"]
     return result, timeline
@@ -414,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.prewarm:
         extra = {"num_pages": 256} if "num_pages" in fields else {}
         llm = build_llm(args, extra)
-        drain(llm.engine, Recorder(), torch.device(llm.engine.runner.device),
+        drain(llm.engine, Recorder(llm.engine), torch.device(llm.engine.runner.device),
               add_requests(llm.engine, requests[:2], "prewarm", 4))
         print("prewarm: done", flush=True)
         return {}

@@ -27,9 +27,9 @@ def _git(*args: str) -> str | None:
 
 
 def git_info() -> dict:
-    # A harness that runs a tree it exported itself (bench.stages, bench.compare) names that
-    # tree's commit in the environment: on the GPU machine the copy of the tree may sit beside a
-    # .git that is not its own (stale, or an older checkout), so the name given wins.
+    # A harness that runs a tree it exported itself (bench.course.stages, bench.course.compare)
+    # names that tree's commit in the environment: on the GPU machine the copy of the tree may
+    # sit beside a .git that is not its own (stale, or an older checkout), so the name given wins.
     given = os.environ.get("BENCH_GIT_COMMIT")
     if given:
         commit, _, dirty = given.partition("-")

@@ -15,6 +15,7 @@ before. Each setting's window is also written as a timeline for bench.timeline t
 """
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from bench.model_config import parse_engine_args
-from bench.probe import Recorder, instrument, parse_trace
+from bench.probe import Recorder, parse_trace
 from bench.results import environment, write_result
+from bench.step_hook import StepHook
 from serve import LLM, SamplingParams
 
 SETTLE_STEPS = 4  # decode steps before the profiled ones: the batch is steady
@@ -63,27 +65,18 @@ def profile_steps(llm: LLM, batch_size: int, input_len: int, num_steps: int) -> 
     # Unprofiled steps first: the step period, and on a GPU, from CUDA events recorded on the
     # stream around each launch, how long the GPU worked on each step and waited before the
     # next one, without the profiler's own host cost.
-    runner, launch = engine.runner, engine.runner.launch
-    marks = []
-
-    def marked_launch(inputs, fill=None):
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        launched = launch(inputs, fill)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        marks.append((start, end))
-        return launched
-
-    if torch.cuda.is_available():
-        runner.launch = marked_launch
-    periods, last = [], time.perf_counter()
-    for _ in range(UNPROFILED_STEPS):
-        engine.step()
-        now = time.perf_counter()
-        periods.append(now - last)
-        last = now
-    runner.launch = launch
+    marks, periods, last = [], [], time.perf_counter()  # marks: each step's [start, end] events
+    with StepHook(engine) as hook:
+        if torch.cuda.is_available():
+            stream = torch.cuda.current_stream()
+            event = functools.partial(torch.cuda.Event, enable_timing=True)
+            hook.before.append(lambda num_tokens: marks.append([stream.record_event(event())]))
+            hook.after.append(lambda: marks[-1].append(stream.record_event(event())))
+        for _ in range(UNPROFILED_STEPS):
+            engine.step()
+            now = time.perf_counter()
+            periods.append(now - last)
+            last = now
     events = None
     if marks:
         torch.cuda.synchronize()
@@ -91,15 +84,9 @@ def profile_steps(llm: LLM, batch_size: int, input_len: int, num_steps: int) -> 
                   "gap_us": statistics.median(
                       1e3 * marks[i][1].elapsed_time(marks[i + 1][0])
                       for i in range(len(marks) - 1))}
-    recorder = Recorder()
-    instrument(engine, recorder)
-    recorder.profiling = True
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        with torch.profiler.record_function("step"):
-            for _ in range(num_steps):
-                engine.step()
-    recorder.profiling = False
+    with Recorder(engine) as recorder, recorder.profiled() as prof:
+        for _ in range(num_steps):
+            engine.step()
     for i in range(batch_size):
         engine.abort_request(f"gaps-{i}")
     while engine.has_unfinished_requests():

@@ -11,6 +11,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from bench.step_hook import StepHook
+
 BATCH_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024)  # decode steps by batch size: (prev, this]
 
 
@@ -20,19 +22,13 @@ class StepLog:
 
     @classmethod
     def attach(cls, engine) -> "StepLog | None":
-        """Wrap engine.step and engine.scheduler.schedule; None for an engine without them."""
+        """Log each step through engine.step and its scheduler's schedule; None without them."""
         scheduler = getattr(engine, "scheduler", None)
         if not callable(getattr(scheduler, "schedule", None)):
             return None
-        log, schedule, step = cls(), scheduler.schedule, engine.step
-        scheduled: list = []
+        log, scheduled = cls(), []  # what the scheduler gave the step in progress
 
-        def logged_schedule():
-            out = schedule()
-            scheduled.append(out)
-            return out
-
-        def logged_step():
+        def logged_step(step):
             scheduled.clear()
             start = time.perf_counter()
             outputs = step()
@@ -42,7 +38,10 @@ class StepLog:
                 log.steps.append((len(out.scheduled), out.num_batched_tokens, seconds))
             return outputs
 
-        scheduler.schedule, engine.step = logged_schedule, logged_step
+        hook = StepHook(engine)  # for the engine's life: nothing closes it
+        hook.wrap(scheduler, "schedule", lambda schedule: scheduled.append(schedule()) or
+                  scheduled[-1])
+        hook.wrap(engine, "step", logged_step)
         return log
 
     def summary(self) -> dict:

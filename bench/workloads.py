@@ -3,7 +3,7 @@
     python -m bench.workloads --model qwen3-0.6b --workload course --out requests.json
 
 writes a workload's requests as the JSON that bench/probe.py reads (--requests), the file
-bench.stages hands every stage's probe.
+bench.course.stages hands every stage's probe.
 """
 
 import argparse

@@ -7,7 +7,8 @@ gives its path as a str, the type EngineConfig.model takes.
 
 import pytest
 
-from bench.demo_model import build_model_dir, corpus_from_stdlib, train_tokenizer
+from bench.demo.random_model import build_model_dir
+from bench.demo.tokenizer import corpus_from_stdlib, train_tokenizer
 
 ARCHS = ("qwen3", "qwen2", "llama")
 TEST_VOCAB_SIZE = 512

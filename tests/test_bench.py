@@ -2,7 +2,10 @@
 
 import argparse
 import json
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -15,21 +18,13 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench import (
-    compare,
-    hf_baseline,
-    mixed_step,
-    plot_stages,
-    probe,
-    serving,
-    stage_trees,
-    stages,
-    throughput,
-    workloads,
-)
+from bench import hf_baseline, mixed_step, probe, serving, throughput, workloads
 from bench import timeline as timeline_module
+from bench.course import compare, plot_stages, stage_trees, stages
+from bench.course.run_files import RunFiles, pack, resolve, stage_folder, unpack
 from bench.model_config import vocab_size_of
 from bench.results import (
+    REPO_ROOT,
     command_line,
     environment,
     read_result,
@@ -38,7 +33,7 @@ from bench.results import (
     speedups,
     write_result,
 )
-from bench.run_files import RunFiles, pack, resolve, stage_folder, unpack
+from bench.step_hook import StepHook
 from bench.workloads import WORKLOADS, Workload, make_requests
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
@@ -382,8 +377,6 @@ def test_probe_counts_the_tokens_of_a_step_that_never_calls_the_model(qwen3_dir,
 
     # without overlap scheduling, as the probe builds it
     engine = LLM(qwen3_dir, device="cpu", num_pages=64, overlap_scheduling=False).engine
-    recorder = probe.Recorder()
-    probe.instrument(engine, recorder)
     runner, vocab = engine.runner, engine.hf_config.vocab_size
     replayed = []
 
@@ -394,15 +387,64 @@ def test_probe_counts_the_tokens_of_a_step_that_never_calls_the_model(qwen3_dir,
     requests = json.loads(requests_file(tmp_path, vocab).read_text())
     lengths = probe.add_requests(engine, requests, "r", max_tokens=3)
     started = set()
-    prefill = probe.run_step(engine, recorder, torch.device("cpu"), lengths, started)
-    runner.logits = replay
-    decode = probe.run_step(engine, recorder, torch.device("cpu"), lengths, started)
+    with probe.Recorder(engine) as recorder:
+        prefill = probe.run_step(engine, recorder, torch.device("cpu"), lengths, started)
+        runner.logits = replay
+        decode = probe.run_step(engine, recorder, torch.device("cpu"), lengths, started)
     assert not probe.is_decode(prefill) and probe.is_decode(decode)
     assert replayed == [len(requests)] and decode["tokens"] == decode["rows"] == len(requests)
 
 
+def test_the_step_hook_sees_and_stubs_steps_and_puts_the_engine_back(qwen3_dir):
+    """Every tool that looks inside a step goes through bench.step_hook: it sees each step enter
+    the runner, can stub the model out, and leaves the engine as it found it."""
+    from serve import LLM, SamplingParams
+    from serve.core.model_runner import LaunchedStep
+
+    engine = LLM(qwen3_dir, device="cpu", num_pages=64).engine
+    runner = engine.runner
+    own = {name: getattr(runner, name) for name in ("launch", "logits", "sampler")}
+    entered, returned, sampled, tokens = [], [], [], []
+    with StepHook(engine) as hook:
+        hook.before.append(entered.append)
+        hook.after.append(lambda: returned.append(True))
+        hook.stub = lambda inputs: LaunchedStep(None, torch.full((len(inputs.sample_indices),), 7),
+                                                None)
+        assert hook.wrap_phase("output", lambda process, *args: sampled.append(1) or
+                               process(*args))
+        engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            tokens += [t for output in engine.step() for t in output.new_token_ids]
+    assert tokens == [7, 7, 7] and sampled  # the stub's tokens, through the output processor
+    assert entered[0] == 3 and set(entered[1:]) == {1} and len(returned) == len(entered)
+    assert {name: getattr(runner, name) for name in own} == own
+    assert not {"launch", "logits"} & vars(runner).keys() and "process" not in vars(
+        engine.output_processor)
+
+
+@pytest.mark.skipif(not (REPO_ROOT / ".stages" / "v0.0-naive-single-request").is_dir(),
+                    reason="run `make stage-sources` to export v0.0")
+def test_the_probe_runs_in_the_first_stages_own_tree(qwen3_dir, tmp_path):
+    """bench.course.stages runs this checkout's bench/probe.py inside each stage's tree, where
+    `bench` is the stage's own: the probe finds its step hook beside it, and in the first stage,
+    whose engine calls the model itself, counts each step's tokens at the model's forward."""
+    stage = REPO_ROOT / ".stages" / "v0.0-naive-single-request"
+    requests = requests_file(tmp_path, vocab_size_of(qwen3_dir))
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "probe.py"), "--model", qwen3_dir,
+                    "--load-format", "auto", "--device", "cpu", "--requests", str(requests),
+                    "--out", str(out), "--timeline-out", str(tmp_path / "timeline.json")],
+                   cwd=stage, env={**os.environ, "PYTHONPATH": str(stage)}, check=True,
+                   capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    prompt_tokens = sum(len(r["prompt"]) for r in json.loads(requests.read_text()))
+    assert result["hooked"] == ["model", "forward", "sample", "output"]
+    assert result["summary"]["prefill"]["tokens_computed"] == prompt_tokens
+    assert result["summary"]["decode"]["idle_rows"] == 0
+
+
 def fake_run(root: Path, probe_result: dict | None = None) -> Path:
-    """A run as bench.stages lays it out under root (milestones/), with made-up numbers."""
+    """A run as bench.course.stages lays it out under root (milestones/), with made-up numbers."""
     files = RunFiles(root, "20260101-000000-gpu-course", "gpu", "course")
     hf = {"output_tokens_per_s": 100.0, "batch_size": 64}
     env = {"git_commit": "c0", "device_name": "Some GPU", "torch": "2.x",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import chapters, plot_stages
+from bench.course import chapters, plot_stages
+from bench.course.run_files import MILESTONES, RUNS_DIR, listed_files, resolve, stage_folder
 from bench.results import REPO_ROOT
-from bench.run_files import MILESTONES, RUNS_DIR, listed_files, resolve, stage_folder
 
 CHAPTERS = sorted((REPO_ROOT / "milestones").glob("[0-9][0-9]/README.md"))
 SNIPPET = re.compile(r'^--8<-- "([^"]+)"', re.M)
@@ -41,7 +41,7 @@ def test_every_stage_run_lists_its_files_in_its_manifest():
     for run_dir in [path.parent for path in sorted(RUNS_DIR.glob("*/run.json"))]:
         manifest = json.loads((run_dir / "run.json").read_text())
         if manifest.get("kind") == "compare_run":
-            continue  # bench.compare's runs: tests/test_compare_runs.py
+            continue  # bench.course.compare's runs: tests/test_compare_runs.py
         for stage in manifest["stages"]:  # each stage's files beside its chapter
             for key in ("throughput", "probe", "timeline", "timeline_png"):
                 if stage.get(key):
@@ -70,7 +70,7 @@ def test_every_result_of_a_run_is_in_its_runs_manifest():
 
 
 def milestone_tags() -> dict[str, str]:
-    from bench.stage_trees import milestone_tags
+    from bench.course.stage_trees import milestone_tags
 
     try:
         return milestone_tags()
@@ -160,7 +160,7 @@ def test_numbers_with_separators_units_and_arithmetic(tmp_path):
 
 
 def one_run(tmp_path, monkeypatch, files: dict[str, dict]) -> dict[str, Path]:
-    """A run r1 under tmp_path/milestones/ as bench.stages lays it out: each file beside its
+    """A run r1 under tmp_path/milestones/ as bench.course.stages lays it out: each file beside its
     stage's chapter (milestones/01/a.json), listed in milestones/runs/r1/run.json."""
     monkeypatch.setattr(chapters, "RUNS_DIR", tmp_path / "milestones" / "runs")
     paths = {name: write(tmp_path / "milestones" / name, data) for name, data in files.items()}

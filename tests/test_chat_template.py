@@ -7,7 +7,7 @@ import copy
 import pytest
 from fastapi.testclient import TestClient
 
-from bench.demo_model import CHATML_TEMPLATE
+from bench.demo.tokenizer import CHATML_TEMPLATE
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import InvalidRequestError, PromptTooLongError

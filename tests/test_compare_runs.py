@@ -1,12 +1,13 @@
-"""bench.compare's runs: each stage's results lie beside its chapter, the manifest lists every
-file, and compare.md (which chapters include) is exactly what the run's result files render."""
+"""bench.course.compare's runs: each stage's results lie beside its chapter, the manifest lists
+every file, and compare.md (which chapters include) is exactly what the run's result files
+render."""
 
 import json
 
 import pytest
 
-from bench.compare import render
-from bench.run_files import MILESTONES, RUNS_DIR, listed_files, resolve, stage_folder
+from bench.course.compare import render
+from bench.course.run_files import MILESTONES, RUNS_DIR, listed_files, resolve, stage_folder
 
 RUNS = [path.parent for path in sorted(RUNS_DIR.glob("*/run.json"))
         if json.loads(path.read_text()).get("kind") == "compare_run"]

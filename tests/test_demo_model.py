@@ -9,12 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.demo_model import (
-    CHATML_TEMPLATE,
-    build_model_dir,
-    corpus_from_stdlib,
-    train_tokenizer,
-)
+from bench.demo.random_model import build_model_dir
+from bench.demo.tokenizer import CHATML_TEMPLATE, corpus_from_stdlib, train_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from bench import train_demo
+from bench.demo import train
+from bench.demo.train import DEMO_MODELS, demo_models
 from bench.results import REPO_ROOT
-from bench.train_demo import DEMO_MODELS, demo_models
 from serve import LLM, SamplingParams
 
 CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -72,7 +72,7 @@ def test_greedy_output_equals_transformers(role):
 
 def test_the_training_command_runs_a_few_steps(tmp_path):
     """--smoke: tiny models, a corner of the corpus, a few steps, on this CPU."""
-    result = train_demo.main(["--smoke", "--out-dir", str(tmp_path / "models"),
+    result = train.main(["--smoke", "--out-dir", str(tmp_path / "models"),
                               "--results-dir", str(tmp_path)])
     for role in ("target", "draft"):
         entry = result["models"][role]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bench.train_demo import demo_models
+from bench.demo.train import demo_models
 from serve import LLM, SamplingParams
 from tests.test_demo_models import PROMPTS
 from tests.test_gpu_engine import TIE, last_logits

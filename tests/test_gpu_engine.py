@@ -60,7 +60,7 @@ def test_pool_sizing_stays_inside_a_short_rope_table(tmp_path, tokenizer):
     """A model with 2,048 positions (TinyLlama's): the sizing step holds 16,384 tokens, which it
     must run as sequences of at most 2,048 (one sequence of 16,384 read past the RoPE table
     without an error on CUDA)."""
-    from bench.demo_model import build_model_dir
+    from bench.demo.random_model import build_model_dir
 
     model_dir = build_model_dir(tmp_path / "short-rope", "qwen3", tokenizer, hidden_size=256,
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,

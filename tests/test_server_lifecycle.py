@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.demo_model import build_model_dir
+from bench.demo.random_model import build_model_dir
 from serve.config import EngineConfig
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.input_processor import InputProcessor

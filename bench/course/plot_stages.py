@@ -1,6 +1,6 @@
-"""The stage table and plot, from one run of bench.stages (one machine, one HF baseline).
+"""The stage table and plot, from one run of bench.course.stages (one machine, one HF baseline).
 
-    python -m bench.plot_stages --run milestones/runs/<run id>
+    python -m bench.course.plot_stages --run milestones/runs/<run id>
 
 Writes milestones/stages.md (the table the course pages include) and docs/assets/stages.png
 (output tok/s per stage with this run's transformers `generate` as a line, and beside it each
@@ -14,8 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from bench.course.run_files import resolve
 from bench.results import REPO_ROOT, read_result
-from bench.run_files import resolve
 
 TABLE = REPO_ROOT / "milestones" / "stages.md"
 PLOT = REPO_ROOT / "docs" / "assets" / "stages.png"
@@ -55,7 +55,7 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
     if probed:
         header += ["decode step (median)", "kernels per decode step"]
     lines = [f"<!-- stage table of run {relative(run['dir'])} "
-             "(python -m bench.plot_stages --run ...): do not edit -->",
+             "(python -m bench.course.plot_stages --run ...): do not edit -->",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous = None
     for entry, throughput, probe in run["stages"]:
@@ -83,7 +83,7 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
         f'!!! info "Provenance: run `{manifest["run_id"]}`"',
         f"    One run of every row above, one after the other on one machine: "
         f"{env.get('device_name')}, torch {env.get('torch')}, started {when} UTC, "
-        f"`{manifest.get('command', 'python -m bench.stages')}`. Workload "
+        f"`{manifest.get('command', 'python -m bench.course.stages')}`. Workload "
         f"`{workload['name']}`: {workload['num_prompts']} requests, prompts of "
         f"{workload['input_len'][0]}–{workload['input_len'][1]} tokens, outputs of "
         f"{workload['output_len'][0]}–{workload['output_len'][1]} tokens, temperature "
@@ -142,7 +142,7 @@ def table_run(table: str | Path = TABLE) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot_stages",
+    parser = argparse.ArgumentParser(prog="python -m bench.course.plot_stages",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a run folder (default: the one milestones/stages.md "
                                       "was drawn from)")

@@ -1,6 +1,6 @@
 """Two stages side by side on one workload, offline and online, in one run on one machine.
 
-    python -m bench.compare --stages-dir .stages --baseline v0.2-paged-kv \\
+    python -m bench.course.compare --stages-dir .stages --baseline v0.2-paged-kv \\
         --current v0.3-continuous-batching --workload nano-vllm --pools default 8192 \\
         --rates 4 16 64 inf --online-prompts 64 --archive $OUT/compare.tar.gz
 
@@ -32,6 +32,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.course.run_files import MILESTONES, RunFiles, pack, resolve, short_commit, unpack
+from bench.course.stage_trees import (
+    load_stages,
+    model_path,
+    name_harness_commit,
+    run,
+    short_stage,
+    stage_env,
+    workload_flags,
+)
 from bench.model_config import resolve_device
 from bench.results import (
     REPO_ROOT,
@@ -41,23 +51,13 @@ from bench.results import (
     short_device_name,
     write_result,
 )
-from bench.run_files import MILESTONES, RunFiles, pack, resolve, short_commit, unpack
-from bench.stage_trees import (
-    load_stages,
-    model_path,
-    name_harness_commit,
-    run,
-    short_stage,
-    stage_env,
-    workload_flags,
-)
 from bench.workloads import add_workload_args, workload_from_args
 
 SERVER_START_TIMEOUT_S = 600  # a fresh machine compiles FlashInfer's kernels at the first step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare",
+    parser = argparse.ArgumentParser(prog="python -m bench.course.compare",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--baseline", help="the earlier stage's tag (required for a run)")

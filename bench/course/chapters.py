@@ -1,7 +1,7 @@
 """Numbers in the chapters come from committed result files, and this keeps them that way.
 
-    python -m bench.chapters            # check every chapter (what tests/test_chapters.py runs)
-    python -m bench.chapters --write    # regenerate the generated tables in place
+    python -m bench.course.chapters           # check every chapter (tests/test_chapters.py runs it)
+    python -m bench.course.chapters --write   # regenerate the generated tables in place
 
 A chapter states three kinds of thing about its measurements (see docs/writing-chapters.md):
 
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.course.run_files import RUNS_DIR, listed_files, resolve
 from bench.results import REPO_ROOT, env_of, read_result
-from bench.run_files import RUNS_DIR, listed_files, resolve
 
 DECLARATION = re.compile(r"<!-- result (?P<name>\w+): (?P<path>[^|>]+?)"
                          r"(?: \| (?P<command>.+?))? -->")
@@ -60,8 +60,8 @@ class Result:
 
     @property
     def run(self) -> str:
-        """The files of one run (bench.stages, bench.compare) are one run wherever they sit;
-        any other file is a run of its own."""
+        """The files of one run (bench.course.stages, bench.course.compare) are one run wherever
+        they sit; any other file is a run of its own."""
         return str(self.run_json or self.path)
 
     def manifest(self) -> dict | None:
@@ -210,7 +210,7 @@ def label(result: Result) -> str:
 
 
 def code_commit(data: dict) -> str | None:
-    """The commit of the code a result measured: a serving result's server (bench.compare
+    """The commit of the code a result measured: a serving result's server (bench.course.compare
     records it as server_commit; the env is the harness that sent the requests), else the
     commit of the checkout that wrote the file."""
     return data.get("server_commit") or env_of(data).get("git_commit")
@@ -535,7 +535,7 @@ def process(page: Path, write: bool = False) -> Report:
             continue
         if body != match["body"] and not write:
             report.error(f"block {match['kind']}{match['args']} differs from its files: run "
-                         "`make chapters` (python -m bench.chapters --write)", line)
+                         "`make chapters` (python -m bench.course.chapters --write)", line)
         pieces += [text[last:match.start()],
                    f"<!-- begin {match['kind']}{match['args']} -->\n{body}"
                    f"<!-- end {match['kind']} -->"]
@@ -564,7 +564,7 @@ def process(page: Path, write: bool = False) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.chapters",
+    parser = argparse.ArgumentParser(prog="python -m bench.course.chapters",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("pages", nargs="*", help="default: every chapter and docs/*.md")
     parser.add_argument("--write", action="store_true", help="regenerate the generated blocks")

@@ -1,16 +1,16 @@
 """What the demo model writes: a few code prompts continued at a few temperatures, by the engine
 itself (offline API), with fixed seeds so that a rerun on the same machine writes the same text.
 
-    python -m bench.demo_samples                                    # print them
-    python -m bench.demo_samples --out-dir bench/demo_models        # and write a result file
+    python -m bench.demo.samples                                    # print them
+    python -m bench.demo.samples --out-dir bench/demo_models        # and write a result file
 """
 
 import argparse
 import time
 from pathlib import Path
 
+from bench.demo.train import demo_models
 from bench.results import environment, result_name, write_result
-from bench.train_demo import demo_models
 from serve import LLM, SamplingParams
 
 # None ends in a newline: the tokenizer merges a newline with the indentation after it, so a
@@ -47,7 +47,7 @@ def as_markdown(samples: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.demo_samples", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.demo.samples", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a checkpoint (default: the demo target)")
     parser.add_argument("--max-tokens", type=int, default=96)

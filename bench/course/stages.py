@@ -1,6 +1,6 @@
 """Every stage on the same workload, in one run on one machine: `make bench-stages`.
 
-    python -m bench.stages [--model qwen3-0.6b] [--workload course] [--stages-dir DIR]
+    python -m bench.course.stages [--model qwen3-0.6b] [--workload course] [--stages-dir DIR]
                            [--current TAG] [--archive FILE.tar.gz] [--resume RUN_DIR]
 
 One run measures, one after the other on the same machine:
@@ -12,13 +12,13 @@ One run measures, one after the other on the same machine:
    and where its time went, and one decode step under torch.profiler (the timeline picture).
 
 The run is named after when, where and what ran (`20261126-093000-h100-course`), and nothing
-ever overwrites its files (bench/run_files.py). Each stage's files go beside its chapter, in
+ever overwrites its files (bench/course/run_files.py). Each stage's files go beside its chapter, in
 milestones/NN/: bench-<device>-<commit>-<workload>-<run start>.json (throughput), probe-….json,
 timeline-….json and .png. What concerns every stage goes into the run's own folder
 milestones/runs/<run id>/: run.json (the manifest: the command, the machine, the path of every
 file), hf-baseline.json, and the run's stages.md and stages.png. Last, milestones/stages.md and
-docs/assets/stages.png are redrawn from this run alone (bench.plot_stages --run): every ratio in
-them is between numbers of this run.
+docs/assets/stages.png are redrawn from this run alone (bench.course.plot_stages --run): every
+ratio in them is between numbers of this run.
 
 On a machine without the repository's history (the GPU machine gets a bare copy of the tree),
 export the stages first (`make stage-sources` writes .stages/), carry that folder there and pass
@@ -47,7 +47,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import plot_stages
+from bench.course import plot_stages
+from bench.course.run_files import (
+    MILESTONES,
+    RunFiles,
+    listed_files,
+    pack,
+    resolve,
+    stage_folder,
+    unpack,
+)
+from bench.course.stage_trees import (
+    export_stages,
+    load_stages,
+    model_path,
+    name_harness_commit,
+    run,
+    short_stage,
+    stage_env,
+    workload_flags,
+)
 from bench.model_config import resolve_device, vocab_size_of
 from bench.results import (
     REPO_ROOT,
@@ -57,25 +76,6 @@ from bench.results import (
     read_result,
     short_device_name,
     write_result,
-)
-from bench.run_files import (
-    MILESTONES,
-    RunFiles,
-    listed_files,
-    pack,
-    resolve,
-    stage_folder,
-    unpack,
-)
-from bench.stage_trees import (
-    export_stages,
-    load_stages,
-    model_path,
-    name_harness_commit,
-    run,
-    short_stage,
-    stage_env,
-    workload_flags,
 )
 from bench.workloads import (
     Workload,
@@ -147,7 +147,7 @@ def draw_timeline(json_path: Path, tag: str) -> Path | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.stages",
+    parser = argparse.ArgumentParser(prog="python -m bench.course.stages",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="qwen3-0.6b")

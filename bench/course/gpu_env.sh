@@ -1,7 +1,7 @@
-# Source this on the GPU machine, from the repository root:  . bench/gpu_env.sh
+# Source this on the GPU machine, from the repository root:  . bench/course/gpu_env.sh
 # Installs the carried wheels (.whl/, made by ../shared/gpu-wheels.sh) into /tmp/site, and the
 # FlashInfer kernels an earlier call compiled (.jitcache/jitcache.tar.xz, made by
-# bench/export_jit_cache.sh) as FlashInfer "AOT" modules: FlashInfer loads a module from
+# bench/course/export_jit_cache.sh) as FlashInfer "AOT" modules: FlashInfer loads a module from
 # <package>/data/aot/<name>/<name>.so when it exists, instead of compiling it (minutes per
 # fresh machine). Both folders travel with `carry`; they are not part of the repository.
 # It works: on 2026-11-25 a fresh H100 machine loaded all ten carried modules (attention, norm,

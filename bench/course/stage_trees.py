@@ -1,6 +1,6 @@
 """Each stage's own tree: the milestone tags, their export (`git archive`, what travels to a GPU
 machine), how a harness loads an export and names its commit, and how a command runs inside a
-stage's tree with its own `serve` package. bench.stages and bench.compare share it."""
+stage's tree with its own `serve` package. bench.course.stages and bench.course.compare share it."""
 
 import argparse
 import hashlib

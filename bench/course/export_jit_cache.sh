@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, after a run: pack every FlashInfer module compiled so far (JIT cache and
 # modules already loaded as AOT) into DEST/jitcache.tar.xz, laid out as FlashInfer's AOT
-# directory (aot/<name>/<name>.so). Carry it back as .jitcache/ and bench/gpu_env.sh installs it.
+# directory (aot/<name>/<name>.so). Carry it back as .jitcache/ and bench/course/gpu_env.sh installs it.
 set -euo pipefail
 dest=${1:?usage: export_jit_cache.sh DEST_DIR}
 read -r jit aot < <(python3 -c "from flashinfer.jit import env; \

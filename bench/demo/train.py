@@ -2,8 +2,8 @@
 for it (same tokenizer, several times fewer parameters), on the Python sources that ship with the
 interpreter. Nothing is downloaded.
 
-    python -m bench.train_demo --out-dir bench/demo_models --results-dir bench/demo_models
-    python -m bench.train_demo --smoke --out-dir /tmp/demo     # a few steps on a CPU (the tests)
+    python -m bench.demo.train --out-dir bench/demo_models --results-dir bench/demo_models
+    python -m bench.demo.train --smoke --out-dir /tmp/demo     # a few steps on a CPU (the tests)
 
 The models are transformers' own Qwen3ForCausalLM, trained with plain PyTorch: the engine must
 give exactly what transformers gives on them, so the reference is the model that was trained,
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from bench.demo_model import END_OF_TEXT, _stdlib_sources, make_config, train_tokenizer
+from bench.demo.random_model import make_config
+from bench.demo.tokenizer import END_OF_TEXT, stdlib_sources, train_tokenizer
 from bench.results import (
     REPO_ROOT,
     env_of,
@@ -118,7 +119,7 @@ def load_corpus(stdlib: Path | None = None, max_bytes: int | None = None) -> Cor
     root = stdlib or Path(sysconfig.get_paths()["stdlib"])
     label = stdlib.name if stdlib else f"python-{platform.python_version()}-stdlib"
     train, held_out, names, total = [], [], [], 0
-    for path in _stdlib_sources(root):
+    for path in stdlib_sources(root):
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):  # a few test files are deliberately not UTF-8
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.demo.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", required=True, help="where the two checkpoints go")
     parser.add_argument("--results-dir", help="where the result file goes (none: no file)")

@@ -1,7 +1,8 @@
 """Where a run's files live, and how a run travels from the GPU machine to the repository.
 
-A chapter's results live beside it, so one run of bench.stages or bench.compare spreads its files
-over the milestone folders and keeps what concerns all its stages in a folder of its own:
+A chapter's results live beside it, so one run of bench.course.stages or bench.course.compare
+spreads its files over the milestone folders and keeps what concerns all its stages in a folder
+of its own:
 
     milestones/runs/<run id>/run.json       the manifest: what ran, and every file's path
     milestones/runs/<run id>/...            the run's cross-stage files (HF baseline, tables,
@@ -56,8 +57,8 @@ class RunFiles:
     @classmethod
     def new(cls, root: str | Path, started: datetime.datetime, device: str, workload: str,
             kind: str = "") -> "RunFiles":
-        """A new run, named after when, where and what ran (kind: "compare-" for bench.compare),
-        with its folder made: a run id is never used twice."""
+        """A new run, named after when, where and what ran (kind: "compare-" for
+        bench.course.compare), with its folder made: a run id is never used twice."""
         run_id = f"{started:%Y%m%d-%H%M%S}-{device}-{kind}{workload}"
         files = cls(Path(root).resolve(), run_id, device, workload)
         files.folder.mkdir(parents=True, exist_ok=False)
@@ -96,7 +97,7 @@ def resolve(run_dir: Path, listed: str) -> Path:
 def listed_files(manifest: dict) -> list[str]:
     """Every file a manifest names: its stages' results and timelines (with each timeline's
     picture, which --adopt draws where the run had no matplotlib), its HF baseline, and for
-    bench.compare its offline and online results and its servers' logs."""
+    bench.course.compare its offline and online results and its servers' logs."""
     files = [manifest.get("hf_baseline")]
     for stage in manifest.get("stages", []):
         files += [stage.get(key) for key in ("throughput", "probe", "timeline", "timeline_png")]

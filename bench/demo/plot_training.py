@@ -1,6 +1,7 @@
-"""The demo models' loss curves, from the result file of their training (bench.train_demo).
+"""The demo models' loss curves, from the result file of their training (bench.demo.train).
 
-    python -m bench.plot_training bench/demo_models/train-demo-<...>.json --out docs/assets/x.png
+    python -m bench.demo.plot_training bench/demo_models/train-demo-<...>.json \\
+        --out docs/assets/x.png
 
 One line per model for the training loss (of the batch at that step) and one for the held-out
 loss, against the tokens seen; a dot marks the step whose weights were kept.
@@ -42,7 +43,7 @@ def plot(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot_training", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.demo.plot_training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", help="a train-demo result file")
     parser.add_argument("--out", required=True, help="the PNG to write")
