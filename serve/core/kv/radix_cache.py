@@ -97,7 +97,7 @@ class RadixCache:
             if leaf.parent is None or leaf.children or access != leaf.last_access:
                 continue  # stale: evicted, no longer a leaf, or stamped again since
             if self._in_use(leaf):
-                held.append(entry)  # (at most one leaf per running request)
+                held.append(entry)  # (about one leaf per running request)
                 continue
             parent = leaf.parent
             del parent.children[leaf.key]
@@ -156,9 +156,10 @@ class RadixCache:
 
     def _push(self, leaf: Node) -> None:
         heapq.heappush(self._lru, (leaf.last_access, next(self._order), leaf))
-        if len(self._lru) > 2 * self.num_cached_pages + 64:  # mostly stale entries: rebuild,
-            self._lru = [(node.last_access, next(self._order), node)  # once per as many pushes
-                         for node in self._leaves()]
+        # Mostly stale entries by now: rebuild from the leaves (a walk of the tree, once per
+        # about as many pushes as the tree has pages, so the heap stays O(cached pages)).
+        if len(self._lru) > 2 * self.num_cached_pages + 64:
+            self._lru = [(node.last_access, next(self._order), node) for node in self._leaves()]
             heapq.heapify(self._lru)
 
     def _leaves(self) -> list[Node]:
