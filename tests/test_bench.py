@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench import hf_baseline, mixed_step, probe, serving, throughput, workloads
 from bench import timeline as timeline_module
-from bench.course import compare, plot_stages, stage_trees, stages
+from bench.course import compare, plot_stages, repeat_throughput, stage_trees, stages
 from bench.course.run_files import RunFiles, pack, resolve, stage_folder, unpack
 from bench.model_config import vocab_size_of
 from bench.results import (
@@ -495,6 +495,83 @@ def test_stage_table_and_plot_come_from_one_run(tmp_path):
     # a run without probes draws throughput alone, not an empty decode-step panel beside it
     width = int.from_bytes((tmp_path / "stages.png").read_bytes()[16:20], "big")
     assert width == 780
+
+
+def test_a_stage_table_of_repeated_runs_shows_their_spread_and_what_it_cannot_rank(tmp_path):
+    run_dir = fake_run(tmp_path / "milestones")
+    manifest = json.loads((run_dir / "run.json").read_text())
+    for entry, speeds in zip(manifest["stages"], ([25.0], [380.0, 400.0, 430.0]), strict=True):
+        path = resolve(run_dir, entry["throughput"])
+        result = json.loads(path.read_text())
+        result["metrics"]["repeats"] = [{"output_tokens_per_s": v, "wall_time_s": 1.0}
+                                        for v in speeds]
+        path.write_text(json.dumps(result))
+    table = plot_stages.render_table(run_dir)
+    assert "| v0.0 | `c0c0c0c0` | 25.0 | 1 | — | 0.25× |" in table
+    assert "| v0.1 | `c0c0c0c0` | 400.0 | 3: 380–430 | 16.00× | 4.00× |" in table
+    assert "†" not in table  # 25 tok/s is far below 380-430: ranked
+    path = resolve(run_dir, manifest["stages"][0]["throughput"])
+    result = json.loads(path.read_text())
+    result["metrics"]["repeats"] = [{"output_tokens_per_s": v, "wall_time_s": 1.0}
+                                    for v in (300.0, 390.0, 395.0)]
+    result["metrics"]["output_tokens_per_s"] = 390.0
+    path.write_text(json.dumps(result))
+    table = plot_stages.render_table(run_dir)
+    assert "| v0.1 | `c0c0c0c0` | 400.0 | 3: 380–430 | 1.03× † |" in table
+    assert "does not rank the two" in table
+    plot_stages.write_plot(plot_stages.load_run(run_dir), tmp_path / "stages.png")
+    assert (tmp_path / "stages.png").stat().st_size > 10_000
+
+
+def test_a_stage_is_timed_again_until_its_runs_last_long_enough(monkeypatch):
+    """repeat_throughput wraps a stage's own benchmark_engine: the warm-up once, then timed runs
+    until they add up to the budget, an odd number of them, the median run's metrics first."""
+    calls = []
+    speeds = iter([90.0, 120.0, 100.0, 80.0, 110.0])
+
+    class Engine:
+        def step(self):
+            return None
+
+    class FakeLLM:
+        def __init__(self):
+            self.engine = Engine()
+            self.resets = 0
+
+        def reset_prefix_cache(self):
+            self.resets += 1
+
+    def benchmark_engine(llm, requests, warmup):
+        calls.append(warmup)
+        llm.engine.step = lambda: None  # the harness's step log wraps the engine for one run
+        return {"wall_time_s": 0.3, "output_tokens_per_s": next(speeds), "steps": {}}
+
+    llm = FakeLLM()
+    result = repeat_throughput.repeat(benchmark_engine, budget_s=1.0, max_repeats=11)(
+        llm, [], True)
+    assert calls == [True, False, False, False, False]  # 4 runs reach 1.2 s; 5 is odd
+    assert result["output_tokens_per_s"] == 100.0
+    assert [r["output_tokens_per_s"] for r in result["repeats"]] == [90, 120, 100, 80, 110]
+    assert llm.resets == 5 and "step" not in vars(llm.engine)  # no cache, no hook left behind
+    calls.clear()
+    speeds = iter([10.0])
+    result = repeat_throughput.repeat(benchmark_engine, budget_s=0.1, max_repeats=11)(
+        FakeLLM(), [], True)
+    assert calls == [True] and len(result["repeats"]) == 1  # a slow stage runs once
+
+
+def test_repeated_throughput_runs_a_real_engine_in_a_stages_tree(qwen3_dir, tmp_path):
+    """The driver, as bench.course.stages runs it: a file run in a stage's tree (this checkout
+    here), its own bench.throughput's result file with the repeats in it."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "course" / "repeat_throughput.py"),
+                    "--budget-s", "0", "--max-repeats", "3", "--", "--model", qwen3_dir,
+                    "--device", "cpu", "--load-format", "dummy", "--num-prompts", "2",
+                    "--input-len", "4:8", "--output-len", "2:3", "--out", str(out)],
+                   cwd=REPO_ROOT, check=True, capture_output=True)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert len(metrics["repeats"]) == 1  # a budget of 0 s: one run is enough
+    assert metrics["num_output_tokens"] >= 4
 
 
 def test_a_run_archived_elsewhere_is_adopted_once(tmp_path):

@@ -51,29 +51,41 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
     run = run or load_run(run_dir)
     manifest, hf = run["manifest"], run["hf"]
     probed = any(probe for _, _, probe in run["stages"])
+    repeated = any(spread(throughput) for _, throughput, _ in run["stages"])
     header = ["stage", "code measured", "output tok/s", "vs previous", "vs HF `generate`"]
+    if repeated:
+        header.insert(3, "timed runs: min–max")
     if probed:
         header += ["decode step (median)", "kernels per decode step"]
     lines = [f"<!-- stage table of run {relative(run['dir'])} "
              "(python -m bench.course.plot_stages --run ...): do not edit -->",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    previous = None
+    previous = previous_range = None
+    unranked = False
     for entry, throughput, probe in run["stages"]:
         tok_s = throughput["metrics"]["output_tokens_per_s"]
+        runs = spread(throughput)
+        low, high = runs or (tok_s, tok_s)
+        versus = f"{tok_s / previous:.2f}×" if previous else "—"
+        if previous and runs and previous_range and overlap((low, high), previous_range):
+            versus += " †"
+            unranked = True
         cells = [short(entry["tag"]) + (" (untagged)" if entry.get("current") else ""),
-                 f"`{entry['commit'][:8]}`", f"{tok_s:,.1f}",
-                 f"{tok_s / previous:.2f}×" if previous else "—",
+                 f"`{entry['commit'][:8]}`", f"{tok_s:,.1f}", versus,
                  f"{tok_s / hf['output_tokens_per_s']:.2f}×"]
+        if repeated:
+            count = len(throughput["metrics"].get("repeats", [None]))
+            cells.insert(3, f"{count}: {low:,.0f}–{high:,.0f}" if runs else "1")
         if probed:
             decode = probe["summary"]["decode"] if probe else None
             on_gpu = probe and str(probe.get("device", "")).startswith("cuda")
             cells += [f"{decode['median_step_ms']:.1f} ms" if decode else "—",
                       f"{probe['decode_step']['kernels']:,}" if on_gpu else "—"]
         lines.append("| " + " | ".join(cells) + " |")
-        previous = tok_s
+        previous, previous_range = tok_s, (low, high) if runs else None
     batch = hf.get("batch_size", "?")
     cells = [f"HF `generate` (batch {batch})", "transformers", f"{hf['output_tokens_per_s']:,.1f}",
-             "", "1×"] + (["", ""] if probed else [])
+             "", "1×"] + ([""] if repeated else []) + (["", ""] if probed else [])
     lines.append("| " + " | ".join(cells) + " |")
     env = run["stages"][0][1]["env"]
     workload = manifest["workload"]
@@ -91,9 +103,28 @@ def render_table(run_dir: str | Path, run: dict | None = None) -> str:
         f"({manifest.get('load_format', 'dummy')} weights). Its files are listed in "
         f"`{relative(run['dir'] / 'run.json')}`.",
     ]
+    if repeated:
+        lines.append("    Output tok/s is each stage's median timed run: one engine times the "
+                     "workload again after its warm-up until its runs add up to a few seconds "
+                     "(a stage whose one run lasts longer runs once)." + (
+                         " † marks a stage whose runs overlap the previous stage's: this run "
+                         "does not rank the two." if unranked else ""))
     for note in manifest.get("notes", []):
         lines.append(f"    {note.rstrip('.')}.")
     return "\n".join(lines) + "\n"
+
+
+def spread(throughput: dict) -> tuple[float, float] | None:
+    """The slowest and fastest of a stage's timed runs, when it ran more than once."""
+    repeats = throughput["metrics"].get("repeats", [])
+    if len(repeats) < 2:
+        return None
+    speeds = [run["output_tokens_per_s"] for run in repeats]
+    return min(speeds), max(speeds)
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 def short(tag: str) -> str:
@@ -115,7 +146,11 @@ def write_plot(run: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(1, 2 if steps else 1, figsize=(10, 4) if steps else (6.5, 4),
                              squeeze=False)
     left = axes[0][0]
-    left.bar(stages, tok_s, color="tab:blue")
+    # where a stage ran several times: the bar is the median, the whisker the slowest-fastest
+    ranges = [spread(t) or (m, m) for (_, t, _), m in zip(run["stages"], tok_s, strict=True)]
+    whiskers = [[m - low for (low, _), m in zip(ranges, tok_s, strict=True)],
+                [high - m for (_, high), m in zip(ranges, tok_s, strict=True)]]
+    left.bar(stages, tok_s, color="tab:blue", yerr=whiskers, capsize=3)
     left.axhline(run["hf"]["output_tokens_per_s"], color="tab:red", linestyle="--",
                  label="HF generate, same run")
     left.legend()

@@ -7,9 +7,11 @@ One run measures, one after the other on the same machine:
 
 1. transformers' `generate`, once: the HF baseline of this run;
 2. for each milestone tag (and with --current, this checkout as a stage not yet tagged), in the
-   stage's own exported tree: its own `bench.throughput` on the workload (the stage table's
-   number), then bench/probe.py: what each step computed (padding and finished rows included)
-   and where its time went, and one decode step under torch.profiler (the timeline picture).
+   stage's own exported tree: its own `bench.throughput` on the workload, its timed run
+   repeated until the runs add up to --repeat-budget-s (bench/course/repeat_throughput.py; the
+   stage table shows the median run and the spread), then bench/probe.py: what each step
+   computed (padding and finished rows included) and where its time went, and one decode step
+   under torch.profiler (the timeline picture).
 
 The run is named after when, where and what ran (`20261126-093000-h100-course`), and nothing
 ever overwrites its files (bench/course/run_files.py). Each stage's files go beside its chapter, in
@@ -87,6 +89,7 @@ from bench.workloads import (
 
 PARTIAL_FILE = "run.partial.json"  # the manifest so far, after each stage (see --resume)
 PROBE = REPO_ROOT / "bench" / "probe.py"
+REPEAT = REPO_ROOT / "bench" / "course" / "repeat_throughput.py"
 FLASHINFER_BACKEND = Path("serve/attention/flashinfer_backend.py")
 
 
@@ -167,6 +170,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a folder laid out like milestones/: each stage's files go into "
                              "its NN/, the run's own into runs/<run id>/")
     parser.add_argument("--no-probe", action="store_true", help="throughput only")
+    parser.add_argument("--repeat-budget-s", type=float, default=8.0,
+                        help="time a stage's workload again until its runs add up to this; the "
+                             "stage table shows the median run and the spread")
+    parser.add_argument("--max-repeats", type=int, default=11, help="odd; 1: one run per stage")
     parser.add_argument("--probe-budget-s", type=float, default=20.0,
                         help="a stage whose throughput run took longer is probed on fewer "
                              "requests, so that its probe takes about this long")
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             # the stage's own harness (throughput), in the stage's own tree
             out = files.stage_file("bench", tag, commit)
             scratch_out = scratch / out.name
-            run([sys.executable, "-m", "bench.throughput", *model_args, "--warmup",
+            run([sys.executable, str(REPEAT), "--budget-s", str(args.repeat_budget_s),
+                 "--max-repeats", str(args.max_repeats), "--", *model_args, "--warmup",
                  *workload_flags(workload), "--out", str(scratch_out)],
                 folder, stage_env(folder, tag, commit))
             result = read_result(scratch_out)
