@@ -1,5 +1,6 @@
-"""Where a step enters an engine's runner, in one place: `launch` (then `collect`) from stage 7,
-`execute` from stage 3, before that the model's forward, which the engine calls itself.
+"""Where a step enters an engine's runner, in one place: `execute_model` then `sample` (then
+`collect`) from stage 9, `launch` (then `collect`) from stage 7, `execute` from stage 3, before
+that the model's forward, which the engine calls itself.
 bench/probe.py loads this file as its sibling in older stages' trees, where `bench` is that
 stage's own: it imports nothing from bench/ or serve/.
 
@@ -28,13 +29,20 @@ class CallThrough(functools.partial):
         return getattr(self.args[0], name)
 
 
+class Stubbed:
+    """What a stubbed execute_model hands to sample: the stub's launched step."""
+
+    def __init__(self, launched) -> None:
+        self.launched = launched
+
+
 class StepHook(ExitStack):
     """Wrappers on one engine's calls for a with-block; entering it wraps the step's entry."""
 
     def __init__(self, engine) -> None:
         super().__init__()
         self.engine, self.runner = engine, getattr(engine, "runner", None)  # None: a core process
-        self.entry = next((name for name in ("launch", "execute")
+        self.entry = next((name for name in ("execute_model", "launch", "execute")
                            if callable(getattr(self.runner, name, None))), None)
         # What the one wrapper of the step's entry calls: before(num_tokens) as a step enters the
         # runner, after() as the runner returns it (stage 3 on; from stage 7, launched, not
@@ -42,7 +50,10 @@ class StepHook(ExitStack):
         self.before, self.after, self.stub = [], [], None
 
     def __enter__(self) -> "StepHook":
-        if self.entry:
+        if self.entry == "execute_model":  # the step is two calls: it returns from the second
+            self.wrap(self.runner, self.entry, self._step)
+            self.wrap(self.runner, "sample", self._sample)
+        elif self.entry:
             self.wrap(self.runner, self.entry, self._step)
         elif self.runner is not None:  # the engine calls the model once a step, token ids first
             self.callback(self.runner.model.register_forward_pre_hook(
@@ -66,7 +77,15 @@ class StepHook(ExitStack):
 
     def _step(self, entry, inputs, *args, **kwargs):
         self._entered(inputs.num_tokens)
+        if self.entry == "execute_model":  # a stub's answer goes through sample, untouched
+            return Stubbed(self.stub(inputs)) if self.stub else entry(inputs, *args, **kwargs)
         result = self.stub(inputs) if self.stub else entry(inputs, *args, **kwargs)
+        for callback in self.after:
+            callback()
+        return result
+
+    def _sample(self, sample, step, *args, **kwargs):
+        result = step.launched if isinstance(step, Stubbed) else sample(step, *args, **kwargs)
         for callback in self.after:
             callback()
         return result

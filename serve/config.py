@@ -71,6 +71,11 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
 
+    @property
+    def num_slots(self) -> int:
+        """Rows of the persistent batch: every running request, and one being admitted."""
+        return self.max_num_seqs + 1
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

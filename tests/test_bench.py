@@ -403,7 +403,8 @@ def test_the_step_hook_sees_and_stubs_steps_and_puts_the_engine_back(qwen3_dir):
 
     engine = LLM(qwen3_dir, device="cpu", num_pages=64).engine
     runner = engine.runner
-    own = {name: getattr(runner, name) for name in ("launch", "logits", "sampler")}
+    own = {name: getattr(runner, name) for name in ("execute_model", "sample", "logits",
+                                                    "sampler")}
     entered, returned, sampled, tokens = [], [], [], []
     with StepHook(engine) as hook:
         hook.before.append(entered.append)
@@ -418,8 +419,8 @@ def test_the_step_hook_sees_and_stubs_steps_and_puts_the_engine_back(qwen3_dir):
     assert tokens == [7, 7, 7] and sampled  # the stub's tokens, through the output processor
     assert entered[0] == 3 and set(entered[1:]) == {1} and len(returned) == len(entered)
     assert {name: getattr(runner, name) for name in own} == own
-    assert not {"launch", "logits"} & vars(runner).keys() and "process" not in vars(
-        engine.output_processor)
+    assert not {"execute_model", "sample", "logits"} & vars(runner).keys()
+    assert "process" not in vars(engine.output_processor)
 
 
 @pytest.mark.skipif(not (REPO_ROOT / ".stages" / "v0.0-naive-single-request").is_dir(),

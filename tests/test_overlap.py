@@ -57,7 +57,7 @@ def test_requests_that_end_early_end_alike(qwen3_dir):
 def test_a_step_is_launched_before_the_last_one_is_read(qwen3_dir):
     llm = LLM(qwen3_dir, device="cpu", overlap_scheduling=True)
     runner, calls = llm.engine.runner, []
-    launch, collect = runner.launch, runner.collect
+    launch, collect = runner.execute_model, runner.collect
 
     def traced_launch(*args, **kwargs):
         calls.append("launch")
@@ -67,7 +67,7 @@ def test_a_step_is_launched_before_the_last_one_is_read(qwen3_dir):
         calls.append("collect")
         return collect(*args, **kwargs)
 
-    runner.launch, runner.collect = traced_launch, traced_collect
+    runner.execute_model, runner.collect = traced_launch, traced_collect
     llm.generate(["def main():"], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     # the prefill and three decode steps: each launch after the first comes before the
     # previous step's tokens are read

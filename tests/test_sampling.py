@@ -1,7 +1,10 @@
 """Sampling rules: seeds, top-k/top-p/min-p, and every way a request stops."""
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from serve import LLM, SamplingParams
 from serve.core.sampler import (
@@ -11,6 +14,8 @@ from serve.core.sampler import (
     exponential_race,
     filtered_probs,
     noise_key,
+    noise_keys,
+    seed_hash,
 )
 from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SAMPLING_EPS
 
@@ -304,3 +309,14 @@ def test_the_race_traces_as_one_graph():
     expected = (probs / exponential_noise(keys, salted_ids)).argmax(dim=-1)
     assert traced(probs, keys, salted_ids).tolist() == expected.tolist()
     assert exponential_race(probs, keys, salted_ids).tolist() == expected.tolist()
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**20)), min_size=1,
+                max_size=20))
+def test_the_batchs_noise_keys_are_the_per_row_keys(rows):
+    """The persistent batch hashes every row's key at once, in numpy's wrapping uint64: the same
+    keys as the scalar reference, so a request samples what it sampled before."""
+    seeds, positions = zip(*rows, strict=True)
+    hashes = np.array([seed_hash(seed) for seed in seeds], dtype=np.uint64)
+    keys = noise_keys(hashes, np.array(positions, dtype=np.int64))
+    assert keys.tolist() == [noise_key(s, p) for s, p in rows]

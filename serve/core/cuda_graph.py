@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: launch a whole forward pass with one call.
+"""CUDA graphs for decode steps: launch a whole forward pass, logits included, with one call.
 
 A decode step of a small model is hundreds of tiny kernels, and launching each one from Python
 costs more than running it. A CUDA graph records those launches once, at start-up, and replays
@@ -11,6 +11,7 @@ their K/V to a page no request owns. Prefill steps, whose shapes vary without bo
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -62,8 +63,8 @@ def pad_decode_inputs(inputs: StepInputs, batch_size: int, pad_page: int) -> Ste
         page_size=meta.page_size,
         is_decode=True,
     )
-    return StepInputs(torch.cat([inputs.token_ids, zeros]), torch.cat([inputs.positions, zeros]),
-                      attention, inputs.sample_indices, inputs.sampling)
+    return replace(inputs, token_ids=torch.cat([inputs.token_ids, zeros]),
+                   positions=torch.cat([inputs.positions, zeros]), attention=attention)
 # --8<-- [end:pad]
 
 
@@ -84,7 +85,7 @@ class CudaGraphRunner:
         self.positions = torch.zeros(max_size, dtype=torch.int64, device=device)
         self.slot_mapping = torch.zeros(max_size, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # each graph's hidden states, [size, hidden]
+        self.outputs: dict[int, torch.Tensor] = {}  # each graph's logits, [size, vocab]
         self.capture_seconds = 0.0
         self.memory_bytes = 0
 
@@ -124,7 +125,7 @@ class CudaGraphRunner:
     # --8<-- [start:replay]
     def replay(self, inputs: StepInputs) -> torch.Tensor:
         """Run a decode step already padded to a bucket (inputs on the device, index arrays
-        on the host as the planner wants them); returns hidden states [bucket, hidden]."""
+        on the host as the planner wants them); returns every row's logits [bucket, vocab]."""
         size = inputs.num_tokens
         self.token_ids[:size].copy_(inputs.token_ids, non_blocking=True)
         self.positions[:size].copy_(inputs.positions, non_blocking=True)
@@ -135,7 +136,10 @@ class CudaGraphRunner:
     # --8<-- [end:replay]
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        return self.model(inputs.token_ids, inputs.positions, inputs.attention)
+        # The LM head inside the graph too: its matmul is one launch fewer outside, and the
+        # sampler reads the logits where the graph left them (no gather, no float copy).
+        hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
+        return self.model.compute_logits(hidden)
 
     def _static_inputs(self, size: int) -> StepInputs:
         """size padding rows, viewing the persistent buffers: what a graph is captured with."""

@@ -12,18 +12,19 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from serve.config import EngineConfig
+from serve.core.batch import PersistentBatch
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
-from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
+from serve.core.model_runner import LaunchedStep, ModelRunner
 from serve.core.parallel_runner import ParallelRunner
 from serve.core.request import Request, RequestStatus
-from serve.core.sampler import SamplingTensors
 from serve.core.scheduler import ScheduledRequest, Scheduler
 from serve.core.stats import StatsCollector
-from serve.core.step_inputs import PageRows, StepInputs, build_step_inputs
+from serve.core.step_inputs import StepInputs, gather_step_inputs
 from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
 
@@ -38,7 +39,6 @@ class InFlight:
 
     launched: LaunchedStep
     rows: list[tuple[Request, int]]  # (request, index in its output_token_ids)
-    row_of: dict[str, int]  # request id -> its sampled row
 
 
 class EngineCore:
@@ -62,6 +62,8 @@ class EngineCore:
         self.allocator.evictor = self.cache  # the allocator evicts through it when it runs dry
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.cache)
+        # a running request's slot is its block table row: the allocator's rows, one batch row each
+        self.batch = PersistentBatch(config.num_slots, self.hf_config.vocab_size)
         self.stats = StatsCollector()
         self.overlap = config.overlap_scheduling
         self._in_flight: InFlight | None = None
@@ -122,45 +124,67 @@ class EngineCore:
         return self._collect(previous) if previous is not None else []
     # --8<-- [end:step]
 
+    # --8<-- [start:launch]
     def _launch_next(self) -> InFlight | None:
-        """Schedule and launch a step; its sampled tokens are PENDING until collected."""
+        """Schedule and launch a step: its forward pass, then its sampling (two calls of the
+        runner: what later stages do between them goes there). Its sampled tokens are PENDING on
+        the host until collected; on the device they are in their slots already."""
         schedule = self.scheduler.schedule()
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return None
-        sampled = [item.completes for item in schedule.scheduled]
-        inputs = self._step_inputs(schedule.scheduled, sampled)
-        fill = self._fill(schedule.scheduled)
-        for item in schedule.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-        launched = self.runner.launch(inputs, fill)
+        inputs = self._step_inputs(schedule.scheduled)
+        step_logits = self.runner.execute_model(inputs)
+        launched = self.runner.sample(step_logits)
         rows = []
-        for item, is_sampled in zip(schedule.scheduled, sampled, strict=True):
-            if is_sampled:
-                request = item.request
+        for item in schedule.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if item.completes:
                 request.output_token_ids.append(PENDING)
+                request.token_in_slot = True  # the step leaves it in the request's slot
                 rows.append((request, len(request.output_token_ids) - 1))
-        # (which row holds whose token: only the next step's fill asks, with overlap)
-        row_of = {r.request_id: i for i, (r, _) in enumerate(rows)} if self.overlap else {}
         self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
-        return InFlight(launched, rows, row_of)
+        return InFlight(launched, rows)
+    # --8<-- [end:launch]
 
-    # --8<-- [start:fill]
-    def _fill(self, scheduled: list[ScheduledRequest]) -> TokenFill | None:
-        """The rows whose input token is one the step in flight is still sampling (each is a
-        decode row: its one new token is the PENDING one)."""
-        previous = self._in_flight
-        if previous is None or not self.overlap:
-            return None
-        rows, indices, offset = [], [], 0
-        for item in scheduled:
-            index = previous.row_of.get(item.request.request_id)
-            if index is not None and item.request.output_token_ids[-1] == PENDING:
-                rows.append(offset)
-                indices.append(index)
-            offset += item.num_new_tokens
-        return TokenFill(rows, indices, previous.launched.sampled) if rows else None
-    # --8<-- [end:fill]
+    # --8<-- [start:step_inputs]
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        """The step's arrays from the persistent batch: one pass over the scheduled requests
+        for what changes every step (slot, progress, tokens the host must send), then numpy
+        indexing for the rest. A request just admitted writes its sampling rules into its slot
+        first."""
+        batch, num_rows = self.batch, len(scheduled)
+        slots = np.empty(num_rows, dtype=np.int64)
+        query_lens = np.empty(num_rows, dtype=np.int64)
+        computed = np.empty(num_rows, dtype=np.int64)
+        sampled = np.empty(num_rows, dtype=np.bool_)
+        read = np.zeros(num_rows, dtype=np.bool_)
+        host_tokens = []
+        for i, item in enumerate(scheduled):
+            request = item.request
+            slot = slots[i] = request.page_table.row
+            if item.admitted:
+                batch.admit(slot, request.params, request.sampling_seed)
+            query_lens[i] = item.num_new_tokens
+            computed[i] = request.num_computed_tokens
+            sampled[i] = item.completes
+            if request.token_in_slot:  # a decode row: its token waits in its slot on the device
+                read[i] = True
+                host_tokens.append(0)
+            else:
+                host_tokens.extend(request.token_ids_from(request.num_computed_tokens)
+                                   [:item.num_new_tokens])
+        inputs = gather_step_inputs(
+            np.array(host_tokens, dtype=np.int64), query_lens, computed,
+            self.allocator.block_table, slots, self.allocator.page_size, sampled,
+            batch.sampling(slots[sampled], (computed + query_lens)[sampled]))
+        read_rows = (np.cumsum(query_lens) - 1)[read]  # a read row feeds one token
+        inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(
+            slots[read])
+        inputs.write_slots = torch.from_numpy(slots[sampled])
+        return inputs
+    # --8<-- [end:step_inputs]
 
     # --8<-- [start:collect]
     def _collect(self, in_flight: InFlight) -> list[CoreOutput]:
@@ -198,21 +222,6 @@ class EngineCore:
     def _finish(request: Request, reason: str) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-
-    def _step_inputs(self, scheduled: list[ScheduledRequest], sampled: list[bool]) -> StepInputs:
-        requests = [item.request for item in scheduled]
-        samplers = [r for r, s in zip(requests, sampled, strict=True) if s]
-        sampling = SamplingTensors.build(
-            [r.params for r in samplers], [r.sampling_seed for r in samplers],
-            [r.num_tokens for r in samplers],  # the position each request samples next
-            self.hf_config.vocab_size)
-        return build_step_inputs(
-            [item.request.token_ids_from(item.request.num_computed_tokens)[:item.num_new_tokens]
-             for item in scheduled],
-            [r.num_computed_tokens for r in requests],
-            PageRows(self.allocator.block_table,
-                     torch.tensor([r.page_table.row for r in requests])),
-            self.allocator.page_size, sampling, sampled)
 
     def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (benchmarks, between runs). Pages that running requests hold

@@ -20,7 +20,7 @@ from serve.core.cuda_graph import (
     pad_decode_inputs,
 )
 from serve.core.kv.kv_pool import KVPool
-from serve.core.sampler import Sampler
+from serve.core.sampler import Sampler, SamplingTensors
 from serve.core.step_inputs import (
     DeviceStaging,
     StepInputs,
@@ -71,7 +71,9 @@ class ModelRunner:
         self.sampler = Sampler(shapes.vocab_size, self.device)
         if self.device.type == "cuda":
             self.sampler.warm_up()
-        self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see launch
+        self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see execute
+        # each slot's last sampled token (PersistentBatch): where the next step reads it
+        self.last_tokens = torch.zeros(config.num_slots, dtype=torch.int64, device=self.device)
         self._parity = 0
         # (Overlap scheduling needs every host buffer a step copies from to stay untouched until
         # the copy has run: the stagings and FlashInfer's plans wait for their last copy, and the
@@ -185,26 +187,34 @@ class ModelRunner:
     # --8<-- [end:pool_size]
 
     # --8<-- [start:forward]
-    # --8<-- [start:launch]
+    # --8<-- [start:execute]
     @torch.inference_mode()
-    def launch(self, inputs: StepInputs, fill: "TokenFill | None" = None) -> "LaunchedStep":
-        """Start one step on the device and return without waiting for it: the model, then
-        sampling; the sampled ids are copied to the host in the background. With `fill`, some
-        rows' input tokens are taken on the device from an earlier step's sampled ids, which the
-        host has not seen yet (overlap scheduling)."""
+    def execute_model(self, inputs: StepInputs) -> "StepLogits":
+        """Start one step's forward pass on the device and return its sampled rows' logits
+        without waiting for them. Rows whose input is their slot's last sampled token read it
+        on the device, where the step before left it (the host may not have seen it yet: overlap
+        scheduling)."""
         # (at most two parts, each copied through its own staging buffer)
         parts = [self.to_device(part, staging) for part, staging
                  in zip(self.split_for_graphs(inputs), self.stagings, strict=False)]
-        if fill is not None:  # the rows that need them are decode rows: the first part's
-            rows, indices = (self._to_device_async(x) for x in (fill.rows, fill.indices))
-            parts[0].token_ids[rows] = fill.source[indices]
+        for part in parts:
+            if part.read_rows is not None and len(part.read_rows):
+                part.token_ids[part.read_rows] = self.last_tokens[part.read_slots]
         if len(parts) == 1:
             logits = self.logits(parts[0])  # [sampled rows, vocab]
         else:
             logits = torch.cat([self.logits(part) for part in parts])
-        if not len(logits):  # a step of prefill chunks only: nothing to sample
+        return StepLogits(logits, parts[0].sampling, parts[0].write_slots)
+
+    @torch.inference_mode()
+    def sample(self, step: "StepLogits") -> "LaunchedStep":
+        """Sample a step's logits, leave each token in its slot on the device for the next step,
+        and copy the tokens to the host in the background."""
+        if not len(step.logits):  # a step of prefill chunks only: nothing to sample
             return LaunchedStep(None, None, None)
-        sampled = self.sampler(logits, parts[0].sampling)
+        sampled = self.sampler(step.logits, step.sampling)
+        if step.write_slots is not None:
+            self.last_tokens[step.write_slots] = sampled
         if self.device.type != "cuda":
             return LaunchedStep(sampled, sampled, None)
         self._parity ^= 1  # two host buffers: the previous step's may still be unread
@@ -213,17 +223,7 @@ class ModelRunner:
         done = torch.cuda.Event()
         done.record()
         return LaunchedStep(sampled, host, done)
-
-    def _to_device_async(self, values: list[int]) -> torch.Tensor:
-        """A list of ints on the device without waiting for it. A copy from pageable memory
-        (`torch.as_tensor(values, device=...)`) makes the host wait for everything queued on
-        the stream, the step in flight included, which would undo overlap scheduling; a
-        pinned block from torch's caching host allocator is not reused before its copy ran."""
-        array = torch.tensor(values, dtype=torch.int64)
-        if self.device.type != "cuda":
-            return array
-        return array.pin_memory().to(self.device, non_blocking=True)
-    # --8<-- [end:launch]
+    # --8<-- [end:execute]
 
     @staticmethod
     def collect(launched: "LaunchedStep") -> list[int]:
@@ -261,17 +261,18 @@ class ModelRunner:
         shape was captured replays its graph; any other runs eagerly."""
         graphs = self.graphs
         if graphs is not None and graphs.bucket_for(inputs) == inputs.attention.num_seqs:
-            hidden = graphs.replay(inputs)
-        else:
-            self.backend.plan(inputs.attention)  # once per step, shared by every layer
-            hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
+            # The graph computes every row's logits; in a decode step every real row samples,
+            # and they come first: a view, not a gather of [rows, vocab].
+            return graphs.replay(inputs)[: len(inputs.sample_indices)]
+        self.backend.plan(inputs.attention)  # once per step, shared by every layer
+        hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
         return self.model.compute_logits(hidden[inputs.sample_indices])
     # --8<-- [end:forward]
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step and return the sampled rows' logits, sampling nothing (tests, profiling)."""
-        return self.logits(self.to_device(inputs))
+        return self.execute_model(inputs).logits
 
 
 def largest_step_inputs(num_tokens: int, max_model_len: int,
@@ -305,13 +306,13 @@ def _available_memory_bytes(device: torch.device) -> int:
 
 
 @dataclass
-class TokenFill:
-    """Input tokens a step takes on the device from an earlier step's sampled ids: row
-    rows[i] gets source[indices[i]]."""
+class StepLogits:
+    """A step between its forward pass and its sampling: the sampled rows' logits (on the
+    device, maybe not computed yet), their sampling rules and the slots their tokens go to."""
 
-    rows: list[int]
-    indices: list[int]
-    source: torch.Tensor
+    logits: torch.Tensor  # [sampled rows, vocab], the model's dtype
+    sampling: "SamplingTensors | None"
+    write_slots: torch.Tensor | None
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Tensor parallelism's processes: rank 0 runs the engine core and a model runner; every other
 rank is a worker process that runs only its model runner, step for step with rank 0.
 
-Each step, rank 0 broadcasts the step's host inputs (and which rows take their token from the
-step before, with overlap scheduling) over a gloo group, then every rank launches the same step
-on its part of the model. The model's all-reduces join the ranks inside the step; the LM head's
-all-gather gives every rank the whole vocabulary's logits, and every rank samples the same
-tokens from them (the sampler draws from a hash of seed and position, not from a generator), so
-each worker feeds its own sampled ids to its next step, as rank 0 does.
+Each step, rank 0 broadcasts the step's host inputs over a gloo group, then every rank runs the
+same step on its part of the model. The model's all-reduces join the ranks inside the step; the
+LM head's all-gather gives every rank the whole vocabulary's logits, and every rank samples the
+same tokens from them (the sampler draws from a hash of seed and position, not from a
+generator), so each rank's own slots hold the same last tokens for the next step, as rank 0's.
 
 Start-up: every rank loads its weights, then reports through a pipe; rank 0 waits for all of
 them before anything that communicates, so a rank that fails to load is one clear error, not a
@@ -28,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from serve.config import EngineConfig
-from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
+from serve.core.model_runner import ModelRunner, StepLogits
 from serve.core.step_inputs import StepInputs
 from serve.heartbeat import ProcessWatch
 from serve.parallel import join_group, leave_group
@@ -43,8 +42,6 @@ class StepMessage:
     """What rank 0 broadcasts for one step: None as inputs stops the workers."""
 
     inputs: StepInputs | None
-    fill_rows: list[int] | None = None
-    fill_indices: list[int] | None = None
 
 
 class ParallelRunner(ModelRunner):
@@ -87,11 +84,11 @@ class ParallelRunner(ModelRunner):
             watch.start()
         atexit.register(self.shutdown)  # a script that never calls shutdown still stops them
 
-    # --8<-- [start:launch]
-    def launch(self, inputs: StepInputs, fill: TokenFill | None = None) -> LaunchedStep:
-        self.tp.broadcast(StepMessage(inputs, fill and fill.rows, fill and fill.indices))
-        return super().launch(inputs, fill)
-    # --8<-- [end:launch]
+    # --8<-- [start:execute]
+    def execute_model(self, inputs: StepInputs) -> StepLogits:
+        self.tp.broadcast(StepMessage(inputs))
+        return super().execute_model(inputs)
+    # --8<-- [end:execute]
 
     def check_health(self) -> None:
         """RuntimeError if a worker has exited or stopped beating."""

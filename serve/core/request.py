@@ -39,6 +39,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # of its tokens, how many its first admission found cached
     page_table: PageTable | None = None  # set while the request holds pages
+    # its last output token was sampled into its slot (its block table row) on the device, where
+    # its next step reads it; until its first sample after (re)admission, the host sends tokens
+    token_in_slot: bool = False
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

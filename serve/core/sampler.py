@@ -19,8 +19,8 @@ On the CPU a sort-based filter is the readable reference the GPU path is tested 
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 
+import numpy as np
 import torch
 
 from serve.layers.fused import fused
@@ -39,15 +39,24 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-@lru_cache(maxsize=1 << 16)
-def _seed_hash(seed: int) -> int:
-    """The seed's half of every key of its request (cached: a step needs it for every row)."""
+def seed_hash(seed: int) -> int:
+    """The seed's half of every key of its request (written once per request: PersistentBatch)."""
     return _splitmix64(seed & MASK64)
 
 
 def noise_key(seed: int, position: int) -> int:
     """The 32-bit key of the noise that samples the token at `position` of a seeded request."""
-    return _splitmix64(_seed_hash(seed) ^ position) & MASK32
+    return _splitmix64(seed_hash(seed) ^ position) & MASK32
+
+
+def noise_keys(seed_hashes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """noise_key for many rows at once: [rows] int64 from each row's seed_hash (uint64) and the
+    position it samples; SplitMix64 in numpy's uint64, whose products wrap as the hash wants."""
+    x = seed_hashes ^ positions.astype(np.uint64)
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((x ^ (x >> np.uint64(31))) & np.uint64(MASK32)).astype(np.int64)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,7 @@ def exponential_race(weights: torch.Tensor, keys: torch.Tensor,
 
 @dataclass
 class SamplingTensors:
-    """Every sampled row's rules as tensors, built on the host once per step."""
+    """Every sampled row's rules as tensors, gathered on the host once per step."""
 
     temperature: torch.Tensor  # [rows] float32 (1 for greedy rows, which ignore it)
     top_k: torch.Tensor  # [rows] int32 (FlashInfer's type), the vocabulary size where off
@@ -97,25 +106,31 @@ class SamplingTensors:
     def build(
         cls, params: list[SamplingParams], seeds: list[int], positions: list[int], vocab: int
     ) -> "SamplingTensors":
-        """positions[r]: the position of the token row r samples (its sequence's length)."""
-        # one pass over the rows, then one tensor per column
-        columns = [(1.0 if p.greedy else p.temperature,
-                    min(p.top_k, vocab) if p.top_k > 0 else vocab, p.top_p, p.min_p, p.greedy,
-                    noise_key(seed, position))
-                   for p, seed, position in zip(params, seeds, positions, strict=True)]
-        temperature, top_k, top_p, min_p, greedy, keys = (
-            zip(*columns, strict=True) if columns else ((),) * 6)
+        """positions[r]: the position of the token row r samples (its sequence's length). The
+        engine gathers the same columns from its persistent batch instead (PersistentBatch)."""
+        from serve.core.batch import PersistentBatch
+
+        batch = PersistentBatch(len(params), vocab)
+        for slot, (p, seed) in enumerate(zip(params, seeds, strict=True)):
+            batch.admit(slot, p, seed)
+        return batch.sampling(np.arange(len(params)), np.asarray(positions, dtype=np.int64))
+
+    @classmethod
+    def from_arrays(cls, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+                    min_p: np.ndarray, greedy: np.ndarray, keys: np.ndarray,
+                    vocab: int) -> "SamplingTensors":
+        """One row per sampled token, each column a numpy array (shared, not copied)."""
         return cls(
-            temperature=torch.tensor(temperature, dtype=torch.float32),
-            top_k=torch.tensor(top_k, dtype=torch.int32),
-            top_p=torch.tensor(top_p, dtype=torch.float32),
-            min_p=torch.tensor(min_p, dtype=torch.float32),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool),
-            noise_keys=torch.tensor(keys, dtype=torch.int64),
-            all_greedy=all(greedy),
-            any_top_k=min(top_k, default=vocab) < vocab,
-            any_top_p=min(top_p, default=1.0) < 1.0,
-            any_min_p=max(min_p, default=0.0) > 0.0,
+            temperature=torch.from_numpy(temperature),
+            top_k=torch.from_numpy(top_k),
+            top_p=torch.from_numpy(top_p),
+            min_p=torch.from_numpy(min_p),
+            is_greedy=torch.from_numpy(greedy),
+            noise_keys=torch.from_numpy(keys),
+            all_greedy=bool(greedy.all()),
+            any_top_k=bool(len(top_k)) and int(top_k.min()) < vocab,
+            any_top_p=bool(len(top_p)) and float(top_p.min()) < 1.0,
+            any_min_p=bool(len(min_p)) and float(min_p.max()) > 0.0,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

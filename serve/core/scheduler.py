@@ -177,7 +177,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self._cache(request)  # its recompute will likely find these pages still cached
-        request.page_table.release()
+        request.page_table.release()  # and its slot: its last token is the host's to send
+        request.token_in_slot = False
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

@@ -1,9 +1,11 @@
-"""One step's inputs as plain arrays: built on the host from the scheduled sequences with tensor
-ops (no Python loop per token), then copied to the device in one transfer."""
+"""One step's inputs as plain arrays: gathered on the host from the persistent batch's columns
+with numpy indexing (no Python loop per sequence or token), then copied to the device in one
+transfer."""
 
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 
+import numpy as np
 import torch
 
 from serve.attention.metadata import AttentionMetadata
@@ -11,23 +13,24 @@ from serve.core.sampler import SamplingTensors
 
 
 @dataclass
-class PageRows:
-    """Each sequence's pages as a row of a block table (PageAllocator.block_table)."""
-
-    table: torch.Tensor  # [rows, max pages] int32
-    rows: torch.Tensor  # [num_seqs] int64: each sequence's row
-
-
-@dataclass
 class StepInputs:
     """What the model runner executes: token ids at positions, where their K/V go, which pages
-    each sequence attends over, and which rows are sampled with which rules."""
+    each sequence attends over, and which rows are sampled with which rules.
+
+    Slots (PersistentBatch): the runner keeps each slot's last sampled token on the device. Token
+    rows read_rows take their input from there (slots read_slots) instead of token_ids, so a
+    decode row's token never has to reach the host first; the sampled tokens are written back to
+    the slots write_slots. Both are None where a step has no slots (tests, profiling).
+    """
 
     token_ids: torch.Tensor  # [num_tokens] int64: every sequence's new tokens, back to back
     positions: torch.Tensor  # [num_tokens] int64
     attention: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampled] int64: token rows whose logits are sampled
     sampling: SamplingTensors | None  # None: return logits, sample nothing (tests, profiling)
+    read_rows: torch.Tensor | None = None  # [num_read] int64
+    read_slots: torch.Tensor | None = None  # [num_read] int64
+    write_slots: torch.Tensor | None = None  # [num_sampled] int64
 
     @property
     def num_tokens(self) -> int:
@@ -35,72 +38,91 @@ class StepInputs:
 
 
 # --8<-- [start:build]
+def gather_step_inputs(
+    token_ids: np.ndarray,
+    query_lens: np.ndarray,
+    num_computed: np.ndarray,
+    block_table: np.ndarray,
+    rows: np.ndarray,
+    page_size: int,
+    sampled: np.ndarray | None = None,
+    sampling: SamplingTensors | None = None,
+) -> StepInputs:
+    """Sequence i feeds query_lens[i] tokens of token_ids (back to back), which start at
+    position num_computed[i]; its pages are row rows[i] of block_table (enough of them for all
+    its tokens). The last new token of each sequence with sampled[i] (default: every sequence) is
+    sampled; a prefill chunk that stops short of its prompt's end is not. Numpy indexing only,
+    no loop over sequences or tokens; host tensors that share the arrays' memory (`to_device`
+    moves them)."""
+    seq_lens = num_computed + query_lens
+    qo_indptr = _indptr(query_lens)
+    num_pages = (seq_lens + page_size - 1) // page_size
+    kv_indptr = _indptr(num_pages)
+    pages = block_table[rows, : int(num_pages.max())]
+    kv_indices = pages[np.arange(pages.shape[1]) < num_pages[:, None]]
+    num_tokens = int(qo_indptr[-1])
+    if num_tokens == len(query_lens):  # a decode step: one token per sequence
+        positions = num_computed.astype(np.int64)
+        page_of_token = pages[np.arange(len(rows)), positions // page_size]
+    else:  # per token: which sequence it belongs to, then its position and its page
+        seq_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
+        positions = (np.arange(num_tokens) - qo_indptr[:-1][seq_of_token]
+                     + num_computed[seq_of_token])
+        page_of_token = kv_indices[kv_indptr[:-1][seq_of_token] + positions // page_size]
+    slot_mapping = page_of_token.astype(np.int64) * page_size + positions % page_size
+    attention = AttentionMetadata(
+        slot_mapping=torch.from_numpy(slot_mapping),
+        kv_indices=torch.from_numpy(np.ascontiguousarray(kv_indices, dtype=np.int32)),
+        qo_indptr=torch.from_numpy(qo_indptr.astype(np.int32)),
+        kv_indptr=torch.from_numpy(kv_indptr.astype(np.int32)),
+        kv_last_page_len=torch.from_numpy(((seq_lens - 1) % page_size + 1).astype(np.int32)),
+        page_size=page_size,
+        is_decode=num_tokens == len(query_lens),
+    )
+    last_rows = qo_indptr[1:] - 1
+    return StepInputs(
+        token_ids=torch.from_numpy(token_ids.astype(np.int64, copy=False)),
+        positions=torch.from_numpy(positions),
+        attention=attention,
+        sample_indices=torch.from_numpy(last_rows if sampled is None else last_rows[sampled]),
+        sampling=sampling,
+    )
+# --8<-- [end:build]
+
+
 def build_step_inputs(
     new_token_ids: list[list[int]],
     num_computed: list[int],
-    page_tables: "list[list[int]] | PageRows",
+    page_tables: list[list[int]],
     page_size: int,
     sampling: SamplingTensors | None = None,
     sampled: list[bool] | None = None,
 ) -> StepInputs:
-    """Sequence i feeds new_token_ids[i], which start at position num_computed[i], and its
-    tokens live in page_tables[i] (enough pages for all of them; a list, or a row of a block
-    table). The last new token of each sequence with sampled[i] (default: every sequence) is
-    sampled; a prefill chunk that stops short of its prompt's end is not. Host tensors only:
-    `to_device` moves them."""
-    query_lens = torch.tensor([len(ids) for ids in new_token_ids], dtype=torch.int64)
-    starts = torch.tensor(num_computed, dtype=torch.int64)
-    seq_lens = starts + query_lens
-    qo_indptr = _indptr(query_lens)
-    num_pages = (seq_lens + page_size - 1) // page_size
-    kv_indptr = _indptr(num_pages)
-    if isinstance(page_tables, PageRows):  # the block table: no Python loop over pages
-        rows = page_tables.table[page_tables.rows, : int(num_pages.max())]
-        kv_indices = rows[torch.arange(rows.shape[1]) < num_pages[:, None]]
-    else:
-        kv_indices = torch.tensor(
-            list(chain.from_iterable(pages[:n] for pages, n in zip(
-                page_tables, num_pages.tolist(), strict=True))), dtype=torch.int32)
-    # Per token: which sequence it belongs to, its position, and the slot its K/V go to.
-    num_tokens = int(qo_indptr[-1])
-    # (output_size: told the total, repeat_interleave skips a pass over query_lens to find it)
-    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens,
-                                           output_size=num_tokens)
-    positions = torch.arange(num_tokens) - qo_indptr[:-1][seq_of_token] + starts[seq_of_token]
-    page_of_token = kv_indices[kv_indptr[:-1][seq_of_token] + positions // page_size]
-    slot_mapping = page_of_token.to(torch.int64) * page_size + positions % page_size
-    attention = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        kv_indices=kv_indices,
-        qo_indptr=qo_indptr.to(torch.int32),
-        kv_indptr=kv_indptr.to(torch.int32),
-        kv_last_page_len=((seq_lens - 1) % page_size + 1).to(torch.int32),
-        page_size=page_size,
-        is_decode=bool((query_lens == 1).all()),
-    )
-    return StepInputs(
-        token_ids=torch.tensor(list(chain.from_iterable(new_token_ids)), dtype=torch.int64),
-        positions=positions,
-        attention=attention,
-        sample_indices=(qo_indptr[1:] - 1)[torch.tensor(sampled)] if sampled is not None
-        else qo_indptr[1:] - 1,
-        sampling=sampling,
-    )
-# --8<-- [end:build]
+    """gather_step_inputs from Python lists (tests, the runner's memory probe): sequence i
+    feeds new_token_ids[i] from position num_computed[i], its pages page_tables[i]."""
+    width = max(len(pages) for pages in page_tables)
+    table = np.zeros((len(page_tables), width), dtype=np.int32)
+    for row, pages in enumerate(page_tables):
+        table[row, : len(pages)] = pages
+    return gather_step_inputs(
+        np.fromiter(chain.from_iterable(new_token_ids), dtype=np.int64),
+        np.array([len(ids) for ids in new_token_ids], dtype=np.int64),
+        np.array(num_computed, dtype=np.int64), table, np.arange(len(page_tables)), page_size,
+        None if sampled is None else np.array(sampled, dtype=np.bool_), sampling)
 
 
 # --8<-- [start:split]
 def split_step_inputs(inputs: StepInputs, num_seqs: int) -> tuple[StepInputs, StepInputs]:
     """The step's first num_seqs sequences and the others, as two steps (host arrays), so that a
     mixed step's decode rows can replay their CUDA graph while its prompt chunks run eagerly.
-    Each part's sampled rows keep their order, and the step's sampling rules go with the first
-    part: the logits of the two parts, concatenated, line up with them."""
+    Each part's sampled rows keep their order, and the step's sampling rules (with the slots
+    its tokens go to) go with the first part: the logits of the two parts, concatenated, line
+    up with them."""
     total = inputs.attention.num_seqs
-    return (_part(inputs, 0, num_seqs, inputs.sampling), _part(inputs, num_seqs, total, None))
+    return _part(inputs, 0, num_seqs, True), _part(inputs, num_seqs, total, False)
 
 
-def _part(inputs: StepInputs, first: int, last: int,
-          sampling: SamplingTensors | None) -> StepInputs:
+def _part(inputs: StepInputs, first: int, last: int, first_part: bool) -> StepInputs:
     """Sequences first..last-1 of a step, their token rows and pages renumbered from 0."""
     meta = inputs.attention
     token_start, token_end = int(meta.qo_indptr[first]), int(meta.qo_indptr[last])
@@ -117,14 +139,22 @@ def _part(inputs: StepInputs, first: int, last: int,
     )
     samples = inputs.sample_indices
     mine = samples[(samples >= token_start) & (samples < token_end)] - token_start
+    read_rows = read_slots = None
+    if inputs.read_rows is not None:
+        inside = (inputs.read_rows >= token_start) & (inputs.read_rows < token_end)
+        read_rows, read_slots = inputs.read_rows[inside] - token_start, inputs.read_slots[inside]
     return StepInputs(inputs.token_ids[token_start:token_end],
-                      inputs.positions[token_start:token_end], attention, mine, sampling)
+                      inputs.positions[token_start:token_end], attention, mine,
+                      inputs.sampling if first_part else None, read_rows, read_slots,
+                      inputs.write_slots if first_part else None)
 # --8<-- [end:split]
 
 
-def _indptr(counts: torch.Tensor) -> torch.Tensor:
+def _indptr(counts: np.ndarray) -> np.ndarray:
     """[0, c0, c0+c1, ...]: where each sequence's part of a flat array starts."""
-    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr
 
 
 class DeviceStaging:
@@ -151,6 +181,9 @@ class DeviceStaging:
                   "sample_indices": inputs.sample_indices,
                   "slot_mapping": inputs.attention.slot_mapping,
                   "kv_indices": inputs.attention.kv_indices}
+        for name in ("read_rows", "read_slots", "write_slots"):
+            if getattr(inputs, name) is not None:
+                moving[name] = getattr(inputs, name)
         if inputs.sampling is not None:
             moving |= {f"sampling.{k}": v for k, v in inputs.sampling.tensors().items()}
         moved = self._copy(moving)
@@ -162,7 +195,8 @@ class DeviceStaging:
         attention = replace(inputs.attention, slot_mapping=moved["slot_mapping"],
                             kv_indices=moved["kv_indices"])
         return StepInputs(moved["token_ids"], moved["positions"], attention,
-                          moved["sample_indices"], sampling)
+                          moved["sample_indices"], sampling, moved.get("read_rows"),
+                          moved.get("read_slots"), moved.get("write_slots"))
 
     def _copy(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         offsets, total = {}, 0

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from serve.config import EngineConfig
-from serve.core.model_runner import LaunchedStep, ModelRunner, TokenFill
+from serve.core.model_runner import ModelRunner
 from serve.core.parallel_runner import StepMessage
 from serve.heartbeat import start_heartbeat
 from serve.models.loader import load_config
@@ -38,7 +38,6 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
     except Exception as error:
         _send(report, f"{type(error).__name__}: {error}")
         raise SystemExit(1) from None
-    previous: LaunchedStep | None = None
     while True:
         try:
             message: StepMessage = tp.broadcast()
@@ -47,10 +46,7 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
             raise SystemExit(1) from None
         if message.inputs is None:
             break
-        fill = None
-        if message.fill_rows:  # the tokens of this rank's own previous step, as on rank 0
-            fill = TokenFill(message.fill_rows, message.fill_indices, previous.sampled)
-        previous = runner.launch(message.inputs, fill)
+        runner.sample(runner.execute_model(message.inputs))  # its tokens stay in its slots
     leave_group()
 # --8<-- [end:run_worker]
 

@@ -144,4 +144,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab_size], float32 for sampling
+        # [num_rows, vocab_size] in the model's dtype: the sampler's argmax needs no float copy
+        # of the whole vocabulary, and the temperature's division makes float32 rows anyway
+        return self.lm_head(hidden)

@@ -17,7 +17,7 @@ counts the requests that hold it. Each page is in exactly one of three states:
 from collections import deque
 from typing import Protocol
 
-import torch
+import numpy as np
 
 
 class Evictor(Protocol):
@@ -40,7 +40,7 @@ class PageAllocator:
         # step gathers its requests' pages with one tensor op instead of a Python loop over
         # every page. A table holds a row while it holds pages (max_tables rows: the most
         # requests that hold pages at once, one being admitted included).
-        self.block_table = torch.zeros(max_tables, max_pages_per_table, dtype=torch.int32)
+        self.block_table = np.zeros((max_tables, max_pages_per_table), dtype=np.int32)
         self.free_rows = list(range(max_tables - 1, -1, -1))
         self.free_pages: deque[int] = deque(range(num_pages))
         self.ref_counts = [0] * num_pages  # requests holding each page
@@ -145,8 +145,7 @@ class PageTable:
         if self.row is None:
             assert allocator.free_rows, "more tables hold pages than the block table has rows"
             self.row = allocator.free_rows.pop()
-        allocator.block_table[self.row, start : start + len(pages)] = torch.tensor(
-            pages, dtype=torch.int32)
+        allocator.block_table[self.row, start : start + len(pages)] = pages
 
     def num_missing_pages(self, num_tokens: int) -> int:
         """Pages still to take before tokens 0..num_tokens-1 all have a slot."""
@@ -155,9 +154,9 @@ class PageTable:
     def grow_to(self, num_tokens: int) -> bool:
         """Take pages until tokens 0..num_tokens-1 all have a slot. False, taking nothing, if
         the pool has too few free and evictable pages."""
+        if num_tokens <= len(self.pages) * self.allocator.page_size:
+            return True  # the usual decode step: its token fits the last page (no call below)
         missing = self.num_missing_pages(num_tokens)
-        if missing == 0:
-            return True
         pages = self.allocator.allocate(missing)
         if pages is None:
             return False
