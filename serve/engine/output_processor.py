@@ -81,14 +81,14 @@ class OutputProcessor:
         """This step's new tokens and the text that became safe to show; the whole output once
         the request has finished."""
         finished = state.finish_reason is not None
-        unsent = state.unsent_text
-        keep = 0  # characters held back: a tail that could still grow into a stop string
+        new_text = state.unsent_text
         if not finished and state.params.stop:
-            keep = min(len(unsent), max(len(s) for s in state.params.stop) - 1)
-        new_text = unsent[: len(unsent) - keep]
+            # held back: a tail that could still grow into a stop string
+            keep = min(len(new_text), max(len(s) for s in state.params.stop) - 1)
+            new_text = new_text[: len(new_text) - keep]
         if new_text:
             state.sent_text.append(new_text)
-            state.unsent_text = unsent[len(unsent) - keep :]
+            state.unsent_text = state.unsent_text[len(new_text) :]
         outputs = []
         if finished:
             del self.requests[state.request_id]
@@ -111,6 +111,9 @@ class OutputProcessor:
             return False  # no tokenizer: token ids only
         piece = state.detokenizer.add(token_id)
         if not piece:
+            return False
+        if not state.params.stop:  # the usual request: nothing to search
+            state.unsent_text += piece
             return False
         # A stop string can only end in the new piece and start in the held-back text: text
         # reported earlier was at least (longest stop - 1) characters from the end when it went.
