@@ -291,3 +291,24 @@ def test_a_loop_that_dies_admitting_fails_that_request_and_the_ones_queued_behin
     results = asyncio.run(asyncio.wait_for(three_requests(), timeout=10))
     assert all(isinstance(r, EngineDeadError) for r in results), results
     assert engine.status == "dead"
+
+
+def test_a_reader_that_falls_behind_gets_the_steps_it_missed_as_one_output(engine):
+    """Outputs that arrive while a stream's reader is busy are merged: fewer reads than steps,
+    and nothing lost (the new texts and tokens add up to the whole output)."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def slow_reader():
+        outputs = []
+        async with aclosing(engine.generate([5, 6, 7, 8], params, "slow")) as stream:
+            async for output in stream:
+                outputs.append(output)
+                time.sleep(0.05)  # blocks this event loop: the engine runs on meanwhile
+        return outputs
+
+    outputs = asyncio.run(slow_reader())
+    last = outputs[-1]
+    assert last.finished and len(last.token_ids) == 24
+    assert len(outputs) < 24  # steps were merged
+    assert [t for o in outputs for t in o.new_token_ids] == last.token_ids
+    assert "".join(o.new_text for o in outputs) == last.text

@@ -2,7 +2,8 @@
 
 The engine is not thread-safe, so only the loop thread touches it. Callers talk to that thread
 through a command queue (add, abort), and the thread hands each step's outputs back to the
-caller's event loop with `call_soon_threadsafe`, one asyncio.Queue per request. Prompts are
+caller's event loop with one `call_soon_threadsafe` per step, into a stream per request that
+merges what its reader has not taken yet (vLLM's output collector). Prompts are
 tokenized on worker threads of their own (TokenizerPool), so that neither the callers' event
 loop nor the engine's steps wait for a long prompt or a slow chat template. While idle, the
 thread wakes every IDLE_CHECK_S to check that the engine's processes are alive and to publish
@@ -35,17 +36,45 @@ IDLE_CHECK_S = 0.5  # how often an idle loop checks the engine's health and publ
 
 @dataclass
 class _Stream:
-    """Where one request's outputs go: a queue living on the caller's event loop."""
+    """Where one request's outputs go, on the caller's event loop. Outputs that arrive while the
+    caller has not read the last one yet are merged into it (RequestOutput.merged): a stream
+    that falls behind catches up in one read instead of one per step."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pending: deque = field(default_factory=deque)  # RequestOutput or an exception, in order
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the loop thread; the put itself runs on the caller's loop."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            pass
+        """Called from the loop thread; the item arrives on the caller's loop."""
+        _send_to_loop(self.loop, [(self, item)])
+
+    def receive(self, item: RequestOutput | BaseException) -> None:
+        """On the caller's loop."""
+        last = self.pending[-1] if self.pending else None
+        if isinstance(last, RequestOutput) and isinstance(item, RequestOutput):
+            self.pending[-1] = last.merged(item)
+        else:
+            self.pending.append(item)
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self.pending:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.pending.popleft()
+
+
+def _send_to_loop(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Hand (stream, item) pairs to the streams' event loop with one wake-up of it."""
+    try:
+        loop.call_soon_threadsafe(_receive_all, items)
+    except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+        pass
+
+
+def _receive_all(items: list) -> None:
+    for stream, item in items:
+        stream.receive(item)
 
 
 @dataclass
@@ -159,7 +188,7 @@ class AsyncEngine:
         done = False
         try:
             while not done:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     done = True
                     raise item
@@ -203,8 +232,7 @@ class AsyncEngine:
                     outputs = []
                 # Stats first: a client that has a token finds it counted in the metrics.
                 self._publish(self.engine.take_stats())
-                for output in outputs:
-                    self._deliver(output)
+                self._deliver(outputs)
                 busy = self.engine.has_unfinished_requests()
                 with self._wakeup:
                     self._busy = busy
@@ -253,16 +281,20 @@ class AsyncEngine:
                 error = RequestFailedError(f"{type(error).__name__}: {error}")
             command.stream.put(error)
 
-    def _deliver(self, output: RequestOutput) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is None:  # aborted: its caller has gone
-            return
-        if output.error is not None:
-            stream.put(RequestFailedError(output.error))
-        else:
-            stream.put(output)
-        if output.finished:
-            del self._streams[output.request_id]
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their streams: one call into each caller's event loop per step,
+        not one per request (each such call wakes that loop up)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:  # aborted: its caller has gone
+                continue
+            item = RequestFailedError(output.error) if output.error is not None else output
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+            if output.finished:
+                del self._streams[output.request_id]
+        for loop, items in by_loop.items():
+            _send_to_loop(loop, items)
 
     def _end_for_shutdown(self) -> None:
         """While draining: queued requests that never started end now; past the deadline,

@@ -1,6 +1,6 @@
 """What the engine reports for a request after each step (vLLM's RequestOutput shape)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -35,6 +35,12 @@ class RequestOutput:
     @property
     def text(self) -> str:
         return self.outputs[0].text if self.outputs else ""
+
+    def merged(self, later: "RequestOutput") -> "RequestOutput":
+        """This step's output and a later one's as one (a reader that fell behind catches up in
+        one read): the new text and tokens of both, the rest as of the later."""
+        return replace(later, new_text=self.new_text + later.new_text,
+                       new_token_ids=self.new_token_ids + later.new_token_ids)
 
     @property
     def token_ids(self) -> list[int]:
