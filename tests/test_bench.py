@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench import hf_baseline, mixed_step, probe, serving, throughput, workloads
+from bench import hf_baseline, mixed_step, prefix_eviction, probe, serving, throughput, workloads
 from bench import timeline as timeline_module
 from bench.course import compare, plot_stages, repeat_throughput, stage_trees, stages
 from bench.course.run_files import RunFiles, pack, resolve, stage_folder, unpack
@@ -743,3 +743,9 @@ def test_a_code_only_export_leaves_out_chapters_and_results(tmp_path, monkeypatc
     assert (folder / "serve" / "__init__.py").exists() and (folder / "bench").is_dir()
     assert not (folder / "docs").exists() and not (folder / "milestones").exists()
     assert json.loads((tmp_path / stage_trees.STAGES_FILE).read_text()) == last
+
+
+def test_prefix_eviction_bench_times_an_eviction_that_keeps_the_cache_full():
+    result = prefix_eviction.main(["--leaves", "20", "200", "--repeats", "5"])
+    assert [row["leaves"] for row in result["rows"]] == [20, 200]
+    assert all(row["evict_one_ms"] > 0 for row in result["rows"])
