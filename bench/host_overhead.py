@@ -3,7 +3,8 @@ inputs, output processing. Measured per batch size, with torch's intra-op thread
 count, alone and beside busy processes that compete for the cores.
 
     python -m bench.host_overhead --model .models/tiny-qwen3 --batch-sizes 1 32 256 \\
-        --threads 1 2 --busy-neighbours 0 1 --out host-overhead.json
+        --threads 1 2 --busy-neighbours 0 1 --repeats 5 --out host-overhead.json
+    python -m bench.host_overhead --tree .stages/v0.8-tensor-parallel ...   (an earlier stage)
 
 Each step is stubbed where it enters the runner (bench.step_hook): it returns a token per row
 without running the model, so the numbers are the engine's Python and host tensor work alone,
@@ -19,11 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from bench.model_config import parse_engine_args
 from bench.results import environment, write_result
 from bench.step_hook import StepHook
-from serve import LLM, SamplingParams
-from serve.core.model_runner import LaunchedStep
 
 PROMPT_LEN = 290
 WARMUP_STEPS = 20
@@ -43,10 +41,13 @@ def busy_neighbours(count: int):
             spinner.wait()
 
 
-def host_step_us(llm: LLM, batch_size: int, steps: int,
+def host_step_us(llm, batch_size: int, steps: int,
                  warmup_steps: int = WARMUP_STEPS) -> float:
     """Median host time of a decode step of batch_size requests, the model stubbed out, after
     warmup_steps steps (each request has that many output tokens when the timing starts)."""
+    from serve import SamplingParams
+    from serve.core.model_runner import LaunchedStep
+
     engine = llm.engine
     ids = [f"host-{batch_size}-{i}" for i in range(batch_size)]
     params = SamplingParams(temperature=0.6, max_tokens=warmup_steps + steps + 2,
@@ -83,8 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="steps before the timing: each request's output is this long then")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an LLM(...) argument, e.g. overlap_scheduling=true")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure each setting this many times (the median is reported)")
+    parser.add_argument("--tree", help="time the serve/ of this checkout (a stage's exported "
+                                       "tree) instead, with this harness")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.tree:  # before anything imports serve
+        sys.path.insert(0, args.tree)
+    from bench.model_config import parse_engine_args
+    from serve import LLM
 
     # what the longest request needs
     max_model_len = PROMPT_LEN + args.warmup_steps + args.steps + 2
@@ -97,12 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for batch_size in args.batch_sizes:
-                    us = host_step_us(llm, batch_size, args.steps, args.warmup_steps)
+                    runs = [host_step_us(llm, batch_size, args.steps, args.warmup_steps)
+                            for _ in range(args.repeats)]
+                    us = statistics.median(runs)
                     rows.append({"busy_neighbours": neighbours, "threads": threads,
-                                 "batch_size": batch_size, "host_step_us": us})
+                                 "batch_size": batch_size, "host_step_us": us, "runs_us": runs})
                     print(f"neighbours {neighbours}  threads {threads}  bs {batch_size:4d}  "
                           f"host step {us:8.0f} us", flush=True)
-    result = {"kind": "host_overhead", "env": environment("cpu"), "model": args.model,
+    result = {"kind": "host_overhead", "env": environment("cpu"), "tree": args.tree,
+              "model": args.model,
               "prompt_len": PROMPT_LEN, "warmup_steps": args.warmup_steps, "rows": rows}
     if args.out:
         write_result(args.out, result)

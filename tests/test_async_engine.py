@@ -62,7 +62,9 @@ async def wait_until_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
 
 def test_outputs_stream_until_finished(engine):
     outputs = asyncio.run(run_to_end(engine, "def main():", GREEDY, "a"))
-    assert [o.finished for o in outputs] == [False] * 7 + [True]
+    # one output per step, or fewer where steps came faster than the reader (merged)
+    assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True]
+    assert [t for o in outputs for t in o.new_token_ids] == outputs[-1].token_ids
     assert "".join(o.new_text for o in outputs) == outputs[-1].text
     assert outputs[-1].finish_reason == "length" and len(outputs[-1].token_ids) == 8
 

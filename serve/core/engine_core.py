@@ -133,48 +133,45 @@ class EngineCore:
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return None
-        inputs = self._step_inputs(schedule.scheduled)
+        inputs, rows = self._step_inputs(schedule.scheduled)
         step_logits = self.runner.execute_model(inputs)
         launched = self.runner.sample(step_logits)
-        rows = []
-        for item in schedule.scheduled:
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            if item.completes:
-                request.output_token_ids.append(PENDING)
-                request.token_in_slot = True  # the step leaves it in the request's slot
-                rows.append((request, len(request.output_token_ids) - 1))
         self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
         return InFlight(launched, rows)
     # --8<-- [end:launch]
 
     # --8<-- [start:step_inputs]
-    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
-        """The step's arrays from the persistent batch: one pass over the scheduled requests
-        for what changes every step (slot, progress, tokens the host must send), then numpy
-        indexing for the rest. A request just admitted writes its sampling rules into its slot
-        first."""
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list]:
+        """The step's arrays from the persistent batch, and which request each sampled row
+        belongs to. One pass over the scheduled requests reads what changes every step (slot,
+        progress, tokens the host must send) and moves each request on by the step (its
+        computed tokens, a PENDING mark for the token it samples); numpy indexing does the
+        rest. A request just admitted writes its sampling rules into its slot first."""
         batch, num_rows = self.batch, len(scheduled)
         slots = np.empty(num_rows, dtype=np.int64)
         query_lens = np.empty(num_rows, dtype=np.int64)
         computed = np.empty(num_rows, dtype=np.int64)
         sampled = np.empty(num_rows, dtype=np.bool_)
         read = np.zeros(num_rows, dtype=np.bool_)
-        host_tokens = []
+        host_tokens, rows = [], []
         for i, item in enumerate(scheduled):
-            request = item.request
+            request, num_new = item.request, item.num_new_tokens
             slot = slots[i] = request.page_table.row
             if item.admitted:
                 batch.admit(slot, request.params, request.sampling_seed)
-            query_lens[i] = item.num_new_tokens
+            query_lens[i] = num_new
             computed[i] = request.num_computed_tokens
-            sampled[i] = item.completes
             if request.token_in_slot:  # a decode row: its token waits in its slot on the device
                 read[i] = True
                 host_tokens.append(0)
             else:
-                host_tokens.extend(request.token_ids_from(request.num_computed_tokens)
-                                   [:item.num_new_tokens])
+                host_tokens.extend(request.token_ids_from(request.num_computed_tokens)[:num_new])
+            request.num_computed_tokens += num_new
+            sampled[i] = item.completes
+            if item.completes:
+                request.output_token_ids.append(PENDING)
+                request.token_in_slot = True  # the step leaves it in the request's slot
+                rows.append((request, len(request.output_token_ids) - 1))
         inputs = gather_step_inputs(
             np.array(host_tokens, dtype=np.int64), query_lens, computed,
             self.allocator.block_table, slots, self.allocator.page_size, sampled,
@@ -183,7 +180,7 @@ class EngineCore:
         inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(
             slots[read])
         inputs.write_slots = torch.from_numpy(slots[sampled])
-        return inputs
+        return inputs, rows
     # --8<-- [end:step_inputs]
 
     # --8<-- [start:collect]
