@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -749,3 +750,17 @@ def test_prefix_eviction_bench_times_an_eviction_that_keeps_the_cache_full():
     result = prefix_eviction.main(["--leaves", "20", "200", "--repeats", "5"])
     assert [row["leaves"] for row in result["rows"]] == [20, 200]
     assert all(row["evict_one_ms"] > 0 for row in result["rows"])
+
+
+def test_tp_step_messages_carry_the_same_step_three_ways():
+    from bench import tp_step_message
+
+    built, gather_ms = tp_step_message.messages(8)
+    as_torch = pickle.loads(pickle.dumps(built["torch"])).inputs
+    as_numpy = pickle.loads(pickle.dumps(built["numpy"])).inputs
+    assert torch.equal(as_torch.attention.kv_indices, as_numpy.attention.kv_indices)
+    assert torch.equal(as_torch.sampling.noise_keys, as_numpy.sampling.noise_keys)
+    changes = built["changes"]
+    assert len(changes["slots"]) == 8 and gather_ms > 0
+    size, dump_ms, load_ms = tp_step_message.pickle_ms(built["changes"], 3)
+    assert size < len(pickle.dumps(built["numpy"]))
