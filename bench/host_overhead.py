@@ -41,10 +41,11 @@ def busy_neighbours(count: int):
             spinner.wait()
 
 
-def host_step_us(llm, batch_size: int, steps: int,
-                 warmup_steps: int = WARMUP_STEPS) -> float:
+def host_step_us(llm, batch_size: int, steps: int, warmup_steps: int = WARMUP_STEPS,
+                 core_only: bool = False) -> float:
     """Median host time of a decode step of batch_size requests, the model stubbed out, after
-    warmup_steps steps (each request has that many output tokens when the timing starts)."""
+    warmup_steps steps (each request has that many output tokens when the timing starts).
+    core_only: the engine core's step alone, without turning its tokens into text."""
     from serve import SamplingParams
     from serve.core.model_runner import LaunchedStep
 
@@ -59,9 +60,10 @@ def host_step_us(llm, batch_size: int, steps: int,
             hook.stub = lambda inputs: LaunchedStep(  # every row samples 5, on the host
                 None, torch.full((len(inputs.sample_indices),), 5), None)
             times = []
+            step_once = engine.core.step if core_only else engine.step
             for step in range(warmup_steps + steps):
                 start = time.perf_counter()
-                engine.step()
+                step_once()
                 if step >= warmup_steps:
                     times.append(time.perf_counter() - start)
     finally:
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="steps before the timing: each request's output is this long then")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an LLM(...) argument, e.g. overlap_scheduling=true")
+    parser.add_argument("--core-only", action="store_true",
+                        help="time the engine core's step alone: what paces the GPU when the "
+                             "core runs in its own process (the server's text is elsewhere)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure each setting this many times (the median is reported)")
     parser.add_argument("--tree", help="time the serve/ of this checkout (a stage's exported "
@@ -106,14 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for batch_size in args.batch_sizes:
-                    runs = [host_step_us(llm, batch_size, args.steps, args.warmup_steps)
-                            for _ in range(args.repeats)]
+                    runs = [host_step_us(llm, batch_size, args.steps, args.warmup_steps,
+                                         args.core_only) for _ in range(args.repeats)]
                     us = statistics.median(runs)
                     rows.append({"busy_neighbours": neighbours, "threads": threads,
                                  "batch_size": batch_size, "host_step_us": us, "runs_us": runs})
                     print(f"neighbours {neighbours}  threads {threads}  bs {batch_size:4d}  "
                           f"host step {us:8.0f} us", flush=True)
     result = {"kind": "host_overhead", "env": environment("cpu"), "tree": args.tree,
+              "core_only": args.core_only,
               "model": args.model,
               "prompt_len": PROMPT_LEN, "warmup_steps": args.warmup_steps, "rows": rows}
     if args.out:
