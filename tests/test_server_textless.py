@@ -1,5 +1,6 @@
-"""A model without a tokenizer (a config with dummy weights, as benchmarks use) still streams
-one chunk per generated token, so that online benchmarks can time every token."""
+"""A model without a tokenizer (a config with dummy weights, as benchmarks use) still streams a
+chunk per step that produced tokens (steps its reader fell behind on merged into one, as vLLM
+does), so that online benchmarks can time them."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ from serve.engine.llm_engine import LLMEngine
 from serve.server.app import build_app
 
 
-def test_token_id_prompts_stream_one_chunk_per_token(qwen3_dir, tmp_path):
+def test_token_id_prompts_stream_a_chunk_per_step(qwen3_dir, tmp_path):
     shutil.copy(f"{qwen3_dir}/config.json", tmp_path / "config.json")  # no tokenizer files
     engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy",
                                                 device="cpu")))
@@ -23,7 +24,7 @@ def test_token_id_prompts_stream_one_chunk_per_token(qwen3_dir, tmp_path):
             lines = [line for line in response.iter_lines() if line.startswith("data: {")]
         chunks = [json.loads(line[len("data: "):]) for line in lines]
         with_choices = [c for c in chunks if c["choices"]]
-        assert len(with_choices) == 9
+        assert 1 <= len(with_choices) <= 9  # one per step, or fewer where steps merged
         assert chunks[-1]["usage"]["completion_tokens"] == 9
         text = client.post("/v1/completions", json={**body, "stream": False}).json()
         assert text["usage"]["completion_tokens"] == 9
