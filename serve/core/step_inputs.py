@@ -20,7 +20,7 @@ class StepInputs:
     Slots (PersistentBatch): the runner keeps each slot's last sampled token on the device. Token
     rows read_rows take their input from there (slots read_slots) instead of token_ids, so a
     decode row's token never has to reach the host first; the sampled tokens are written back to
-    the slots write_slots. Both are None where a step has no slots (tests, profiling).
+    the slots write_slots. All three are None where a step has no slots (tests, profiling).
     """
 
     token_ids: torch.Tensor  # [num_tokens] int64: every sequence's new tokens, back to back
