@@ -50,32 +50,32 @@ STAGE_8 = STAGE_2.parent / "v0.8-tensor-parallel"
 STAGE_8_SCRIPT = """
 import json, sys
 from serve import LLM, SamplingParams
-prompts, model, params, config = (json.loads(a) for a in sys.argv[1:])
+prompts, model, params, configs = (json.loads(a) for a in sys.argv[1:])
 params = [SamplingParams(**p) for p in params]
-llm = LLM(model, device="cpu", **config)
-outputs = llm.generate(prompts, params, use_tqdm=False)
-print(json.dumps([o.token_ids for o in outputs]))
+outputs = [LLM(model, device="cpu", **config).generate(prompts, params, use_tqdm=False)
+           for config in configs]
+print(json.dumps([[o.token_ids for o in run] for run in outputs]))
 """
 
 
 @pytest.mark.skipif(not STAGE_8.is_dir(), reason="run `make stage-sources` to export v0.8")
-@pytest.mark.parametrize("overlap", [False, True])
-def test_the_persistent_batch_matches_stage_8_token_for_token(qwen3_dir, overlap):
+def test_the_persistent_batch_matches_stage_8_token_for_token(qwen3_dir):
     """Stage 9 changes how a step's inputs are built and where tokens wait between steps, not
-    what is computed: greedy and seeded requests give v0.8's tokens, with prompts cut into
-    chunks and requests preempted on the way."""
+    what is computed: greedy and seeded requests give v0.8's tokens, with and without overlap,
+    with prompts cut into chunks and requests preempted on the way."""
     params = [{"temperature": 0, "max_tokens": 24, "ignore_eos": True},
               {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 5, "max_tokens": 24,
                "ignore_eos": True}] * 2
-    config = {"page_size": 4, "num_pages": 24, "max_num_batched_tokens": 16,
-              "overlap_scheduling": overlap}
+    configs = [{"page_size": 4, "num_pages": 24, "max_num_batched_tokens": 16,
+                "overlap_scheduling": overlap} for overlap in (False, True)]
     result = subprocess.run(
         [sys.executable, "-c", STAGE_8_SCRIPT, json.dumps(PROMPTS), json.dumps(qwen3_dir),
-         json.dumps(params), json.dumps(config)],
+         json.dumps(params), json.dumps(configs)],
         cwd=STAGE_8, env={**os.environ, "PYTHONPATH": str(STAGE_8)}, capture_output=True,
         text=True, timeout=300, check=True)
     stage_8 = json.loads(result.stdout.strip().splitlines()[-1])
-    llm = LLM(qwen3_dir, device="cpu", **config)
-    ours = llm.generate(PROMPTS, [SamplingParams(**p) for p in params], use_tqdm=False)
-    assert llm.engine.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in ours] == stage_8
+    for config, theirs in zip(configs, stage_8, strict=True):
+        llm = LLM(qwen3_dir, device="cpu", **config)
+        ours = llm.generate(PROMPTS, [SamplingParams(**p) for p in params], use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert [o.token_ids for o in ours] == theirs
