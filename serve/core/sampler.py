@@ -160,7 +160,7 @@ class Sampler:
 
     # --8<-- [start:sample]
     def __call__(self, logits: torch.Tensor, rows: SamplingTensors) -> torch.Tensor:
-        # logits: [rows, vocab] float32 -> token ids [rows]
+        # logits: [rows, vocab] in the model's dtype -> token ids [rows]
         greedy = logits.argmax(dim=-1)
         if rows.all_greedy:
             return greedy
