@@ -31,6 +31,7 @@ from serve.models.loader import load_config, resolve_model_path
 logger = logging.getLogger(__name__)
 
 PENDING = -1  # an output token sampled by a step in flight, not yet seen by the host
+FINISHED = RequestStatus.FINISHED
 
 
 @dataclass
@@ -189,14 +190,14 @@ class EngineCore:
         the rules that end a request, and report."""
         token_ids = self.runner.collect(in_flight.launched)
         now = time.monotonic()
-        outputs = []
+        outputs, on_token = [], self.stats.on_token
         for (request, index), token_id in zip(in_flight.rows, token_ids, strict=True):
-            if request.finished:
+            if request.status is FINISHED:
                 continue  # ended meanwhile (an abort, or one step late: see step)
             request.output_token_ids[index] = token_id
-            self.stats.on_token(request, now)
+            on_token(request, now)
             self._check_stop(request, token_id, index + 1)
-            if request.finished:
+            if request.status is FINISHED:
                 del request.output_token_ids[index + 1 :]  # a row of the step in flight
                 self.scheduler.finish(request)  # its pages are free for the next step
                 self.stats.on_finish(request, now)

@@ -119,15 +119,16 @@ class LLMEngine:
         end it (and the core is told). A failure while processing a request's output is that
         request's alone: it ends with an error, and the others go on."""
         outputs = []
+        requests, process = self.output_processor.requests, self.output_processor.process
         for core_output in self.core.step():
             request_id = core_output.request_id
-            if request_id not in self.output_processor.requests:
+            if request_id not in requests:
                 continue  # ended here meanwhile (a stop string, an abort)
             if core_output.error is not None:  # the core could not serve it
                 outputs.append(self.output_processor.abort(request_id, core_output.error))
                 continue
             try:
-                output = self.output_processor.process(core_output)
+                output = process(core_output)
             except Exception as error:
                 logger.exception("request %s failed while processing its output", request_id)
                 if core_output.finish_reason is None:
