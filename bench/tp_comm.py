@@ -13,7 +13,7 @@ Beside it, the weights' share of the step at the roofline: weight bytes / tp / b
 """
 
 import argparse
-import os
+import socket
 import statistics
 import time
 
@@ -83,18 +83,25 @@ def time_collectives(rank: int, size: int, address: str, device: str, shapes: li
 
 
 def measure(size: int, device: str, shapes: list) -> dict:
-    port = 29500 + os.getpid() % 1000
+    return run_ranks(time_collectives, size, device, shapes)
+
+
+def run_ranks(target, size: int, *args):
+    """Start `size` processes, each running target(rank, size, address, *args, results) with one
+    rendezvous address, and return what one of them puts on `results` (then wait for all)."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=time_collectives,
-                                 args=(rank, size, f"tcp://127.0.0.1:{port}", device, shapes,
-                                       results)) for rank in range(size)]
+    processes = [context.Process(target=target, args=(rank, size, address, *args, results))
+                 for rank in range(size)]
     for process in processes:
         process.start()
-    timings = results.get(timeout=600)
+    answer = results.get(timeout=600)
     for process in processes:
         process.join()
-    return timings
+    return answer
 
 
 def main(argv: list[str] | None = None) -> dict:

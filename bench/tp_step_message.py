@@ -21,16 +21,15 @@ two processes on it (gloo, CPU), medians over --repeats.
 import argparse
 import os
 import pickle
-import socket
 import statistics
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bench.results import environment, write_result
+from bench.tp_comm import run_ranks
 from serve.core.batch import PersistentBatch
 from serve.core.parallel_runner import StepMessage
 from serve.core.step_inputs import gather_step_inputs
@@ -98,9 +97,10 @@ def pickle_ms(message, repeats: int) -> tuple[int, float, float]:
     return len(blob), statistics.median(dumps) * 1e3, statistics.median(loads) * 1e3
 
 
-def _broadcast_worker(rank: int, port: int, rows_list: list[int], repeats: int, out) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+def _broadcast_worker(rank: int, size: int, address: str, rows_list: list[int], repeats: int,
+                      out) -> None:
+    dist.init_process_group("gloo", init_method=address, rank=rank,
+                            world_size=size)
     results = {}
     for rows in rows_list:
         built, _ = messages(rows)
@@ -120,19 +120,7 @@ def _broadcast_worker(rank: int, port: int, rows_list: list[int], repeats: int, 
 
 def broadcast_ms(rows_list: list[int], repeats: int) -> dict:
     """Rank 1's time from a barrier to holding the unpickled message, per (rows, way)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    out = context.Queue()
-    procs = [context.Process(target=_broadcast_worker, args=(rank, port, rows_list, repeats, out))
-             for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    results = out.get(timeout=600)
-    for proc in procs:
-        proc.join()
-    return results
+    return run_ranks(_broadcast_worker, 2, rows_list, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
