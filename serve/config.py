@@ -7,6 +7,7 @@ import torch
 
 from serve.heartbeat import MIN_HEARTBEAT_TIMEOUT_S
 from serve.sampling_params import SEED_MAX, SEED_MIN
+from serve.spec.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,9 +56,14 @@ class EngineConfig:
     # seconds without a heartbeat after which the engine core's process, or a tensor-parallel
     # worker, counts as dead (stopped or hung): its requests fail and the server exits
     heartbeat_timeout: float = 10.0
+    # speculative decoding, as a dict (JSON on the command line) with vLLM's keys, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; off when None
+    speculative_config: SpeculativeConfig | None = None
 # --8<-- [end:config]
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         for name in ("tensor_parallel_size", "max_num_seqs", "page_size", "num_pages",

@@ -60,6 +60,12 @@ class EngineStats(msgspec.Struct, frozen=True):
     time_to_first_token_s: tuple[float, ...] = ()
     inter_token_latency_s: tuple[float, ...] = ()
     finished: tuple[FinishedRequestStats, ...] = ()
+    # speculative decoding: rows that checked drafts, their drafts, the drafts accepted, and
+    # by position (how often the 1st, 2nd, ... draft of a row was accepted)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
     @property
     def kv_cache_usage(self) -> float:
@@ -78,7 +84,14 @@ class EngineStats(msgspec.Struct, frozen=True):
             prefix_cache_hits=self.prefix_cache_hits + later.prefix_cache_hits,
             time_to_first_token_s=self.time_to_first_token_s + later.time_to_first_token_s,
             inter_token_latency_s=self.inter_token_latency_s + later.inter_token_latency_s,
-            finished=self.finished + later.finished)
+            finished=self.finished + later.finished,
+            spec_num_drafts=self.spec_num_drafts + later.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens + later.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens
+            + later.spec_num_accepted_tokens,
+            spec_accepted_per_pos=_add_counts(self.spec_accepted_per_pos,
+                                              later.spec_accepted_per_pos))
+
 
     def __str__(self) -> str:
         line = (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
@@ -87,6 +100,12 @@ class EngineStats(msgspec.Struct, frozen=True):
         return line + (f", {self.num_cached_pages} pages in the prefix cache"
                        if self.num_cached_pages else "")
 # --8<-- [end:engine_stats]
+
+
+def _add_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Two per-position counts added position by position (the shorter padded with 0)."""
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return tuple(x + (shorter[i] if i < len(shorter) else 0) for i, x in enumerate(longer))
 
 
 # When the core runs in a process of its own (serve/core/core_process.py), these go with them:

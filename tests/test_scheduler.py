@@ -13,6 +13,7 @@ from serve.core.kv.radix_cache import RadixCache
 from serve.core.request import Request, RequestStatus
 from serve.core.scheduler import Scheduler
 from serve.sampling_params import SamplingParams
+from serve.spec.verify import accepted_tokens
 
 NUM_PAGES, PAGE_SIZE = 8, 4
 PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [5, 5], [])
@@ -20,7 +21,7 @@ PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [5, 5], [])
 
 def make_scheduler(prefix_caching: bool, page_size: int = PAGE_SIZE, max_num_seqs: int = 3,
                    budget: int = 64) -> tuple[PageAllocator, Scheduler]:
-    allocator = PageAllocator(NUM_PAGES, page_size)
+    allocator = PageAllocator(NUM_PAGES, page_size, max_num_seqs + 1, NUM_PAGES)
     cache = RadixCache(allocator) if prefix_caching else None
     allocator.evictor = cache
     return allocator, Scheduler(allocator, max_num_seqs, max_num_batched_tokens=budget,
@@ -79,28 +80,40 @@ class SchedulerMachine(RuleBasedStateMachine):
         for item in out.scheduled:
             request = item.request
             assert request.status is RequestStatus.RUNNING
+            drafts, request.draft_token_ids = request.draft_token_ids, []
+            assert len(drafts) == item.num_drafts
             end = request.num_computed_tokens + item.num_new_tokens
             # computing its new tokens: each must have a slot in its own pages
             assert len(request.page_table.pages) * self.PAGE_SIZE >= end
-            assert 1 <= item.num_new_tokens <= request.num_tokens - request.num_computed_tokens
+            assert 1 <= item.num_new_tokens - len(drafts) \
+                <= request.num_tokens - request.num_computed_tokens
             self._check_reads(request)
-            self._compute(request, end)
+            self._compute(request, end, drafts)
             completes = item.completes
-            assert completes == (end == request.num_tokens)
+            assert completes == (end - len(drafts) == request.num_tokens)
             request.num_computed_tokens = end
             if not completes:  # a prefill chunk that stops short: nothing is sampled
                 assert request.num_computed_tokens < request.num_tokens
                 continue
-            # the sampled token: alike for alike sequences, so outputs are shared too
-            request.output_token_ids.append(2 + request.num_tokens % 2)
-            self.tokens_seen[request.request_id] += 1
-            if len(request.output_token_ids) >= request.max_tokens:
-                self._end(request)
+            self._sample(request, drafts)
         self.scheduler.cache_prefills(out)  # as the engine does after each step
 
-    def _compute(self, request: Request, end: int) -> None:
-        """Write the K/V of its tokens from num_computed_tokens to end into its pages."""
-        token_ids = request.token_ids_from(0)
+    @staticmethod
+    def next_token(num_tokens: int) -> int:
+        """The token sampled after num_tokens tokens: alike for alike sequences, so outputs
+        are shared too."""
+        return 2 + num_tokens % 2
+
+    def _sample(self, request: Request, drafts: list[int]) -> None:
+        request.output_token_ids.append(self.next_token(request.num_tokens))
+        self.tokens_seen[request.request_id] += 1
+        if len(request.output_token_ids) >= request.max_tokens:
+            self._end(request)
+
+    def _compute(self, request: Request, end: int, drafts: list[int]) -> None:
+        """Write the K/V of its tokens (drafts after them) from num_computed_tokens to end
+        into its pages."""
+        token_ids = request.token_ids_from(0) + drafts
         for position in range(request.num_computed_tokens, end):
             page = request.page_table.pages[position // self.PAGE_SIZE]
             assert not self.allocator.cached[page], "a cached page is written again"
@@ -173,6 +186,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert refs[node.parent.pages[0]] > 0, "a node is held without its parent"
 
     @invariant()
+    def block_table_rows_mirror_page_tables(self) -> None:
+        rows = []
+        for request in self.scheduler.running:
+            table = request.page_table
+            if table.pages:
+                rows.append(table.row)
+                assert self.allocator.block_table[table.row, : len(table.pages)].tolist() \
+                    == table.pages
+        assert len(rows) == len(set(rows)), "two requests share a block table row"
+        assert not set(rows) & set(self.allocator.free_rows)
+
+    @invariant()
     def every_request_is_in_exactly_one_place(self) -> None:
         running = [r.request_id for r in self.scheduler.running]
         waiting = [r.request_id for r in self.scheduler.waiting]
@@ -217,9 +242,39 @@ class ChunkedSchedulerMachine(CachedSchedulerMachine):
     BUDGET = 5
 
 
+class SpeculativeSchedulerMachine(ChunkedSchedulerMachine):
+    """Decoding requests get drafts, right or wrong, and check them as the engine does: each
+    matching draft is accepted, the token at the first mismatch is kept, and the computed
+    length moves back over the rejected drafts, whose K/V (written above) must never be read
+    or cached. Preemptions and aborts happen between."""
+
+    @rule(drafts=st.lists(st.lists(st.integers(2, 3), max_size=3), max_size=3))
+    def propose(self, drafts: list[list[int]]) -> None:
+        decoding = [r for r in self.scheduler.running
+                    if r.num_tokens - r.num_computed_tokens == 1]
+        for request, proposed in zip(decoding, drafts, strict=False):
+            # never past max_tokens: the step yields one token more than its drafts
+            request.draft_token_ids = proposed[: request.max_tokens
+                                               - len(request.output_token_ids) - 1]
+
+    def _sample(self, request: Request, drafts: list[int]) -> None:
+        new = accepted_tokens(drafts, [self.next_token(request.num_tokens + i)
+                                       for i in range(len(drafts) + 1)])
+        request.num_computed_tokens -= len(drafts) - (len(new) - 1)
+        for token in new:
+            request.output_token_ids.append(token)
+            self.tokens_seen[request.request_id] += 1
+            if len(request.output_token_ids) >= request.max_tokens:
+                request.num_computed_tokens = min(request.num_computed_tokens,
+                                                  request.num_tokens)
+                self._end(request)
+                return
+        assert request.num_tokens - request.num_computed_tokens == 1  # decoding again
+
+
 @pytest.mark.parametrize("machine", [SchedulerMachine, CachedSchedulerMachine,
-                                     ChunkedSchedulerMachine],
-                         ids=["no_cache", "prefix_cache", "chunked_prefill"])
+                                     ChunkedSchedulerMachine, SpeculativeSchedulerMachine],
+                         ids=["no_cache", "prefix_cache", "chunked_prefill", "speculative"])
 def test_scheduler_state_machine(machine):
     case = machine.TestCase
     case.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)

@@ -24,14 +24,18 @@ from serve.core.parallel_runner import ParallelRunner
 from serve.core.request import Request, RequestStatus
 from serve.core.scheduler import ScheduledRequest, Scheduler
 from serve.core.stats import StatsCollector
-from serve.core.step_inputs import StepInputs, gather_step_inputs
+from serve.core.step_inputs import StepInputs, gather_step_inputs, sampled_offsets
 from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
+from serve.spec.draft_model import DraftModelProposer
+from serve.spec.ngram import NgramProposer
+from serve.spec.verify import accepted_tokens
 
 logger = logging.getLogger(__name__)
 
 PENDING = -1  # an output token sampled by a step in flight, not yet seen by the host
 FINISHED = RequestStatus.FINISHED
+NO_DRAFTS: list[int] = []  # (never written to: shared by every row without drafts)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class InFlight:
 
     launched: LaunchedStep
     rows: list[tuple[Request, int]]  # (request, index in its output_token_ids)
+    drafts: list[list[int]] | None = None  # per row, the drafts it checks; None: no row does
 
 
 class EngineCore:
@@ -66,8 +71,24 @@ class EngineCore:
         # a running request's slot is its block table row: the allocator's rows, one batch row each
         self.batch = PersistentBatch(config.num_slots, self.hf_config.vocab_size)
         self.stats = StatsCollector()
-        self.overlap = config.overlap_scheduling
+        self.speculative = config.speculative_config
+        self.proposer = self._make_proposer()
+        # Drafts are proposed from the tokens a step sampled, so the host must have them
+        # before it schedules the next step: speculation runs without overlap.
+        self.overlap = config.overlap_scheduling and self.proposer is None
+        if config.overlap_scheduling and self.proposer is not None:
+            logger.info("overlap scheduling: off (speculative decoding proposes drafts from "
+                        "each step's tokens before the next step)")
         self._in_flight: InFlight | None = None
+
+    def _make_proposer(self) -> "NgramProposer | DraftModelProposer | None":
+        spec = self.speculative
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramProposer(spec)
+        return DraftModelProposer(spec, self.config, self.max_model_len,
+                                  self.hf_config.vocab_size)
 
     def _context_the_pool_holds(self, asked: bool) -> int:
         """max_model_len, if the KV pool holds one sequence that long (else no request of that
@@ -102,6 +123,8 @@ class EngineCore:
             return False
         self._finish(request, reason)
         self.scheduler.finish(request)
+        if self.proposer is not None:
+            self.proposer.release(request)
         self.stats.on_finish(request, time.monotonic())
         return True
 
@@ -134,15 +157,15 @@ class EngineCore:
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return None
-        inputs, rows = self._step_inputs(schedule.scheduled)
+        inputs, rows, drafts = self._step_inputs(schedule.scheduled)
         step_logits = self.runner.execute_model(inputs)
         launched = self.runner.sample(step_logits)
         self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
-        return InFlight(launched, rows)
+        return InFlight(launched, rows, drafts)
     # --8<-- [end:launch]
 
     # --8<-- [start:step_inputs]
-    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list]:
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list, list]:
         """The step's arrays from the persistent batch, and which request each sampled row
         belongs to. One pass over the scheduled requests reads what changes every step (slot,
         progress, tokens the host must send) and moves each request on by the step (its
@@ -152,9 +175,9 @@ class EngineCore:
         slots = np.empty(num_rows, dtype=np.int64)
         query_lens = np.empty(num_rows, dtype=np.int64)
         computed = np.empty(num_rows, dtype=np.int64)
-        sampled = np.empty(num_rows, dtype=np.bool_)
+        num_sampled = np.zeros(num_rows, dtype=np.int64)
         read = np.zeros(num_rows, dtype=np.bool_)
-        host_tokens, rows = [], []
+        host_tokens, rows, drafts = [], [], []
         for i, item in enumerate(scheduled):
             request, num_new = item.request, item.num_new_tokens
             slot = slots[i] = request.page_table.row
@@ -168,20 +191,29 @@ class EngineCore:
             else:
                 host_tokens.extend(request.token_ids_from(request.num_computed_tokens)[:num_new])
             request.num_computed_tokens += num_new
-            sampled[i] = item.completes
             if item.completes:
+                num_sampled[i] = 1 + item.num_drafts  # a verify row samples every position
                 request.output_token_ids.append(PENDING)
-                request.token_in_slot = True  # the step leaves it in the request's slot
+                # the step leaves its token in the request's slot; after a verify row only
+                # the host knows which of its samples is the next token, and sends it
+                request.token_in_slot = not item.num_drafts
                 rows.append((request, len(request.output_token_ids) - 1))
+                if item.num_drafts:
+                    host_tokens.extend(request.draft_token_ids)
+                    drafts.append(request.draft_token_ids)
+                    request.draft_token_ids = []
+                else:
+                    drafts.append(NO_DRAFTS)
+        sampled_slots = np.repeat(slots, num_sampled)
         inputs = gather_step_inputs(
             np.array(host_tokens, dtype=np.int64), query_lens, computed,
-            self.allocator.block_table, slots, self.allocator.page_size, sampled,
-            batch.sampling(slots[sampled], (computed + query_lens)[sampled]))
-        read_rows = (np.cumsum(query_lens) - 1)[read]  # a read row feeds one token
+            self.allocator.block_table, slots, self.allocator.page_size, num_sampled,
+            batch.sampling(sampled_slots, sampled_offsets(computed + query_lens, num_sampled)))
+        read_rows = (np.cumsum(query_lens) - query_lens)[read]  # a read row's first token
         inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(
             slots[read])
-        inputs.write_slots = torch.from_numpy(slots[sampled])
-        return inputs, rows
+        inputs.write_slots = torch.from_numpy(sampled_slots)
+        return inputs, rows, (drafts if len(sampled_slots) > len(rows) else None)
     # --8<-- [end:step_inputs]
 
     # --8<-- [start:collect]
@@ -189,6 +221,8 @@ class EngineCore:
         """Wait for a launched step's tokens, put them in place of their PENDING marks, apply
         the rules that end a request, and report."""
         token_ids = self.runner.collect(in_flight.launched)
+        if self.proposer is not None:
+            return self._collect_speculative(in_flight, token_ids)
         now = time.monotonic()
         outputs, on_token = [], self.stats.on_token
         for (request, index), token_id in zip(in_flight.rows, token_ids, strict=True):
@@ -205,6 +239,64 @@ class EngineCore:
                                       request.num_cached_tokens))
         return outputs
     # --8<-- [end:collect]
+
+    # --8<-- [start:collect_speculative]
+    def _collect_speculative(self, in_flight: InFlight, token_ids: list[int]) -> list[CoreOutput]:
+        """_collect for an engine that speculates (never overlapped): a verify row keeps the
+        tokens its drafts earned (serve/spec/verify.py), checked one by one for a stop; the K/V
+        of the drafts it rejected is never read again (its computed length moves back; the
+        pages stay, and the next step overwrites those slots). Then each running request gets
+        its drafts for the next step."""
+        now = time.monotonic()
+        outputs, start, to_propose = [], 0, []
+        drafts_of = in_flight.drafts or [NO_DRAFTS] * len(in_flight.rows)
+        limit = self.speculative.disable_by_batch_size
+        speculate = limit is None or len(self.scheduler.running) <= limit
+        for (request, index), drafts in zip(in_flight.rows, drafts_of, strict=True):
+            samples = token_ids[start : start + 1 + len(drafts)]
+            start += 1 + len(drafts)
+            if request.status is FINISHED:
+                continue  # aborted meanwhile
+            new = accepted_tokens(drafts, samples)
+            if drafts:
+                self.stats.on_verify(len(drafts), len(new) - 1)
+                request.num_computed_tokens -= len(drafts) - (len(new) - 1)
+            del request.output_token_ids[index:]  # its PENDING mark
+            for kept, token_id in enumerate(new, 1):
+                request.output_token_ids.append(token_id)
+                self.stats.on_token(request, now)
+                self._check_stop(request, token_id, len(request.output_token_ids))
+                if request.status is FINISHED:
+                    new = new[:kept]  # the tokens after a stop are dropped, never reported
+                    break
+            if request.status is FINISHED:
+                # (its K/V may run past the stop: only the tokens it keeps count as computed)
+                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
+                self.scheduler.finish(request)
+                self.proposer.release(request)
+                self.stats.on_finish(request, now)
+            elif speculate:
+                to_propose.append(request)
+            outputs.append(CoreOutput(request.request_id, new, request.finish_reason,
+                                      request.num_cached_tokens))
+        self._propose(to_propose)
+        return outputs
+
+    def _propose(self, requests: list[Request]) -> None:
+        """Drafts for the requests' next step: at most k each, never past max_tokens (the
+        step yields one token more than it has drafts) or the context length."""
+        k, limits, proposing = self.speculative.num_speculative_tokens, [], []
+        for request in requests:
+            limit = min(k, request.max_tokens - len(request.output_token_ids) - 1,
+                        self.max_model_len - request.num_tokens)
+            if limit > 0:
+                proposing.append(request)
+                limits.append(limit)
+        if proposing:
+            for request, drafts in zip(proposing, self.proposer.propose(proposing, limits),
+                                       strict=True):
+                request.draft_token_ids = drafts
+    # --8<-- [end:collect_speculative]
 
     def _check_stop(self, request: Request, token_id: int, num_output_tokens: int) -> None:
         """The rules that end a request at its num_output_tokens-th token; a stop string is

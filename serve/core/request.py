@@ -42,6 +42,10 @@ class Request:
     # its last output token was sampled into its slot (its block table row) on the device, where
     # its next step reads it; until its first sample after (re)admission, the host sends tokens
     token_in_slot: bool = False
+    # speculative decoding: the tokens proposed to follow its last one, checked by its next
+    # step, and the proposer's own state for it (NgramIndex)
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_state: object | None = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -62,6 +66,15 @@ class Request:
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt :]
         return self.prompt_token_ids[start:] + self.output_token_ids
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """(prompt + output)[start:end], copying only those tokens."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     @property
     def finished(self) -> bool:

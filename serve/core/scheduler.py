@@ -38,6 +38,8 @@ class ScheduledRequest:
     completes: bool = True
     is_prefill: bool = False  # computes prompt tokens (or recomputes after a preemption)
     admitted: bool = False  # joined the running batch this step (after a prefix-cache lookup)
+    # drafts it checks (speculative decoding): its last num_drafts new tokens, each sampled too
+    num_drafts: int = 0
 
 
 @dataclass
@@ -93,7 +95,9 @@ class Scheduler:
         while queue and budget > 0:
             request = queue.popleft()
             remaining = request.num_tokens - request.num_computed_tokens
-            num_new = min(remaining, budget)
+            # a decoding request with drafts (speculative decoding) checks them in this step:
+            # its last token and its drafts, each of whose K/V gets a slot now
+            num_new = min(remaining + len(request.draft_token_ids), budget)
             # Its new tokens' K/V may need fresh pages; grow_to evicts cached pages nobody
             # holds before it gives up, and then someone is preempted: prefills in progress
             # first (they have produced nothing yet), else the most recently admitted.
@@ -104,8 +108,10 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, num_new == remaining,
-                                                      remaining > 1))
+                num_drafts = max(0, num_new - remaining)
+                del request.draft_token_ids[num_drafts:]  # those past the budget wait
+                out.scheduled.append(ScheduledRequest(request, num_new, num_new >= remaining,
+                                                      remaining > 1, num_drafts=num_drafts))
                 budget -= num_new
         if out.preempted:
             return out  # pages are short: admitting now would only preempt again
@@ -180,6 +186,7 @@ class Scheduler:
         self._cache(request)  # its recompute will likely find these pages still cached
         request.page_table.release()  # and its slot: its last token is the host's to send
         request.token_in_slot = False
+        request.draft_token_ids.clear()
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

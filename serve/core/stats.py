@@ -20,6 +20,10 @@ class StatsCollector:
     time_to_first_token_s: list[float] = field(default_factory=list)
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    spec_num_drafts: int = 0  # verify rows: requests that checked drafts in a step
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)  # [i]: i+1-th drafts accepted
 
     def on_schedule(self, out: SchedulerOutput, prefix_caching: bool) -> None:
         """A step was scheduled: count who was preempted and, with a prefix cache, the tokens
@@ -42,6 +46,17 @@ class StatsCollector:
         request.last_token_time = now
         self.num_generation_tokens += 1
 
+    def on_verify(self, num_drafts: int, num_accepted: int) -> None:
+        """A request checked num_drafts drafts and its first num_accepted matched."""
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_drafts
+        self.spec_num_accepted_tokens += num_accepted
+        per_pos = self.spec_accepted_per_pos
+        if len(per_pos) < num_drafts:
+            per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for position in range(num_accepted):
+            per_pos[position] += 1
+
     def on_finish(self, request: Request, now: float) -> None:
         self.finished.append(FinishedRequestStats(
             request.finish_reason, now - request.arrival_time, request.num_prompt_tokens,
@@ -57,4 +72,7 @@ class StatsCollector:
             prefix_cache_hits=self.prefix_cache_hits,
             time_to_first_token_s=tuple(self.time_to_first_token_s),
             inter_token_latency_s=tuple(self.inter_token_latency_s),
-            finished=tuple(self.finished))
+            finished=tuple(self.finished), spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
+            spec_accepted_per_pos=tuple(self.spec_accepted_per_pos))

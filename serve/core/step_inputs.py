@@ -45,15 +45,15 @@ def gather_step_inputs(
     block_table: np.ndarray,
     rows: np.ndarray,
     page_size: int,
-    sampled: np.ndarray | None = None,
+    num_sampled: np.ndarray | None = None,
     sampling: SamplingTensors | None = None,
 ) -> StepInputs:
     """Sequence i feeds query_lens[i] tokens of token_ids (back to back), which start at
     position num_computed[i]; its pages are row rows[i] of block_table (enough of them for all
-    its tokens). The last new token of each sequence with sampled[i] (default: every sequence) is
-    sampled; a prefill chunk that stops short of its prompt's end is not. Numpy indexing only,
-    no loop over sequences or tokens; host tensors that share the arrays' memory (`to_device`
-    moves them)."""
+    its tokens). The last num_sampled[i] new tokens of sequence i are sampled (default: the last
+    one of every sequence): none for a prefill chunk that stops short of its prompt's end, one
+    for a decode, 1 + its drafts for a row that checks drafts. Numpy indexing only, no loop over
+    sequences or tokens; host tensors that share the arrays' memory (`to_device` moves them)."""
     seq_lens = num_computed + query_lens
     qo_indptr = _indptr(query_lens)
     num_pages = (seq_lens + page_size - 1) // page_size
@@ -79,15 +79,28 @@ def gather_step_inputs(
         page_size=page_size,
         is_decode=num_tokens == len(query_lens),
     )
-    last_rows = qo_indptr[1:] - 1
+    if num_sampled is None:
+        sample_indices = qo_indptr[1:] - 1
+    else:
+        sample_indices = sampled_offsets(qo_indptr[1:], num_sampled) - 1
     return StepInputs(
         token_ids=torch.from_numpy(token_ids.astype(np.int64, copy=False)),
         positions=torch.from_numpy(positions),
         attention=attention,
-        sample_indices=torch.from_numpy(last_rows if sampled is None else last_rows[sampled]),
+        sample_indices=torch.from_numpy(sample_indices),
         sampling=sampling,
     )
 # --8<-- [end:build]
+
+
+def sampled_offsets(ends: np.ndarray, num_sampled: np.ndarray) -> np.ndarray:
+    """ends[i] - num_sampled[i] + 1, ..., ends[i] for every sequence i, back to back: the
+    last num_sampled[i] of a run that ends at ends[i] (token rows, or positions)."""
+    if num_sampled.max(initial=0) <= 1:  # no drafts: a mask is all it takes
+        return ends[num_sampled.astype(np.bool_)]
+    seq = np.repeat(np.arange(len(num_sampled)), num_sampled)
+    first_of_seq = np.repeat(_indptr(num_sampled)[:-1], num_sampled)
+    return ends[seq] - num_sampled[seq] + 1 + (np.arange(len(seq)) - first_of_seq)
 
 
 def build_step_inputs(
@@ -108,7 +121,7 @@ def build_step_inputs(
         np.fromiter(chain.from_iterable(new_token_ids), dtype=np.int64),
         np.array([len(ids) for ids in new_token_ids], dtype=np.int64),
         np.array(num_computed, dtype=np.int64), table, np.arange(len(page_tables)), page_size,
-        None if sampled is None else np.array(sampled, dtype=np.bool_), sampling)
+        None if sampled is None else np.array(sampled, dtype=np.int64), sampling)
 
 
 # --8<-- [start:split]

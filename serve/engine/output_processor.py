@@ -61,8 +61,14 @@ class OutputProcessor:
         new_ids = output.new_token_ids
         if output.finish_reason == "stop":  # EOS or a stop token: its own text is never shown
             new_ids = new_ids[:-1]
-        for token_id in new_ids:
+        for kept, token_id in enumerate(new_ids, 1):
             if self._append_text(state, token_id):
+                # a stop string: the tokens after the one that completed it are dropped (a
+                # verify step brings several at once)
+                num_dropped = len(output.new_token_ids) - kept
+                if num_dropped:
+                    del state.token_ids[-num_dropped:]
+                    return self._report(state, output.new_token_ids[:kept])
                 break
         return self._report(state, output.new_token_ids)
     # --8<-- [end:process]

@@ -58,7 +58,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        state_logger = asyncio.create_task(log_while_busy(engine))
+        state_logger = asyncio.create_task(log_while_busy(engine, metrics))
         yield
         state_logger.cancel()
         engine.shutdown()

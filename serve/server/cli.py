@@ -63,6 +63,19 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> C
     return parse
 
 
+def json_config(config_class: type) -> Callable:
+    """An argparse type: config_class.from_json, its ValueError shown as argparse's error."""
+
+    def parse(text: str):
+        try:
+            return config_class.from_json(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = config_class.__name__
+    return parse
+
+
 # --8<-- [start:parser]
 def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
     """Every flag of the server: the engine's, one per EngineConfig field, then the server's."""
@@ -135,9 +148,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type,
         elif typing.get_origin(kind) is typing.Literal:
             options["choices"] = typing.get_args(kind)
         else:
-            # int | None -> int
-            options["type"] = next(t for t in typing.get_args(kind) or (kind,)
-                                   if t is not type(None))
+            # int | None -> int; a config class (SpeculativeConfig) parses its JSON
+            kind = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            options["type"] = json_config(kind) if hasattr(kind, "from_json") else kind
         parser.add_argument(flag, *aliases.get(field.name, []), required=required, **options)
 
 

@@ -66,9 +66,33 @@ class ServerMetrics:
         self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds",
                              "Between two tokens of one request.", buckets=ITL_BUCKETS_S,
                              registry=registry)
+        self.spec_drafts = Counter(f"{PREFIX}spec_decode_num_drafts",
+                                   "Verify rows: a request checking drafts in a step.",
+                                   registry=registry)
+        self.spec_draft_tokens = Counter(f"{PREFIX}spec_decode_num_draft_tokens",
+                                         "Draft tokens checked.", registry=registry)
+        self.spec_accepted = Counter(f"{PREFIX}spec_decode_num_accepted_tokens",
+                                     "Draft tokens accepted.", registry=registry)
+        self.spec_accepted_per_pos = Counter(
+            f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by their position in the row (0: the first draft).",
+            ["position"], registry=registry)
         self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds",
                              "From arrival to the last token.", buckets=E2E_BUCKETS_S,
                              registry=registry)
+
+        # verify rows, their drafts and the drafts accepted since the last log line
+        self.drafts_since_log = [0, 0, 0]
+
+    def take_acceptance(self) -> str | None:
+        """The log line's speculative part since the last call (vLLM's mean acceptance
+        length: tokens per verify row, 1 + its accepted drafts), or None without drafts."""
+        rows, drafts, accepted = self.drafts_since_log
+        self.drafts_since_log = [0, 0, 0]
+        if not rows:
+            return None
+        return (f"mean acceptance length {1 + accepted / rows:.2f}, {accepted}/{drafts} drafts "
+                f"accepted ({accepted / drafts:.1%})")
 
     def record(self, stats: EngineStats) -> None:
         """Take in one snapshot (called on the engine's loop thread; prometheus_client's
@@ -88,24 +112,35 @@ class ServerMetrics:
             self.ttft.observe(seconds)
         for seconds in stats.inter_token_latency_s:
             self.itl.observe(seconds)
+        if stats.spec_num_drafts:
+            self.drafts_since_log[0] += stats.spec_num_drafts
+            self.drafts_since_log[1] += stats.spec_num_draft_tokens
+            self.drafts_since_log[2] += stats.spec_num_accepted_tokens
+            self.spec_drafts.inc(stats.spec_num_drafts)
+            self.spec_draft_tokens.inc(stats.spec_num_draft_tokens)
+            self.spec_accepted.inc(stats.spec_num_accepted_tokens)
+            for position, count in enumerate(stats.spec_accepted_per_pos):
+                self.spec_accepted_per_pos.labels(position=str(position)).inc(count)
         for finished in stats.finished:
             self.request_success.labels(finished_reason=finished.finish_reason).inc()
             self.e2e.observe(finished.e2e_latency_s)
 # --8<-- [end:metrics]
 
 
-def log_engine_state(stats: EngineStats) -> str:
-    """Log one line such as "KV pages 120/4096 used (2.9%), 3 running, 0 waiting"; return it."""
-    line = str(stats)
+def log_engine_state(stats: EngineStats, speculation: str | None = None) -> str:
+    """Log one line such as "KV pages 120/4096 used (2.9%), 3 running, 0 waiting" (with
+    speculative decoding, its acceptance since the last line after it); return it."""
+    line = str(stats) + (f", {speculation}" if speculation else "")
     logger.info(line)
     return line
 
 
-async def log_while_busy(engine: "AsyncEngine", interval_s: float = LOG_INTERVAL_S) -> None:
+async def log_while_busy(engine: "AsyncEngine", metrics: ServerMetrics | None = None,
+                         interval_s: float = LOG_INTERVAL_S) -> None:
     """Log the engine's latest snapshot every interval_s while it has requests, until cancelled.
     An idle server stays quiet."""
     while True:
         await asyncio.sleep(interval_s)
         stats = engine.latest_stats
         if stats is not None and (stats.num_running or stats.num_waiting):
-            log_engine_state(stats)
+            log_engine_state(stats, metrics.take_acceptance() if metrics else None)
