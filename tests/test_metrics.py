@@ -189,3 +189,23 @@ def test_counters_add_up_snapshots():
     assert value("nanoserve:inter_token_latency_seconds_count") == 2
     assert value("nanoserve:e2e_request_latency_seconds_sum") == 2.0
     assert value("nanoserve:num_requests_running") == 0  # gauges hold the latest snapshot
+
+
+def test_speculative_decoding_counters_and_the_log_lines_acceptance():
+    metrics = ServerMetrics()
+    stats = EngineStats(1, 0, 2, 8, spec_num_drafts=4, spec_num_draft_tokens=12,
+                        spec_num_accepted_tokens=6, spec_accepted_per_pos=(3, 2, 1))
+    metrics.record(stats)
+    metrics.record(stats)
+    samples = {sample.name + "".join(f"{{{v}}}" for v in sample.labels.values()): sample.value
+               for family in metrics.registry.collect() for sample in family.samples}
+    assert samples["nanoserve:spec_decode_num_drafts_total"] == 8
+    assert samples["nanoserve:spec_decode_num_draft_tokens_total"] == 24
+    assert samples["nanoserve:spec_decode_num_accepted_tokens_total"] == 12
+    assert [samples[f"nanoserve:spec_decode_num_accepted_tokens_per_pos_total{{{p}}}"]
+            for p in range(3)] == [6, 4, 2]
+    # the log line: since the last line, 1 + accepted / verify rows tokens per row
+    assert metrics.take_acceptance() == "mean acceptance length 2.50, 12/24 drafts accepted (50.0%)"
+    assert metrics.take_acceptance() is None
+    assert log_engine_state(snapshot(8, 2, 1, 0), "mean acceptance length 2.50") == (
+        "KV pages 2/8 used (25.0%), 1 running, 0 waiting, mean acceptance length 2.50")

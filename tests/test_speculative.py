@@ -223,14 +223,18 @@ def test_no_drafts_while_the_batch_is_larger_than_disable_by_batch_size(qwen3_di
     assert stats[-1].spec_num_drafts > 0
 
 
-def test_core_process_and_two_ranks_speculate_with_the_same_tokens(qwen3_dir):
-    """Rank 0 proposes; the drafts go to the other rank inside the step's token ids, and every
-    rank samples the same tokens (position-keyed noise), so they accept the same ones."""
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_core_process_and_two_ranks_speculate_with_the_same_tokens(qwen3_dir, method):
+    """Rank 0 proposes (the draft model runs there alone); the drafts go to the other rank
+    inside the step's token ids, and every rank samples the same tokens (position-keyed noise),
+    so they accept the same ones."""
     prompts = ["abc abc abc abc", "def f(x):\n    return x\n" * 2]
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=2, max_tokens=16, ignore_eos=True)]
+    spec_config = NGRAM if method == "ngram" else {"model": qwen3_dir,
+                                                   "num_speculative_tokens": 3}
     plain, _ = generate(qwen3_dir, prompts, params)
-    spec, _ = generate(qwen3_dir, prompts, params, speculative_config=NGRAM,
+    spec, _ = generate(qwen3_dir, prompts, params, speculative_config=spec_config,
                        core_process=True, tensor_parallel_size=2)
     assert spec == plain
 
@@ -314,3 +318,23 @@ def test_the_draft_cache_after_rejections_proposes_what_a_fresh_draft_would():
         # the target keeps some drafts, then a token of its own in place of the next
         num_kept = rng.randrange(len(drafts))
         request.output_token_ids += drafts[:num_kept] + [(drafts[num_kept] + 1) % 100]
+
+
+def test_the_server_speculates_and_reports_it_in_metrics():
+    from fastapi.testclient import TestClient
+
+    from serve.engine.async_engine import AsyncEngine
+    from serve.engine.llm_engine import LLMEngine
+    from serve.server.app import build_app
+
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=DEMO, device="cpu",
+                                                speculative_config=NGRAM)))
+    with TestClient(build_app(engine, model_names="demo")) as client:
+        body = {"model": "demo", "prompt": CODE_PROMPTS[0], "max_tokens": 32, "temperature": 0}
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 32
+        metrics = client.get("/metrics").text
+    drafts = [line for line in metrics.splitlines()
+              if line.startswith("nanoserve:spec_decode_num_draft_tokens_total")]
+    assert drafts and float(drafts[0].split()[-1]) > 0
