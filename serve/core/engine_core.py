@@ -59,6 +59,9 @@ class EngineCore:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
         runner_class = ParallelRunner if config.tensor_parallel_size > 1 else ModelRunner
+        # (a draft model first: the target's KV pool is sized from the memory left after it)
+        self.speculative = config.speculative_config
+        self.proposer = self._make_proposer()
         self.runner = runner_class(config, self.hf_config, self.model_path, self.max_model_len)
         self.max_model_len = self._context_the_pool_holds(config.max_model_len is not None)
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, config.page_size,
@@ -71,8 +74,6 @@ class EngineCore:
         # a running request's slot is its block table row: the allocator's rows, one batch row each
         self.batch = PersistentBatch(config.num_slots, self.hf_config.vocab_size)
         self.stats = StatsCollector()
-        self.speculative = config.speculative_config
-        self.proposer = self._make_proposer()
         # Drafts are proposed from the tokens a step sampled, so the host must have them
         # before it schedules the next step: speculation runs without overlap.
         self.overlap = config.overlap_scheduling and self.proposer is None

@@ -9,20 +9,23 @@ of a draft the target rejected is stale: the next proposal starts over from the 
 whose fed token differs from the request's real one, and overwrites it.
 """
 
-import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from serve.config import EngineConfig
+from serve.core.kv.kv_pool import KVPool
 from serve.core.kv.page_allocator import PageAllocator, PageTable
 from serve.core.model_runner import ModelRunner
 from serve.core.request import Request
 from serve.core.step_inputs import gather_step_inputs
 from serve.models.loader import load_config, resolve_model_path
+from serve.models.shapes import ModelShapes
 from serve.spec.config import SpeculativeConfig
 
-logger = logging.getLogger(__name__)
+# At most this share of the GPU's free memory (before the target loads) for the draft's KV pool
+DRAFT_MEMORY_SHARE = 0.1
 
 
 @dataclass
@@ -45,14 +48,29 @@ class DraftModelProposer:
                              f"{hf_config.vocab_size} tokens and the target {target_vocab_size}: "
                              "a draft must share the target's tokenizer")
         pages_per_seq = -(-max_model_len // engine.page_size)
-        # every running request's whole context fits: a draft's pool is small beside the target's
         draft = replace(engine, model=config.model, speculative_config=None, enforce_eager=True,
-                        tensor_parallel_size=1, num_pages=engine.max_num_seqs * pages_per_seq)
+                        tensor_parallel_size=1, num_pages=self._pool_pages(
+                            engine, hf_config, pages_per_seq))
         self.runner = ModelRunner(draft, hf_config, path, max_model_len)
         self.page_size = engine.page_size
         self.max_step_tokens = engine.max_num_batched_tokens
         self.allocator = PageAllocator(self.runner.kv_pool.num_pages, self.page_size,
                                        engine.max_num_seqs + 1, pages_per_seq)
+
+    @staticmethod
+    def _pool_pages(engine: EngineConfig, hf_config, pages_per_seq: int) -> int:
+        """Pages for every running request's whole context, or what DRAFT_MEMORY_SHARE of
+        the free memory holds if that is less (then requests whose context does not fit go
+        without drafts); at least one full-length sequence."""
+        shapes = ModelShapes.of(hf_config)
+        per_page = KVPool.bytes_per_page(shapes.num_layers, engine.page_size,
+                                         shapes.num_kv_heads, shapes.head_dim,
+                                         engine.torch_dtype())
+        wanted = engine.max_num_seqs * pages_per_seq
+        if engine.torch_device().type != "cuda":
+            return wanted
+        free, _ = torch.cuda.mem_get_info()
+        return max(pages_per_seq, min(wanted, int(DRAFT_MEMORY_SHARE * free) // per_page))
 
     # --8<-- [start:propose]
     def propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
