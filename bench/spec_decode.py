@@ -5,14 +5,14 @@
 
 The workload continues Python files held out of the demo models' training (the standard
 library's files that bench.demo.train set aside by a hash of their path): each prompt is the
-first --prompt-len tokens of one file, and the engine writes --output-len more. For each batch
-size (the engine's max_num_seqs: at most that many requests run at once), plain decoding and
-each method (n-gram; a draft model with --draft-model) with each k (drafts per step) run the
-same requests --repeats times after a warm-up; the median
-run's output tokens per second is reported, with the mean acceptance length (tokens a verify
-row yielded: 1 + its accepted drafts, vLLM's definition), the share of drafts accepted and the
-acceptance by draft position. Greedy runs also check that every run gave the plain run's
-tokens.
+first --prompt-len tokens of one file (then of the next window of --prompt-len + --output-len
+tokens, when there are more prompts than files), and the engine writes --output-len more. For
+each batch size (the engine's max_num_seqs: at most that many requests run at once), plain
+decoding and each method (n-gram; a draft model with --draft-model) with each k (drafts per
+step) run the same requests --repeats times after a warm-up; the median run's output tokens
+per second is reported, with the mean acceptance length (tokens a verify row yielded: 1 + its
+accepted drafts, vLLM's definition), the share of drafts accepted and the acceptance by draft
+position. Greedy runs also check that every run gave the plain run's tokens.
 """
 
 import argparse
@@ -21,18 +21,20 @@ import time
 
 
 def held_out_prompts(tokenizer, num_prompts: int, prompt_len: int, output_len: int) -> list:
-    """The first prompt_len tokens of the first num_prompts held-out files long enough to be
-    continued for output_len tokens."""
+    """num_prompts prompts of prompt_len tokens, each with output_len tokens of the file after
+    it: the first window of every held-out file long enough, then the second window of each
+    (where a file has one), and so on."""
     from bench.demo.train import load_corpus
 
-    prompts = []
-    for text in load_corpus().held_out:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= prompt_len + output_len:
-            prompts.append(ids[:prompt_len])
-            if len(prompts) == num_prompts:
-                return prompts
-    raise SystemExit(f"only {len(prompts)} held-out files have {prompt_len + output_len} tokens")
+    window = prompt_len + output_len
+    files = [tokenizer(text, add_special_tokens=False)["input_ids"]
+             for text in load_corpus().held_out]
+    prompts = [ids[start : start + prompt_len]
+               for start in range(0, max(map(len, files)), window)
+               for ids in files if len(ids) >= start + window]
+    if len(prompts) < num_prompts:
+        raise SystemExit(f"the held-out files hold {len(prompts)} windows of {window} tokens")
+    return prompts[:num_prompts]
 
 
 def speculative_config(args, method: str, k: int) -> dict | None:

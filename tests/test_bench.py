@@ -773,3 +773,19 @@ def test_tp_step_messages_carry_the_same_step_three_ways():
     assert len(changes["slots"]) == 8 and gather_ms > 0
     size, dump_ms, load_ms = tp_step_message.pickle_ms(built["changes"], 3)
     assert size < len(pickle.dumps(built["numpy"]))
+
+
+def test_spec_decode_bench_compares_methods_on_held_out_code(tmp_path):
+    from bench.spec_decode import main
+
+    out = tmp_path / "spec.json"
+    result = main(["--batch-sizes", "1", "--ks", "2", "--draft-model",
+                   "bench/demo_models/pycode-2m", "--num-prompts", "2", "--prompt-len", "48",
+                   "--output-len", "8", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    rows = {(row["method"], row["k"]): row for row in result["rows"]}
+    assert set(rows) == {("none", 0), ("ngram", 2), ("draft_model", 2)}
+    for key in (("ngram", 2), ("draft_model", 2)):
+        assert rows[key]["same_tokens_as_plain"] is True
+        assert rows[key]["speedup_vs_plain"] > 0
+    assert all(row["num_output_tokens"] == 16 for row in rows.values())
