@@ -19,6 +19,8 @@ import argparse
 import statistics
 import time
 
+from serve.spec.config import DEFAULT_DISABLE_BY_BATCH_SIZE
+
 
 def held_out_prompts(tokenizer, num_prompts: int, prompt_len: int, output_len: int) -> list:
     """num_prompts prompts of prompt_len tokens, each with output_len tokens of the file after
@@ -40,11 +42,13 @@ def held_out_prompts(tokenizer, num_prompts: int, prompt_len: int, output_len: i
 def speculative_config(args, method: str, k: int) -> dict | None:
     if method == "none":
         return None
+    switch_off = args.disable_by_batch_size or None  # 0: never
     if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k, "disable_by_batch_size": None,
-                "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min}
+        return {"method": "ngram", "num_speculative_tokens": k,
+                "disable_by_batch_size": switch_off, "prompt_lookup_max": args.lookup_max,
+                "prompt_lookup_min": args.lookup_min}
     return {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": k,
-            "disable_by_batch_size": None}
+            "disable_by_batch_size": switch_off}
 
 
 def run_config(args, prompts: list, batch_size: int, method: str, k: int) -> tuple[dict, list]:
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="drafts per step")
     parser.add_argument("--draft-model", help="also speculate with this draft model")
+    parser.add_argument("--disable-by-batch-size", type=int, default=0,
+                        help="no drafts while more requests run (0: speculate at any batch; "
+                        f"the engine's default is {DEFAULT_DISABLE_BY_BATCH_SIZE})")
     parser.add_argument("--lookup-max", type=int, default=4)
     parser.add_argument("--lookup-min", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=16)
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
                            "output_len": args.output_len, "temperature": args.temperature,
                            "prompt_lookup_min": args.lookup_min,
-                           "prompt_lookup_max": args.lookup_max},
+                           "prompt_lookup_max": args.lookup_max,
+                           "disable_by_batch_size": args.disable_by_batch_size or None},
               "repeats": args.repeats, "rows": rows}
     if args.out:
         write_result(args.out, result)
