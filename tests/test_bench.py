@@ -789,3 +789,16 @@ def test_spec_decode_bench_compares_methods_on_held_out_code(tmp_path):
         assert rows[key]["same_tokens_as_plain"] is True
         assert rows[key]["speedup_vs_plain"] > 0
     assert all(row["num_output_tokens"] == 16 for row in rows.values())
+
+
+def test_every_bench_module_imports():
+    """A bench whose import breaks (a name it used is gone from serve/) fails here, not in
+    front of a reader who runs it."""
+    import importlib
+    import pkgutil
+
+    import bench
+
+    for module in pkgutil.iter_modules(bench.__path__):
+        if not module.ispkg:
+            importlib.import_module(f"bench.{module.name}")
