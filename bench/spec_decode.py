@@ -16,8 +16,11 @@ position. Greedy runs also check that every run gave the plain run's tokens.
 """
 
 import argparse
+import gc
 import statistics
 import time
+
+import torch
 
 from serve.spec.config import DEFAULT_DISABLE_BY_BATCH_SIZE
 
@@ -55,8 +58,9 @@ def run_config(args, prompts: list, batch_size: int, method: str, k: int) -> tup
     from serve import LLM, SamplingParams
 
     spec = speculative_config(args, method, k)
+    gpu = {} if args.device == "cpu" else {"gpu_memory_utilization": args.gpu_memory_utilization}
     llm = LLM(args.model, device=args.device, max_num_seqs=batch_size,
-              speculative_config=spec, max_model_len=args.prompt_len + args.output_len)
+              speculative_config=spec, max_model_len=args.prompt_len + args.output_len, **gpu)
     snapshots = []
     take = llm.engine.take_stats
     llm.engine.take_stats = lambda: snapshots.append(take()) or snapshots[-1]
@@ -71,6 +75,10 @@ def run_config(args, prompts: list, batch_size: int, method: str, k: int) -> tup
         tokens = [o.outputs[0].token_ids for o in outputs]
         runs.append(sum(map(len, tokens)) / seconds)
     llm.shutdown()
+    del llm
+    gc.collect()  # the next configuration's engine sizes its pool from the free memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     stats = snapshots[-1]  # the last run's
     row = {"batch_size": batch_size, "method": method, "k": k,
            "output_tokens_per_s": statistics.median(runs), "runs_output_tokens_per_s": runs,
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="drafts per step")
     parser.add_argument("--draft-model", help="also speculate with this draft model")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                        help="on a GPU, each engine's share (a small model needs little)")
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="no drafts while more requests run (0: speculate at any batch; "
                         f"the engine's default is {DEFAULT_DISABLE_BY_BATCH_SIZE})")
