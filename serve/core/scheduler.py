@@ -109,7 +109,7 @@ class Scheduler:
                     break
             else:
                 num_drafts = max(0, num_new - remaining)
-                del request.draft_token_ids[num_drafts:]  # those past the budget wait
+                del request.draft_token_ids[num_drafts:]  # those past the budget are dropped
                 out.scheduled.append(ScheduledRequest(request, num_new, num_new >= remaining,
                                                       remaining > 1, num_drafts=num_drafts))
                 budget -= num_new
