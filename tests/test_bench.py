@@ -802,3 +802,16 @@ def test_every_bench_module_imports():
     for module in pkgutil.iter_modules(bench.__path__):
         if not module.ispkg:
             importlib.import_module(f"bench.{module.name}")
+
+
+def test_verify_step_bench_times_both_steps(tmp_path, qwen3_dir):
+    from bench.verify_step import main
+
+    out = tmp_path / "verify.json"
+    result = main(["--model", qwen3_dir, "--device", "cpu", "--batch-sizes", "1", "2",
+                   "--ks", "1", "3", "--context-len", "20", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [(row["batch_size"], row["k"]) for row in result["rows"]] == [(1, 1), (1, 3), (2, 1),
+                                                                         (2, 3)]
+    for row in result["rows"]:
+        assert row["verify_over_decode"] == row["verify_step_ms"] / row["decode_step_ms"] > 0
