@@ -58,9 +58,12 @@ def run_config(args, prompts: list, batch_size: int, method: str, k: int) -> tup
     from serve import LLM, SamplingParams
 
     spec = speculative_config(args, method, k)
-    gpu = {} if args.device == "cpu" else {"gpu_memory_utilization": args.gpu_memory_utilization}
-    llm = LLM(args.model, device=args.device, max_num_seqs=batch_size,
-              speculative_config=spec, max_model_len=args.prompt_len + args.output_len, **gpu)
+    max_model_len = args.prompt_len + args.output_len
+    # a pool for the batch's full contexts, sized here: measuring what fits the GPU would count
+    # the memory an earlier configuration's engine may still hold
+    num_pages = batch_size * -(-max_model_len // 16) + 16
+    llm = LLM(args.model, device=args.device, max_num_seqs=batch_size, num_pages=num_pages,
+              speculative_config=spec, max_model_len=max_model_len)
     snapshots = []
     take = llm.engine.take_stats
     llm.engine.take_stats = lambda: snapshots.append(take()) or snapshots[-1]
@@ -102,8 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="drafts per step")
     parser.add_argument("--draft-model", help="also speculate with this draft model")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3,
-                        help="on a GPU, each engine's share (a small model needs little)")
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="no drafts while more requests run (0: speculate at any batch; "
                         f"the engine's default is {DEFAULT_DISABLE_BY_BATCH_SIZE})")

@@ -29,12 +29,16 @@ def tokens(**config) -> list[list[int]]:
      "prompt_lookup_min": 2},
     {"model": DEMO_DRAFT, "num_speculative_tokens": 3},
 ], ids=["ngram", "draft_model"])
-def test_speculation_on_the_gpu_keeps_greedy_tokens_and_repeats_seeded_ones(spec):
-    """Greedy requests give plain decoding's tokens; seeded ones repeat exactly from run to
-    run. (Not plain decoding's seeded tokens, as on the CPU: in bfloat16 a verify row's logits,
-    from the prefill kernels, differ in their last bits from a decode step's, from its CUDA
-    graph, so where two tokens nearly tie the position-keyed race can pick the other.)"""
+def test_speculation_on_the_gpu_follows_plain_decoding_up_to_near_ties(spec):
+    """On the CPU (float32) speculation gives plain decoding's tokens exactly. In bfloat16 on
+    a GPU a verify row's logits, from the prefill kernels, differ in their last bits from a
+    decode step's, from its CUDA graph: where two tokens nearly tie, greedy or seeded, the
+    other may win, and the texts go separate ways from there (an H100 run: one greedy request
+    of four, at its 31st token). So: greedy requests start alike and most stay alike to the
+    end; seeded ones repeat exactly from run to run."""
     speculative = tokens(speculative_config=spec)
     plain = tokens(overlap_scheduling=False)
-    assert speculative[0::2] == plain[0::2]
+    greedy = list(zip(speculative[0::2], plain[0::2], strict=True))
+    assert all(s[:8] == p[:8] for s, p in greedy)
+    assert sum(s == p for s, p in greedy) >= len(greedy) / 2
     assert tokens(speculative_config=spec)[1::2] == speculative[1::2]
