@@ -18,7 +18,7 @@ PROMPTS = [SOURCE[i : i + 400] for i in range(0, 4000, 500)]
 
 
 def tokens(**config) -> list[list[int]]:
-    llm = LLM(DEMO, gpu_memory_utilization=0.3, **config)
+    llm = LLM(DEMO, num_pages=4096, **config)  # (sized: no probe of what an earlier engine holds)
     params = [SamplingParams(temperature=0, max_tokens=48),
               SamplingParams(temperature=0.7, seed=1, max_tokens=48)] * (len(PROMPTS) // 2)
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
