@@ -26,8 +26,8 @@ def tokens(**config) -> list[list[int]]:
 
 @pytest.mark.parametrize("spec", [
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-     "prompt_lookup_min": 2},
-    {"model": DEMO_DRAFT, "num_speculative_tokens": 3},
+     "prompt_lookup_min": 2, "disable_by_batch_size": None},
+    {"model": DEMO_DRAFT, "num_speculative_tokens": 3, "disable_by_batch_size": None},
 ], ids=["ngram", "draft_model"])
 def test_speculation_on_the_gpu_follows_plain_decoding_up_to_near_ties(spec):
     """On the CPU (float32) speculation gives plain decoding's tokens exactly. In bfloat16 on

@@ -21,8 +21,9 @@ from serve.spec.verify import accepted_tokens
 
 DEMO = str(Path(__file__).parent.parent / "bench" / "demo_models" / "pycode-8m")
 DEMO_DRAFT = str(Path(__file__).parent.parent / "bench" / "demo_models" / "pycode-2m")
+# (speculating at any batch size: the tests check tokens, not speed)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-         "prompt_lookup_min": 2}
+         "prompt_lookup_min": 2, "disable_by_batch_size": None}
 SOURCE = (Path(__file__).parent.parent / "serve" / "core" / "scheduler.py").read_text()
 CODE_PROMPTS = [SOURCE[i : i + 400] for i in range(0, 4000, 500)]
 
@@ -232,7 +233,8 @@ def test_core_process_and_two_ranks_speculate_with_the_same_tokens(qwen3_dir, me
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=2, max_tokens=16, ignore_eos=True)]
     spec_config = NGRAM if method == "ngram" else {"model": qwen3_dir,
-                                                   "num_speculative_tokens": 3}
+                                                   "num_speculative_tokens": 3,
+                                                   "disable_by_batch_size": None}
     plain, _ = generate(qwen3_dir, prompts, params)
     spec, _ = generate(qwen3_dir, prompts, params, speculative_config=spec_config,
                        core_process=True, tensor_parallel_size=2)
@@ -251,7 +253,8 @@ def test_stats_snapshots_add_up_by_position():
 
 def test_engine_config_takes_the_dict_and_names_a_bad_key(qwen3_dir):
     assert EngineConfig(model=qwen3_dir, speculative_config=NGRAM).speculative_config == \
-        SpeculativeConfig("ngram", 4, prompt_lookup_max=4, prompt_lookup_min=2)
+        SpeculativeConfig("ngram", 4, prompt_lookup_max=4, prompt_lookup_min=2,
+                          disable_by_batch_size=None)
     with pytest.raises(ValueError, match="unknown keys"):
         EngineConfig(model=qwen3_dir, speculative_config={"method": "ngram", "x": 1})
 
@@ -262,7 +265,7 @@ def test_a_draft_model_that_is_the_target_has_every_greedy_draft_accepted():
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     plain, _ = generate(DEMO, CODE_PROMPTS[:4], params)
     spec, stats = generate(DEMO, CODE_PROMPTS[:4], params, speculative_config={
-        "model": DEMO, "num_speculative_tokens": 3})
+        "model": DEMO, "num_speculative_tokens": 3, "disable_by_batch_size": None})
     assert spec == plain
     stats = stats[-1]
     assert stats.spec_num_drafts > 0
@@ -281,7 +284,7 @@ def test_the_demo_draft_gives_the_targets_tokens_through_chunks_and_preemptions(
     config = dict(max_num_batched_tokens=32, num_pages=40, page_size=4)
     plain, _ = generate(DEMO, prompts, params, **config)
     spec, stats = generate(DEMO, prompts, params, **config, speculative_config={
-        "model": DEMO_DRAFT, "num_speculative_tokens": 4})
+        "model": DEMO_DRAFT, "num_speculative_tokens": 4, "disable_by_batch_size": None})
     assert spec == plain
     assert sum(s.num_preemptions for s in stats) > 0
     assert 0 < stats[-1].spec_num_accepted_tokens < stats[-1].spec_num_draft_tokens

@@ -4,10 +4,11 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-# Past this many running requests a step is no longer bound by reading the weights, and the
-# k extra tokens per row cost real compute: speculation switches itself off. (A first guess
-# from the roofline of a 0.6B model; milestones/10 says how it is to be measured.)
-DEFAULT_DISABLE_BY_BATCH_SIZE = 64
+# Past this many running requests speculation switches itself off. Measured on one H100 with
+# the demo model (milestones/10): n-gram drafts, k=4, gave 1.35x plain decoding alone and
+# 0.75x with two requests, 0.43x with 32, because a verify step runs eagerly while a decode
+# step replays its CUDA graph. So by default only a request that runs alone speculates.
+DEFAULT_DISABLE_BY_BATCH_SIZE = 1
 
 
 # --8<-- [start:config]
