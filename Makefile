@@ -38,8 +38,10 @@ help:
 # and [tool.pytest] sections, and `venv` compares the two.
 # torch goes first, pinned: this exact version is on local disk as a CPU build. Left to pip, the
 # `torch>=2.4` requirement would fetch the newest release, a multi-GB CUDA build.
+# xgrammar is installed without its declared dependencies: pyproject.toml says why.
+XGRAMMAR_VERSION := 0.2.9
 DEPS_SUM := $(shell awk '/^\[/ { skip = ($$0 ~ /^\[tool\.(ruff|pytest)/) } !skip' \
-	pyproject.toml | cksum | cut -d' ' -f1)
+	pyproject.toml | cksum | cut -d' ' -f1)-xgrammar-$(XGRAMMAR_VERSION)
 
 venv: tags
 	@if [ "$$(cat .venv/.installed 2>/dev/null)" != "$(DEPS_SUM)" ]; then \
@@ -49,6 +51,7 @@ install:
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/pip install torch==2.13.0
 	.venv/bin/pip install -e '.[dev]'
+	.venv/bin/pip install --no-deps xgrammar==$(XGRAMMAR_VERSION)
 	echo $(DEPS_SUM) > .venv/.installed
 
 # The demo model is committed (docs/demo-models.md says how it was trained): nothing to build.

@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass, field
 
+from serve.structured.params import StructuredOutputsParams
+
 # --8<-- [start:limits]
 # Below this temperature a request is greedy, as in vLLM (_SAMPLING_EPS). Dividing the logits by
 # anything smaller overflows float32: 1e-300 even rounds to 0.0, and the probabilities turn NaN.
@@ -30,6 +32,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings; not included in the text
     stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end the request
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
+    # the output must match a JSON schema, regex, choice or grammar (vLLM's name); a dict works
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +42,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         # One ValueError naming every broken rule, the first field first (NaN fails every range).
         stop, stop_ids = self.stop, self.stop_token_ids
         rules = [

@@ -19,17 +19,19 @@ from serve.config import EngineConfig
 from serve.core.batch import PersistentBatch
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
-from serve.core.model_runner import LaunchedStep, ModelRunner
+from serve.core.model_runner import LaunchedStep, ModelRunner, StepLogits
 from serve.core.parallel_runner import ParallelRunner
 from serve.core.request import Request, RequestStatus
-from serve.core.scheduler import ScheduledRequest, Scheduler
+from serve.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from serve.core.stats import StatsCollector
 from serve.core.step_inputs import StepInputs, gather_step_inputs, sampled_offsets
+from serve.engine.tokenizer import load_tokenizer
 from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
 from serve.spec.draft_model import DraftModelProposer
 from serve.spec.ngram import NgramProposer
 from serve.spec.verify import accepted_tokens
+from serve.structured.manager import GrammarManager
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,18 @@ class InFlight:
     launched: LaunchedStep
     rows: list[tuple[Request, int]]  # (request, index in its output_token_ids)
     drafts: list[list[int]] | None = None  # per row, the drafts it checks; None: no row does
+
+
+@dataclass
+class Forward:
+    """A step whose forward pass is launched and whose sampling is not yet."""
+
+    logits: StepLogits
+    schedule: SchedulerOutput
+    rows: list[tuple[Request, int]]
+    drafts: list[list[int]] | None
+    # the sampled rows a grammar constrains: (row, request, the drafts before it in its row)
+    grammar_rows: list[tuple[int, Request, list[int]]]
 
 
 class EngineCore:
@@ -81,6 +95,8 @@ class EngineCore:
             logger.info("overlap scheduling: off (speculative decoding proposes drafts from "
                         "each step's tokens before the next step)")
         self._in_flight: InFlight | None = None
+        self.grammars: GrammarManager | None = None  # made for the first structured request
+        self._compiling: list[Request] = []  # structured requests whose grammar is not ready
 
     def _make_proposer(self) -> "NgramProposer | DraftModelProposer | None":
         spec = self.speculative
@@ -115,10 +131,43 @@ class EngineCore:
         request = Request(message.request_id, message.prompt_token_ids, message.params,
                           message.max_tokens, message.seed, message.cache_salt,
                           arrival_time=message.arrival_time)
-        self.scheduler.add(request)
+        if request.params.structured_outputs is None:
+            self.scheduler.add(request)
+            return
+        if self.grammars is None:
+            tokenizer = load_tokenizer(self.config.tokenizer or self.model_path)
+            self.grammars = GrammarManager(tokenizer, self.hf_config.vocab_size,
+                                           self.eos_token_ids)
+        self.grammars.start(request)  # it joins the queue once its grammar is compiled
+        self._compiling.append(request)
+
+    def _admit_compiled(self) -> list[CoreOutput]:
+        """Queue the structured requests whose grammar is ready; end those whose grammar
+        failed (reported as errors). With nothing else to run, wait a little for one."""
+        if not self.scheduler.has_unfinished and self._in_flight is None:
+            self.grammars.wait(self._compiling)
+        failed, waiting = [], []
+        for request in self._compiling:
+            problem = self.grammars.ready(request)
+            if problem is None:
+                waiting.append(request)
+            elif problem:
+                self._finish(request, "abort")
+                self.stats.on_finish(request, time.monotonic())
+                failed.append(CoreOutput(request.request_id, [], "abort", error=problem))
+            else:
+                self.scheduler.add(request)
+        self._compiling = waiting
+        return failed
 
     def abort_request(self, request_id: str, reason: str = "abort") -> bool:
         """End a waiting or running request and free its pages; False if it is not here."""
+        compiling = next((r for r in self._compiling if r.request_id == request_id), None)
+        if compiling is not None:
+            self._compiling.remove(compiling)
+            self._finish(compiling, reason)
+            self.stats.on_finish(compiling, time.monotonic())
+            return True
         request = self.scheduler.find(request_id)
         if request is None:
             return False
@@ -130,7 +179,8 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or self._in_flight is not None
+        return self.scheduler.has_unfinished or self._in_flight is not None \
+            or bool(self._compiling)
 
     # --8<-- [start:step]
     def step(self) -> list[CoreOutput]:
@@ -140,33 +190,47 @@ class EngineCore:
         runs step N: the tokens step N samples feed step N+1 on the device, and the host reads
         them only afterwards, so the device never waits for the host between steps. The price:
         a request that ends at step N (EOS, a stop token) has already been given a row in step
-        N+1, whose token is dropped. Without overlap, each step is launched and read in turn."""
-        launched = self._launch_next()
+        N+1, whose token is dropped. Without overlap, each step is launched and read in turn.
+
+        A step with rows that a grammar constrains samples only once the tokens before them are
+        known: its forward pass is launched, then the step in flight is read (the device
+        computes the forward pass meanwhile), then the masks are filled and the step sampled."""
+        outputs = self._admit_compiled() if self._compiling else []
+        forward = self._forward_next()
+        if forward is not None and forward.grammar_rows and self._in_flight is not None:
+            outputs += self._collect(self._in_flight)
+            self._in_flight = None
+        launched = self._sample(forward) if forward is not None else None
         if self.overlap:
             previous, self._in_flight = self._in_flight, launched
         else:
             previous = launched
-        return self._collect(previous) if previous is not None else []
+        return outputs + (self._collect(previous) if previous is not None else [])
     # --8<-- [end:step]
 
     # --8<-- [start:launch]
-    def _launch_next(self) -> InFlight | None:
-        """Schedule and launch a step: its forward pass, then its sampling (two calls of the
-        runner: what later stages do between them goes there). Its sampled tokens are PENDING on
-        the host until collected; on the device they are in their slots already."""
+    def _forward_next(self) -> Forward | None:
+        """Schedule a step and launch its forward pass (the first of the runner's two calls)."""
         schedule = self.scheduler.schedule()
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return None
-        inputs, rows, drafts = self._step_inputs(schedule.scheduled)
-        step_logits = self.runner.execute_model(inputs)
-        launched = self.runner.sample(step_logits)
-        self.scheduler.cache_prefills(schedule)  # the next step's requests find these prompts
-        return InFlight(launched, rows, drafts)
+        inputs, rows, drafts, grammar_rows = self._step_inputs(schedule.scheduled)
+        return Forward(self.runner.execute_model(inputs), schedule, rows, drafts, grammar_rows)
+
+    def _sample(self, forward: Forward) -> InFlight:
+        """Sample a launched step (the runner's second call), with its grammar rows masked.
+        Its sampled tokens are PENDING on the host until collected; on the device they are in
+        their slots already."""
+        mask = self.grammars.fill(forward.grammar_rows) if forward.grammar_rows else None
+        launched = self.runner.sample(forward.logits, mask)
+        self.scheduler.cache_prefills(forward.schedule)  # the next step finds these prompts
+        return InFlight(launched, forward.rows, forward.drafts)
     # --8<-- [end:launch]
 
     # --8<-- [start:step_inputs]
-    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list, list]:
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list, list,
+                                                                      list]:
         """The step's arrays from the persistent batch, and which request each sampled row
         belongs to. One pass over the scheduled requests reads what changes every step (slot,
         progress, tokens the host must send) and moves each request on by the step (its
@@ -178,7 +242,8 @@ class EngineCore:
         computed = np.empty(num_rows, dtype=np.int64)
         num_sampled = np.zeros(num_rows, dtype=np.int64)
         read = np.zeros(num_rows, dtype=np.bool_)
-        host_tokens, rows, drafts = [], [], []
+        host_tokens, rows, drafts, grammar_rows = [], [], [], []
+        num_sampled_rows = 0
         for i, item in enumerate(scheduled):
             request, num_new = item.request, item.num_new_tokens
             slot = slots[i] = request.page_table.row
@@ -199,12 +264,15 @@ class EngineCore:
                 # the host knows which of its samples is the next token, and sends it
                 request.token_in_slot = not item.num_drafts
                 rows.append((request, len(request.output_token_ids) - 1))
+                row_drafts = request.draft_token_ids if item.num_drafts else NO_DRAFTS
                 if item.num_drafts:
-                    host_tokens.extend(request.draft_token_ids)
-                    drafts.append(request.draft_token_ids)
+                    host_tokens.extend(row_drafts)
                     request.draft_token_ids = []
-                else:
-                    drafts.append(NO_DRAFTS)
+                drafts.append(row_drafts)
+                if request.grammar is not None:  # each sampled position after its drafts
+                    grammar_rows += [(num_sampled_rows + j, request, row_drafts[:j])
+                                     for j in range(1 + item.num_drafts)]
+                num_sampled_rows += 1 + item.num_drafts
         sampled_slots = np.repeat(slots, num_sampled)
         inputs = gather_step_inputs(
             np.array(host_tokens, dtype=np.int64), query_lens, computed,
@@ -214,7 +282,9 @@ class EngineCore:
         inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(
             slots[read])
         inputs.write_slots = torch.from_numpy(sampled_slots)
-        return inputs, rows, (drafts if len(sampled_slots) > len(rows) else None)
+        inputs.masked = bool(grammar_rows)
+        return (inputs, rows, (drafts if len(sampled_slots) > len(rows) else None),
+                grammar_rows)
     # --8<-- [end:step_inputs]
 
     # --8<-- [start:collect]
@@ -296,13 +366,25 @@ class EngineCore:
         if proposing:
             for request, drafts in zip(proposing, self.proposer.propose(proposing, limits),
                                        strict=True):
+                if request.grammar is not None:  # a draft the grammar refuses cannot be right
+                    drafts = self.grammars.valid_prefix(request, drafts)
                 request.draft_token_ids = drafts
     # --8<-- [end:collect_speculative]
 
     def _check_stop(self, request: Request, token_id: int, num_output_tokens: int) -> None:
         """The rules that end a request at its num_output_tokens-th token; a stop string is
-        the server side's."""
+        the server side's. A request with a grammar moves its matcher on, and ends when the
+        grammar has (it accepted EOS after a complete match)."""
         params = request.params
+        if request.grammar is not None:
+            if not self.grammars.accept(request, token_id):
+                logger.error("request %s sampled token %d, which its grammar refuses",
+                             request.request_id, token_id)
+                self._finish(request, "abort")
+                return
+            if self.grammars.terminated(request):
+                self._finish(request, "stop")
+                return
         if (not params.ignore_eos and token_id in self.eos_token_ids) \
                 or token_id in params.stop_token_ids:
             self._finish(request, "stop")

@@ -30,6 +30,7 @@ from serve.core.step_inputs import (
 from serve.layers.attention import Attention
 from serve.models.loader import build_model
 from serve.parallel import TensorParallel
+from serve.structured.grammar import TokenBitmask, apply_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +208,14 @@ class ModelRunner:
         return StepLogits(logits, parts[0].sampling, parts[0].write_slots)
 
     @torch.inference_mode()
-    def sample(self, step: "StepLogits") -> "LaunchedStep":
-        """Sample a step's logits, leave each token in its slot on the device for the next step,
-        and copy the tokens to the host in the background."""
+    def sample(self, step: "StepLogits", mask: TokenBitmask | None = None) -> "LaunchedStep":
+        """Sample a step's logits (a grammar's mask first takes out the tokens it does not
+        allow), leave each token in its slot on the device for the next step, and copy the
+        tokens to the host in the background."""
         if not len(step.logits):  # a step of prefill chunks only: nothing to sample
             return LaunchedStep(None, None, None)
+        if mask is not None:
+            apply_bitmask(step.logits, mask)
         sampled = self.sampler(step.logits, step.sampling)
         if step.write_slots is not None:
             self.last_tokens[step.write_slots] = sampled

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from serve.config import EngineConfig
-from serve.core.model_runner import ModelRunner, StepLogits
+from serve.core.model_runner import LaunchedStep, ModelRunner, StepLogits
 from serve.core.step_inputs import StepInputs
 from serve.heartbeat import ProcessWatch
 from serve.parallel import join_group, leave_group
+from serve.structured.grammar import TokenBitmask
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ class ParallelRunner(ModelRunner):
     def execute_model(self, inputs: StepInputs) -> StepLogits:
         self.tp.broadcast(StepMessage(inputs))
         return super().execute_model(inputs)
+
+    def sample(self, step: StepLogits, mask: TokenBitmask | None = None) -> LaunchedStep:
+        if mask is not None:  # (the workers wait for it: their step's inputs say masked)
+            self.tp.broadcast(mask)
+        return super().sample(step, mask)
     # --8<-- [end:execute]
 
     def check_health(self) -> None:

@@ -46,6 +46,7 @@ class Request:
     # step, and the proposer's own state for it (NgramIndex)
     draft_token_ids: list[int] = field(default_factory=list)
     draft_state: object | None = None
+    grammar: object | None = None  # structured output: its GrammarState (serve/structured)
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -31,6 +31,9 @@ class StepInputs:
     read_rows: torch.Tensor | None = None  # [num_read] int64
     read_slots: torch.Tensor | None = None  # [num_read] int64
     write_slots: torch.Tensor | None = None  # [num_sampled] int64
+    # a grammar constrains some sampled rows: the sampling waits for their token bitmask (the
+    # other tensor-parallel ranks are sent it too); host side only
+    masked: bool = False
 
     @property
     def num_tokens(self) -> int:

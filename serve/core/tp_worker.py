@@ -46,7 +46,9 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
             raise SystemExit(1) from None
         if message.inputs is None:
             break
-        runner.sample(runner.execute_model(message.inputs))  # its tokens stay in its slots
+        logits = runner.execute_model(message.inputs)
+        mask = tp.broadcast() if message.inputs.masked else None  # a grammar's, from rank 0
+        runner.sample(logits, mask)  # its tokens stay in its slots
     leave_group()
 # --8<-- [end:run_worker]
 
