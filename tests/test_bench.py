@@ -815,3 +815,14 @@ def test_verify_step_bench_times_both_steps(tmp_path, qwen3_dir):
                                                                          (2, 3)]
     for row in result["rows"]:
         assert row["verify_over_decode"] == row["verify_step_ms"] / row["decode_step_ms"] > 0
+def test_structured_output_bench_times_the_mask_fills(tmp_path):
+    from bench.structured_output import main
+
+    out = tmp_path / "structured.json"
+    result = main(["--num-prompts", "4", "--max-tokens", "12", "--repeats", "1",
+                   "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    rows = {row["share_constrained"]: row for row in result["rows"]}
+    assert set(rows) == {0.0, 0.5, 1.0}
+    assert "fill_us_per_row" not in rows[0.0]
+    assert rows[1.0]["masked_steps"] > 0 and rows[1.0]["fill_us_per_row"] > 0
