@@ -12,19 +12,16 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
 from serve.config import EngineConfig
 from serve.core.batch import PersistentBatch
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
 from serve.core.model_runner import LaunchedStep, ModelRunner, StepLogits
 from serve.core.parallel_runner import ParallelRunner
+from serve.core.prepared_step import NO_DRAFTS, PreparedStep, prepare_step
 from serve.core.request import Request, RequestStatus
-from serve.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from serve.core.scheduler import Scheduler, SchedulerOutput
 from serve.core.stats import StatsCollector
-from serve.core.step_inputs import StepInputs, gather_step_inputs, sampled_offsets
 from serve.engine.tokenizer import load_tokenizer
 from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
@@ -35,9 +32,7 @@ from serve.structured.manager import GrammarManager
 
 logger = logging.getLogger(__name__)
 
-PENDING = -1  # an output token sampled by a step in flight, not yet seen by the host
 FINISHED = RequestStatus.FINISHED
-NO_DRAFTS: list[int] = []  # (never written to: shared by every row without drafts)
 
 
 @dataclass
@@ -55,10 +50,7 @@ class Forward:
 
     logits: StepLogits
     schedule: SchedulerOutput
-    rows: list[tuple[Request, int]]
-    drafts: list[list[int]] | None
-    # the sampled rows a grammar constrains: (row, request, the drafts before it in its row)
-    grammar_rows: list[tuple[int, Request, list[int]]]
+    step: PreparedStep
 
 
 class EngineCore:
@@ -197,7 +189,7 @@ class EngineCore:
         computes the forward pass meanwhile), then the masks are filled and the step sampled."""
         outputs = self._admit_compiled() if self._compiling else []
         forward = self._forward_next()
-        if forward is not None and forward.grammar_rows and self._in_flight is not None:
+        if forward is not None and forward.step.grammar_rows and self._in_flight is not None:
             outputs += self._collect(self._in_flight)
             self._in_flight = None
         launched = self._sample(forward) if forward is not None else None
@@ -215,77 +207,20 @@ class EngineCore:
         self.stats.on_schedule(schedule, prefix_caching=self.cache is not None)
         if schedule.is_empty:
             return None
-        inputs, rows, drafts, grammar_rows = self._step_inputs(schedule.scheduled)
-        return Forward(self.runner.execute_model(inputs), schedule, rows, drafts, grammar_rows)
+        step = prepare_step(schedule.scheduled, self.batch, self.allocator)
+        return Forward(self.runner.execute_model(step.inputs), schedule, step)
 
     def _sample(self, forward: Forward) -> InFlight:
         """Sample a launched step (the runner's second call), with its grammar rows masked.
         Its sampled tokens are PENDING on the host until collected; on the device they are in
         their slots already."""
-        mask = self.grammars.fill(forward.grammar_rows) if forward.grammar_rows else None
+        step = forward.step
+        mask = self.grammars.fill(step.grammar_rows) if step.grammar_rows else None
         launched = self.runner.sample(forward.logits, mask)
         self.scheduler.cache_prefills(forward.schedule)  # the next step finds these prompts
-        return InFlight(launched, forward.rows, forward.drafts)
+        return InFlight(launched, step.rows, step.drafts)
     # --8<-- [end:launch]
 
-    # --8<-- [start:step_inputs]
-    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> tuple[StepInputs, list, list,
-                                                                      list]:
-        """The step's arrays from the persistent batch, and which request each sampled row
-        belongs to. One pass over the scheduled requests reads what changes every step (slot,
-        progress, tokens the host must send) and moves each request on by the step (its
-        computed tokens, a PENDING mark for the token it samples); numpy indexing does the
-        rest. A request just admitted writes its sampling rules into its slot first."""
-        batch, num_rows = self.batch, len(scheduled)
-        slots = np.empty(num_rows, dtype=np.int64)
-        query_lens = np.empty(num_rows, dtype=np.int64)
-        computed = np.empty(num_rows, dtype=np.int64)
-        num_sampled = np.zeros(num_rows, dtype=np.int64)
-        read = np.zeros(num_rows, dtype=np.bool_)
-        host_tokens, rows, drafts, grammar_rows = [], [], [], []
-        num_sampled_rows = 0
-        for i, item in enumerate(scheduled):
-            request, num_new = item.request, item.num_new_tokens
-            slot = slots[i] = request.page_table.row
-            if item.admitted:
-                batch.admit(slot, request.params, request.sampling_seed)
-            query_lens[i] = num_new
-            computed[i] = request.num_computed_tokens
-            if request.token_in_slot:  # a decode row: its token waits in its slot on the device
-                read[i] = True
-                host_tokens.append(0)
-            else:
-                host_tokens.extend(request.token_ids_from(request.num_computed_tokens)[:num_new])
-            request.num_computed_tokens += num_new
-            if item.completes:
-                num_sampled[i] = 1 + item.num_drafts  # a verify row samples every position
-                request.output_token_ids.append(PENDING)
-                # the step leaves its token in the request's slot; after a verify row only
-                # the host knows which of its samples is the next token, and sends it
-                request.token_in_slot = not item.num_drafts
-                rows.append((request, len(request.output_token_ids) - 1))
-                row_drafts = request.draft_token_ids if item.num_drafts else NO_DRAFTS
-                if item.num_drafts:
-                    host_tokens.extend(row_drafts)
-                    request.draft_token_ids = []
-                drafts.append(row_drafts)
-                if request.grammar is not None:  # each sampled position after its drafts
-                    grammar_rows += [(num_sampled_rows + j, request, row_drafts[:j])
-                                     for j in range(1 + item.num_drafts)]
-                num_sampled_rows += 1 + item.num_drafts
-        sampled_slots = np.repeat(slots, num_sampled)
-        inputs = gather_step_inputs(
-            np.array(host_tokens, dtype=np.int64), query_lens, computed,
-            self.allocator.block_table, slots, self.allocator.page_size, num_sampled,
-            batch.sampling(sampled_slots, sampled_offsets(computed + query_lens, num_sampled)))
-        read_rows = (np.cumsum(query_lens) - query_lens)[read]  # a read row's first token
-        inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(
-            slots[read])
-        inputs.write_slots = torch.from_numpy(sampled_slots)
-        inputs.masked = bool(grammar_rows)
-        return (inputs, rows, (drafts if len(sampled_slots) > len(rows) else None),
-                grammar_rows)
-    # --8<-- [end:step_inputs]
 
     # --8<-- [start:collect]
     def _collect(self, in_flight: InFlight) -> list[CoreOutput]:
