@@ -7,12 +7,14 @@ chat template stalls neither the event loop nor the engine's step loop.
 
 import copy
 import functools
+import json
 import re
 import secrets
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from serve.engine.constraints import check_constraint
 from serve.engine.errors import InvalidRequestError, PromptTooLongError, prompt_too_long
 from serve.sampling_params import SamplingParams
 
@@ -28,9 +30,11 @@ CUT_SLACK_TOKENS = 16
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A conversation to render with the model's chat template: [{"role", "content"}, ...]."""
+    """A conversation to render with the model's chat template: [{"role", "content"}, ...], and
+    the tools the model may call (OpenAI's [{"type": "function", "function": {...}}, ...])."""
 
     messages: list[dict]
+    tools: list[dict] | None = None
 
 
 Prompt = str | list[int] | ChatPrompt
@@ -73,6 +77,11 @@ class InputProcessor:
             raise InvalidRequestError(f"top_k must be -1 (every token) or in [1, "
                                       f"{self.vocab_size}] (the vocabulary's size), got "
                                       f"{params.top_k}", "top_k")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:  # (a grammar is matched against the tokens' text)
+                raise InvalidRequestError("structured output needs a tokenizer, and this model "
+                                          "has none", "structured_outputs")
+            check_constraint(params.structured_outputs)
         text, token_ids = self._token_ids(prompt)  # (the cheap checks first)
         # max_tokens is resolved here and only here: unset means "until the context is full".
         max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
@@ -83,7 +92,7 @@ class InputProcessor:
 
     def _token_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, ChatPrompt):
-            return None, self.render_chat(prompt.messages)
+            return None, self.render_chat(prompt.messages, prompt.tools)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: send token ids as the "
@@ -101,15 +110,16 @@ class InputProcessor:
                                       "prompt")
         return text, ids
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The conversation's token ids, ending with the assistant's header. A special-token
         string typed in a message's content or name is tokenized as text, so only the template
-        writes control tokens."""
+        writes control tokens. The tools go to a template that renders them, and only to one."""
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions "
                                       "instead", "messages")
-        text = self._apply_chat_template(messages)
+        tools = self._template_tools(tools)
+        text = self._apply_chat_template(messages, tools)
         # The template already holds every special token, so none are added while tokenizing.
         # This is also where a huge conversation is refused after a prefix, before any work below.
         ids = self.encode(text, add_special_tokens=False)
@@ -121,15 +131,29 @@ class InputProcessor:
         # the template call, where encode's prefix cut cannot refuse a huge conversation.)
         places = self._special_text_places(messages)
         if places:
-            ids = self._encode_typed_specials_as_text(messages, places, text, ids)
+            ids = self._encode_typed_specials_as_text(messages, places, text, ids, tools)
         if not ids:
             raise InvalidRequestError("the conversation renders to no tokens", "messages")
         return ids
 
-    def _apply_chat_template(self, messages: list[dict]) -> str:
+    def _template_tools(self, tools: list[dict] | None) -> list[dict] | None:
+        """The tools to render, if the template renders tools at all (one that never names
+        `tools` cannot); refused if they hold a special-token string, which the template would
+        copy into the prompt as a control token (their text is not split out like a message's)."""
+        if not tools or "tools" not in str(self.tokenizer.chat_template):
+            return None
+        found = self._special_text.search(json.dumps(tools, ensure_ascii=False))
+        if found:
+            raise InvalidRequestError(f"tools hold the special token {found.group()!r}, which "
+                                      "this model's chat template would render as one: remove "
+                                      "special-token strings from the tools", "tools")
+        return tools
+
+    def _apply_chat_template(self, messages: list[dict], tools: list[dict] | None) -> str:
+        with_tools = {"tools": tools} if tools else {}
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False)
+                                                      tokenize=False, **with_tools)
         except Exception as error:  # the template rejects the conversation (jinja2 raises its own)
             raise InvalidRequestError(f"cannot apply the chat template: {error}",
                                       "messages") from error
@@ -150,7 +174,8 @@ class InputProcessor:
                 if isinstance(message.get(key), str) and self._special_text.search(message[key])]
 
     def _encode_typed_specials_as_text(self, messages: list[dict], places: list[tuple[int, str]],
-                                       text: str, whole_ids: list[int]) -> list[int]:
+                                       text: str, whole_ids: list[int],
+                                       tools: list[dict] | None = None) -> list[int]:
         """The ids of `text`, the render of `messages`, with the strings at `places` tokenized as
         plain text and the template's own text as before; refused where that is not possible."""
         # encode's prefix cut counts each typed special string as one token, so a render of them
@@ -158,7 +183,7 @@ class InputProcessor:
         # and the work below is only ever done on a prompt that fits the context.
         if len(whole_ids) > self.max_model_len:
             raise prompt_too_long(len(whole_ids), 1, self.max_model_len)
-        pieces = self._split_render(messages, places)
+        pieces = self._split_render(messages, places, tools)
         # The template must have copied each string verbatim: one that trims or rewrites it is
         # refused rather than guessed at, since what it wrote may still hold the special text.
         if "".join(pieces) != text:
@@ -180,7 +205,8 @@ class InputProcessor:
                                 "around it")
         return ids
 
-    def _split_render(self, messages: list[dict], places: list[tuple[int, str]]) -> list[str]:
+    def _split_render(self, messages: list[dict], places: list[tuple[int, str]],
+                      tools: list[dict] | None) -> list[str]:
         """The render of `messages` in pieces: the template's text at even indices, the strings
         at `places` at odd ones, wherever the template put them."""
         # Where the template puts each string is found, not guessed: it renders again with a
@@ -194,7 +220,7 @@ class InputProcessor:
             marked[index][key] = placeholder
         pattern = "(" + "|".join(map(re.escape, strings)) + ")"
         return [strings.get(piece, piece)
-                for piece in re.split(pattern, self._apply_chat_template(marked))]
+                for piece in re.split(pattern, self._apply_chat_template(marked, tools))]
 
     def _refusal(self, messages: list[dict], places: list[tuple[int, str]],
                  why: str) -> InvalidRequestError:
