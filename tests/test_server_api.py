@@ -258,9 +258,7 @@ UNSUPPORTED = [
     ("chat/completions", {"n": 3}, "n"),
     ("chat/completions", {"logprobs": True}, "logprobs"),
     ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
-    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
-    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
 ]
 
 

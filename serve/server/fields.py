@@ -1,17 +1,36 @@
-"""Field types the request bodies share: text, token ids, stop strings, and unions that report
-what is wrong with the value the client actually sent."""
+"""Field types the request bodies share: text, token ids, stop strings, JSON schemas, and unions
+that report what is wrong with the value the client actually sent."""
 
+import json
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError, WrapValidator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    WrapValidator,
+)
 from pydantic_core import PydanticCustomError
 
 from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+# Every request model's: unknown fields are accepted and ignored (as vLLM does). Strict: a number
+# must be a JSON number and a flag a JSON boolean ("5" and true are not a max_tokens, true is not
+# a temperature), as OpenAI answers; an integer is a valid float.
+REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
 # One request may hold several prompts, each becoming an engine request: bound how many, so that
 # one body of a million one-character prompts cannot flood the queue. (OpenAI caps an embeddings
 # input array at 2048 items.)
 MAX_PROMPTS = 2048
+# A JSON schema nested deeper than this many levels (objects and arrays, as JSON nests them) is
+# refused: xgrammar's time to read a schema grows with the cube of its depth (100 levels of
+# objects take a tenth of a second, 200 most of one), and Python cannot even serialize one
+# nested some 500 deep. OpenAI's own limit is 10 levels of objects, some 20 JSON levels.
+MAX_SCHEMA_DEPTH = 64
 
 
 def _valid_unicode(text: str) -> str:
@@ -75,7 +94,43 @@ class ReportOneBranch:
         return self.branches.get(kind)
 
 
+def nesting_depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar 0, [] or {} 1), walked without recursion."""
+    depth, level = 0, [value]
+    while level := [node for node in level if isinstance(node, dict | list)]:
+        depth += 1
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)]
+    return depth
+
+
+def _shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _too_deep()
+    return schema
+
+
+def _shallow_schema_text(text: str) -> str:
+    try:
+        schema = json.loads(text)
+    except RecursionError:  # deeper than Python's stack
+        raise _too_deep() from None
+    except ValueError:  # not JSON: the engine's grammar builder says where
+        return text
+    _shallow_schema(schema)
+    return text
+
+
+def _too_deep() -> PydanticCustomError:
+    return PydanticCustomError("schema_depth", "should be nested at most {limit} levels deep",
+                               {"limit": MAX_SCHEMA_DEPTH})
+
+
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+# A JSON schema, as an object (an output constraint's, a tool's parameters), or as its text
+JSONSchema = Annotated[dict[str, Any], AfterValidator(_shallow_schema)]
+JSONSchemaText = Annotated[str, AfterValidator(_valid_unicode),
+                           AfterValidator(_shallow_schema_text)]
 TokenId = Annotated[int, Strict(), Field(ge=0)]  # strict: true and "5" are not token ids
 TokenIds = list[TokenId]
 

@@ -13,6 +13,7 @@ from serve.engine.input_processor import Prompt
 from serve.engine.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
 from serve.server.protocol import APIError
+from serve.server.structured import renamed, top_field
 
 T = TypeVar("T")
 
@@ -39,13 +40,15 @@ class Generation:
         prompts: list[Prompt],
         params: SamplingParams,
         request_id: str,
-        prompt_field: str,
+        fields: dict[str, str],
         cache_salt: str | None = None,
     ) -> "Generation":
         """Submit every prompt and wait for each one's first output.
 
-        Waiting for the first output is what lets a prompt the engine refuses (too long, empty)
-        fail the whole HTTP request with a 400 before a single byte of a stream has been sent.
+        Waiting for the first output is what lets a prompt the engine refuses (too long, empty,
+        an output constraint it cannot parse) fail the whole HTTP request with a 400 before a
+        single byte of a stream has been sent. `fields` says where the request wrote what the
+        engine names: {"prompt": "messages", "structured_outputs": "response_format"}.
         """
         generators = [engine.generate(prompt, params, f"{request_id}-{i}", cache_salt=cache_salt)
                       for i, prompt in enumerate(prompts)]
@@ -55,12 +58,13 @@ class Generation:
             return cls(generators, firsts)
         await cls(generators, []).close()  # abort the prompts the engine did accept
         if isinstance(error, PromptTooLongError):
-            raise APIError(str(error), param=prompt_field, code="context_length_exceeded")
+            raise APIError(str(error), param=fields["prompt"], code="context_length_exceeded")
         if isinstance(error, InvalidRequestError):
-            param = prompt_field if error.param in (None, "prompt") else error.param
-            raise APIError(str(error), param=param)
+            name = error.param or "prompt"
+            field = fields.get(name, name)
+            raise APIError(renamed(str(error), field), param=top_field(field))
         if isinstance(error, ValueError):
-            raise APIError(str(error), param=prompt_field)
+            raise APIError(str(error), param=fields["prompt"])
         raise error
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:

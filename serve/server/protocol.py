@@ -1,20 +1,30 @@
 """The OpenAI API's request and response bodies, as pydantic models.
 
 Requests accept unknown fields and ignore them (as vLLM does), but a known field set to something we
-cannot do yet (n > 1, logprobs, tools, ...) is refused by name rather than silently ignored.
+cannot do yet (n > 1, logprobs, ...) is refused by name rather than silently ignored.
 Numbers must be finite: JSON has no NaN, yet Python's parser reads `NaN` and `Infinity`.
+The fields that constrain the output (response_format, structured_outputs, tools) are
+serve/server/structured.py's.
 """
 
+import functools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WrapValidator
+from pydantic import BaseModel, Field, WrapValidator
 
+from serve.engine.errors import InvalidRequestError
 from serve.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
-from serve.server.fields import Prompt, ReportOneBranch, Stop, StopTokenIds, Text
-
-# Strict: a number must be a JSON number and a flag a JSON boolean ("5" and true are not a
-# max_tokens, true is not a temperature), as OpenAI answers; an integer is a valid float.
-REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+from serve.server.fields import REQUEST_CONFIG, Prompt, ReportOneBranch, Stop, StopTokenIds, Text
+from serve.server.structured import (
+    Constraint,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolChoice,
+    response_format_constraint,
+    structured_outputs_constraint,
+    tools_constraint,
+)
 
 
 def _is_none(value: Any) -> bool:
@@ -53,6 +63,9 @@ class GenerationRequest(BaseModel):
     stop_token_ids: StopTokenIds | None = None
     # share cached prompt prefixes only with requests that send the same salt (see RadixCache)
     cache_salt: Text | None = Field(default=None, min_length=1)
+    # what the output must match: OpenAI's field, or vLLM's extra (not both)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, what) for every field set to something we cannot do yet."""
@@ -65,14 +78,33 @@ class GenerationRequest(BaseModel):
             found.append(("frequency_penalty", "frequency_penalty"))
         if self.logit_bias:
             found.append(("logit_bias", "logit_bias"))
+        if self.structured_outputs is not None:  # vLLM's other options (whitespace_pattern, ...)
+            found += [("structured_outputs", f"structured_outputs.{name}")
+                      for name, value in (self.structured_outputs.model_extra or {}).items()
+                      if value not in (None, False)]
         return found
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @functools.cached_property
+    def constraint(self) -> Constraint | None:
+        """What the output must match, from the one field that says it; None: free text.
+        Raises InvalidRequestError naming the field."""
+        found = [constraint for constraint in self._constraints() if constraint is not None]
+        if len(found) > 1:
+            raise InvalidRequestError(f"{found[0].param} and {found[1].param} both constrain "
+                                      "the output: send one of them", found[1].param)
+        return found[0] if found else None
+
+    def _constraints(self) -> list[Constraint | None]:
+        return [response_format_constraint(self.response_format),
+                structured_outputs_constraint(self.structured_outputs)]
+
     def _sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Translate to the engine's SamplingParams (raises ValueError naming a bad field)."""
+        constraint = self.constraint
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -83,6 +115,7 @@ class GenerationRequest(BaseModel):
             stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
+            structured_outputs=constraint.params if constraint is not None else None,
         )
 
 
@@ -149,12 +182,6 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text or "" for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = REQUEST_CONFIG
-
-    type: str
-
-
 class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions: answer a conversation rendered with the model's chat template."""
 
@@ -163,15 +190,12 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # None: fill the context
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Annotated[
-        str | dict[str, Any] | None,
-        WrapValidator(ReportOneBranch(
-            "a string or an object", {"string": str, "object": dict[str, Any]}
-        )),
-    ] = None
-    functions: list[dict[str, Any]] | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None  # functions the model may call
+    # None: OpenAI's default, "auto" with tools; "none", "auto" (both: the answer is text, see
+    # tools_constraint), "required" (one call or more) or a named function (a call of it)
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: bool | None = None  # False: "required" makes exactly one call
+    functions: list[dict[str, Any]] | None = None  # the deprecated tools
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
@@ -179,20 +203,26 @@ class ChatCompletionRequest(GenerationRequest):
             found.append(("logprobs", "logprobs"))
         if self.top_logprobs is not None:
             found.append(("top_logprobs", "top_logprobs"))
-        if self.tools:
-            found.append(("tools", "tools"))
-        if self.tool_choice not in (None, "none"):
-            found.append(("tool_choice", "tool_choice"))
         if self.functions:
-            found.append(("functions", "functions"))
-        if self.response_format is not None and self.response_format.type != "text":
-            found.append(("response_format", f"response_format {self.response_format.type!r}"))
+            found.append(("functions", "functions (send tools instead)"))
         for message in self.messages:
             if isinstance(message.content, list):
                 for part in message.content:
                     if part.type != "text":
                         found.append(("messages", f"content parts of type {part.type!r}"))
         return found
+
+    def _constraints(self) -> list[Constraint | None]:
+        tools = tools_constraint(self.tools, self.tool_choice, self.parallel_tool_calls)
+        return [*super()._constraints(), tools]
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template reads them (OpenAI's JSON), under any tool_choice:
+        a model that knows its tools may still mention them in text (vLLM passes them too)."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for tool in self.tools]
 
     def conversation(self) -> list[dict[str, str]]:
         """The messages as the plain dicts a chat template expects."""
@@ -244,10 +274,22 @@ class CompletionChunk(Completion):
     """One server-sent event of a streamed completion (OpenAI reuses the Completion shape)."""
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str  # "call_" and random hex: the client quotes it in the tool message that answers it
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is tool calls
     refusal: None = None  # always sent: OpenAI's schema requires the field (null here)
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -266,9 +308,17 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(BaseModel):
+    index: int  # which call of the message: a client assembles each call's deltas by it
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
     content: str | None = Field(default=None, exclude_if=_is_none)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

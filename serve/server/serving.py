@@ -3,13 +3,14 @@
 Both endpoints check the request, submit its prompts, then either wait for every output or stream
 server-sent events. Only the bodies differ: a completion continues prompts (text or token ids)
 and answers `choices[i].text`; a chat answers a conversation rendered with the model's chat
-template, in `choices[i].message` (or `delta` when streamed). Each shape is one small class.
+template, in `choices[i].message` (or `delta` when streamed), as text or, when its tool_choice
+forced a call, as `tool_calls`. Each shape is one small class.
 """
 
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
@@ -34,12 +35,16 @@ from serve.server.protocol import (
     CompletionChunk,
     CompletionRequest,
     DeltaMessage,
+    DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
     GenerationRequest,
     PromptTokensDetails,
+    ToolCall,
     Usage,
 )
+from serve.server.structured import ForcedCall
+from serve.server.tool_calls import tool_calls
 from serve.server.validation import check_request
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,9 @@ class CompletionShape:
         # one empty chunk per step instead, so that clients can still time tokens.
         self.textless = textless
 
+    def for_request(self, request: CompletionRequest) -> "CompletionShape":
+        return self
+
     def prompts(self, request: CompletionRequest) -> list[Prompt]:
         prompts = request.prompts()
         if not prompts:
@@ -98,18 +106,30 @@ class CompletionShape:
 
 
 class ChatShape:
-    """/v1/chat/completions: one conversation, the assistant's message."""
+    """/v1/chat/completions: one conversation, the assistant's message: text, or the tool calls
+    of a request whose tool_choice forced one (`call`)."""
 
     id_prefix, prompt_field = "chatcmpl", "messages"
 
+    def __init__(self, call: ForcedCall | None = None) -> None:
+        self.call = call
+
+    def for_request(self, request: ChatCompletionRequest) -> "ChatShape":
+        """The shape of this (checked) request's answer."""
+        constraint = request.constraint
+        return ChatShape(constraint.call if constraint is not None else None)
+
     def prompts(self, request: ChatCompletionRequest) -> list[Prompt]:
         # The chat template is rendered off the event loop, with the tokenizing (AsyncEngine).
-        return [ChatPrompt(request.conversation())]
+        return [ChatPrompt(request.conversation(), request.template_tools())]
 
     def response(self, head: dict, outputs: list[RequestOutput]) -> BaseModel:
-        choices = [ChatChoice(index=i, message=ChatMessageOut(content=output.text),
-                              finish_reason=output.finish_reason)
-                   for i, output in enumerate(outputs)]
+        choices = []
+        for i, output in enumerate(outputs):
+            calls, finish_reason = self._calls(output)
+            message = (ChatMessageOut(content=None, tool_calls=calls) if calls
+                       else ChatMessageOut(content=output.text))
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason))
         return ChatCompletion(**head, choices=choices, usage=usage_of(outputs))
 
     def chunks(self, head: dict, index: int, output: RequestOutput, first: bool) -> list[BaseModel]:
@@ -118,10 +138,30 @@ class ChatShape:
             return ChatCompletionChunk(**head, choices=[choice])
 
         found = [chunk(DeltaMessage(role="assistant", content=""))] if first else []  # who speaks
-        if output.new_text or output.finished:
+        if self.call is not None:
+            if output.finished:  # (the text is held back until then: it may not be a whole call)
+                found += self._call_chunks(chunk, output)
+        elif output.new_text or output.finished:
             finish_reason = output.finish_reason if output.finished else None
             found.append(chunk(DeltaMessage(content=output.new_text), finish_reason))
         return found
+
+    def _call_chunks(self, chunk: Callable[..., BaseModel],
+                     output: RequestOutput) -> list[BaseModel]:
+        """A finished forced call's last chunks: one delta with every call whole (OpenAI's
+        clients assemble a call from any number of deltas, one included), then the finish; or
+        the text, when it is not a whole call."""
+        calls, finish_reason = self._calls(output)
+        if not calls:
+            return [chunk(DeltaMessage(content=output.text), finish_reason)]
+        deltas = [DeltaToolCall(index=i, id=call.id, function=call.function)
+                  for i, call in enumerate(calls)]
+        return [chunk(DeltaMessage(tool_calls=deltas)), chunk(DeltaMessage(), finish_reason)]
+
+    def _calls(self, output: RequestOutput) -> tuple[list[ToolCall] | None, str | None]:
+        """A finished output's tool calls (None: it answers text) and its finish_reason."""
+        calls = tool_calls(output.text, self.call) if self.call is not None else None
+        return calls, "tool_calls" if calls else output.finish_reason
 
     def usage_chunk(self, head: dict, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(**head, choices=[], usage=usage)
@@ -137,10 +177,14 @@ async def serve_generation(request: GenerationRequest, raw_request: Request, eng
     """Answer one generation request in `shape`: check it, submit its prompts, then wait for
     every output, or stream them as they come. Responses name the first of model_names."""
     params = check_request(request, model_names)
+    shape = shape.for_request(request)
     prompts = shape.prompts(request)
     request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
-    start = Generation.start(engine, prompts, params, request_id, shape.prompt_field,
-                             request.cache_salt)
+    # where the request wrote what the engine may refuse, for the 400 to name
+    fields = {"prompt": shape.prompt_field}
+    if request.constraint is not None:
+        fields["structured_outputs"] = request.constraint.field
+    start = Generation.start(engine, prompts, params, request_id, fields, request.cache_salt)
     generation = await cancel_on_disconnect(raw_request, start)  # it may wait in the queue
     head = {"id": request_id, "created": int(time.time()), "model": model_names[0]}
     if request.stream:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from serve.engine.errors import InvalidRequestError
 from serve.sampling_params import SamplingParams
 from serve.server.protocol import APIError, ErrorInfo, GenerationRequest
 
@@ -43,6 +44,8 @@ def check_request(request: GenerationRequest, model_names: list[str]) -> Samplin
         raise APIError(message, param=unsupported[0][0], code="unsupported_parameter")
     try:
         return request.to_sampling_params()
+    except InvalidRequestError as error:  # (an output constraint: it names its field)
+        raise APIError(str(error), param=error.param) from error
     except ValueError as error:
         # SamplingParams's messages start with the first bad field's name ("top_k must be ...").
         field = str(error).split(" ", 1)[0]
