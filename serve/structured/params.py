@@ -39,7 +39,11 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
         if self.json is not None and not isinstance(self.json, dict | str):
             raise ValueError("structured_outputs.json must be a JSON schema (an object)")
-        if len(self.spec) > MAX_GRAMMAR_CHARS:
+        try:
+            spec = self.spec
+        except RecursionError:  # a schema nested deeper than Python's recursion limit
+            raise ValueError("structured_outputs.json is nested too deeply") from None
+        if len(spec) > MAX_GRAMMAR_CHARS:
             raise ValueError(f"structured_outputs.{self.kind} is longer than "
                              f"{MAX_GRAMMAR_CHARS:,} characters")
 
