@@ -33,6 +33,8 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" (EOS or a stop token), "length", "abort"
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
     error: str | None = None  # set when the core ended the request because it failed
+    # set with error when the failure is the request's own: the field to change (a 400)
+    error_param: str | None = None
 # --8<-- [end:core_messages]
 
 

@@ -187,3 +187,4 @@ def test_a_slow_grammar_delays_nobody_and_one_past_the_time_limit_fails(monkeypa
     while engine.has_unfinished_requests():
         outputs += engine.step()
     assert outputs[-1].finished and "did not compile in 0.1 s" in (outputs[-1].error or "")
+    assert outputs[-1].error_param == "structured_outputs"  # the request's own fault: a 400

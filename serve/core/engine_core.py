@@ -146,7 +146,8 @@ class EngineCore:
             elif problem:
                 self._finish(request, "abort")
                 self.stats.on_finish(request, time.monotonic())
-                failed.append(CoreOutput(request.request_id, [], "abort", error=problem))
+                failed.append(CoreOutput(request.request_id, [], "abort", error=problem,
+                                         error_param="structured_outputs"))
             else:
                 self.scheduler.add(request)
         self._compiling = waiting

@@ -19,7 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve.engine.errors import EngineDeadError, EngineShuttingDownError, RequestFailedError
+from serve.engine.errors import (
+    EngineDeadError,
+    EngineShuttingDownError,
+    InvalidRequestError,
+    RequestFailedError,
+)
 from serve.engine.input_processor import EngineInput, Prompt
 from serve.engine.outputs import RequestOutput
 from serve.engine.tokenizer_pool import TokenizerPool
@@ -289,7 +294,9 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:  # aborted: its caller has gone
                 continue
-            item = RequestFailedError(output.error) if output.error is not None else output
+            item = output if output.error is None else (
+                InvalidRequestError(output.error, output.error_param) if output.error_param
+                else RequestFailedError(output.error))
             by_loop.setdefault(stream.loop, []).append((stream, item))
             if output.finished:
                 del self._streams[output.request_id]

@@ -125,7 +125,8 @@ class LLMEngine:
             if request_id not in requests:
                 continue  # ended here meanwhile (a stop string, an abort)
             if core_output.error is not None:  # the core could not serve it
-                outputs.append(self.output_processor.abort(request_id, core_output.error))
+                outputs.append(self.output_processor.abort(request_id, core_output.error,
+                                                           core_output.error_param))
                 continue
             try:
                 output = process(core_output)

@@ -73,14 +73,16 @@ class OutputProcessor:
         return self._report(state, output.new_token_ids)
     # --8<-- [end:process]
 
-    def abort(self, request_id: str, error: str | None = None) -> RequestOutput | None:
-        """End the request now; `error` says why when it failed rather than was cancelled."""
+    def abort(self, request_id: str, error: str | None = None,
+              error_param: str | None = None) -> RequestOutput | None:
+        """End the request now; `error` says why when it failed rather than was cancelled, and
+        `error_param` which field of the request was at fault, when one was."""
         state = self.requests.get(request_id)
         if state is None:
             return None
         state.finish_reason = "abort"
         output = self._report(state, [])
-        output.error = error
+        output.error, output.error_param = error, error_param
         return output
 
     def _report(self, state: RequestState, new_token_ids: list[int]) -> RequestOutput:

@@ -30,6 +30,7 @@ class RequestOutput:
     new_text: str = ""  # text that became final in this step (for streaming)
     new_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    error_param: str | None = None  # with error: the request's field at fault (a 400)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
 
     @property
