@@ -22,7 +22,6 @@ from serve.core.prepared_step import NO_DRAFTS, PreparedStep, prepare_step
 from serve.core.request import Request, RequestStatus
 from serve.core.scheduler import Scheduler, SchedulerOutput
 from serve.core.stats import StatsCollector
-from serve.engine.tokenizer import load_tokenizer
 from serve.messages import CoreOutput, CoreRequest, EngineStats
 from serve.models.loader import load_config, resolve_model_path
 from serve.spec.draft_model import DraftModelProposer
@@ -127,9 +126,8 @@ class EngineCore:
             self.scheduler.add(request)
             return
         if self.grammars is None:
-            tokenizer = load_tokenizer(self.config.tokenizer or self.model_path)
-            self.grammars = GrammarManager(tokenizer, self.hf_config.vocab_size,
-                                           self.eos_token_ids)
+            self.grammars = GrammarManager(self.config.tokenizer or self.model_path,
+                                           self.hf_config.vocab_size, self.eos_token_ids)
         self.grammars.start(request)  # it joins the queue once its grammar is compiled
         self._compiling.append(request)
 

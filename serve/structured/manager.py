@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from serve.core.request import Request
 from serve.structured.grammar import TokenBitmask, build_grammar, xgrammar
@@ -36,8 +37,11 @@ class GrammarState:
 
 
 class GrammarManager:
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]) -> None:
+    def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: set[int]) -> None:
+        """The compiler for the vocabulary of the tokenizer in tokenizer_path (the core loads it
+        only here, for its first structured request)."""
         xgr = xgrammar()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS,
