@@ -117,7 +117,7 @@ def test_constrained_requests_change_nothing_for_the_others_and_run_the_same_eve
     assert generate(prompts, params, overlap_scheduling=True, **config) == plain
     assert generate(prompts, params, speculative_config={
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
-        "prompt_lookup_min": 1}, **config) == plain
+        "prompt_lookup_min": 1, "disable_by_batch_size": None}, **config) == plain
 
 
 def test_the_core_process_and_two_ranks_mask_alike(qwen3_dir):
