@@ -39,6 +39,9 @@ class ServerMetrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, registry=registry)
 
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}{name}", doc, labels, registry=registry)
+
         self.running = gauge(f"{PREFIX}num_requests_running", "Requests in the running batch.")
         self.waiting = gauge(f"{PREFIX}num_requests_waiting",
                              "Requests queued, preempted ones included.")
@@ -47,36 +50,29 @@ class ServerMetrics:
         self.pages_used = gauge("nanoserve_kv_pages_used", "KV cache pages held by requests.")
         self.cached_pages = gauge("nanoserve_prefix_cache_pages",
                                   "KV cache pages the prefix cache keeps, held or not.")
-        self.prefix_queries = Counter(f"{PREFIX}prefix_cache_queries",
-                                      "Prompt tokens looked up in the prefix cache.",
-                                      registry=registry)
-        self.prefix_hits = Counter(f"{PREFIX}prefix_cache_hits",
-                                   "Prompt tokens found in the prefix cache.", registry=registry)
-        self.preemptions = Counter(f"{PREFIX}num_preemptions",
-                                   "Requests preempted (they recompute later).", registry=registry)
-        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens prefilled.",
-                                     registry=registry)
-        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.",
-                                         registry=registry)
-        self.request_success = Counter(f"{PREFIX}request_success", "Requests finished.",
-                                       ["finished_reason"], registry=registry)
+        self.prefix_queries = counter("prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Requests preempted (they recompute later).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.request_success = counter("request_success", "Requests finished.",
+                                       ("finished_reason",))
         self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds",
                               "From arrival to the first token.", buckets=TTFT_BUCKETS_S,
                               registry=registry)
         self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds",
                              "Between two tokens of one request.", buckets=ITL_BUCKETS_S,
                              registry=registry)
-        self.spec_drafts = Counter(f"{PREFIX}spec_decode_num_drafts",
-                                   "Verify rows: a request checking drafts in a step.",
-                                   registry=registry)
-        self.spec_draft_tokens = Counter(f"{PREFIX}spec_decode_num_draft_tokens",
-                                         "Draft tokens checked.", registry=registry)
-        self.spec_accepted = Counter(f"{PREFIX}spec_decode_num_accepted_tokens",
-                                     "Draft tokens accepted.", registry=registry)
-        self.spec_accepted_per_pos = Counter(
-            f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
+        # speculative decoding (vLLM's names): verify rows, their drafts, the drafts accepted
+        self.spec_drafts = counter("spec_decode_num_drafts",
+                                   "Verify rows: a request checking drafts in a step.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens checked.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_accepted_per_pos = counter(
+            "spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted, by their position in the row (0: the first draft).",
-            ["position"], registry=registry)
+            ("position",))
         self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds",
                              "From arrival to the last token.", buckets=E2E_BUCKETS_S,
                              registry=registry)
