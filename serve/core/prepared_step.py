@@ -58,21 +58,24 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
             host_tokens.extend(request.token_ids_from(request.num_computed_tokens)[:num_new])
         request.num_computed_tokens += num_new
         if item.completes:
-            num_sampled[i] = 1 + item.num_drafts  # a verify row samples every position
             request.output_token_ids.append(PENDING)
-            # the step leaves its token in the request's slot; after a verify row only
-            # the host knows which of its samples is the next token, and sends it
-            request.token_in_slot = not item.num_drafts
             rows.append((request, len(request.output_token_ids) - 1))
-            row_drafts = request.draft_token_ids if item.num_drafts else NO_DRAFTS
-            if item.num_drafts:
+            num_drafts = item.num_drafts
+            if num_drafts:  # a verify row: its drafts follow its token, every position samples
+                row_drafts = request.draft_token_ids
                 host_tokens.extend(row_drafts)
                 request.draft_token_ids = []
+                # which of its samples is its next token only the host knows, after the step
+                request.token_in_slot = False
+            else:
+                row_drafts = NO_DRAFTS
+                request.token_in_slot = True  # the step leaves it in the request's slot
+            num_sampled[i] = 1 + num_drafts
             drafts.append(row_drafts)
             if request.grammar is not None:  # each sampled position after its drafts
                 grammar_rows += [(num_sampled_rows + j, request, row_drafts[:j])
-                                 for j in range(1 + item.num_drafts)]
-            num_sampled_rows += 1 + item.num_drafts
+                                 for j in range(1 + num_drafts)]
+            num_sampled_rows += 1 + num_drafts
     sampled_slots = np.repeat(slots, num_sampled)
     inputs = gather_step_inputs(
         np.array(host_tokens, dtype=np.int64), query_lens, computed,

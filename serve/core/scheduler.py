@@ -91,13 +91,20 @@ class Scheduler:
                     queue.append(request)  # sampled (overlap scheduling)
             else:
                 prefilling.append(request)
+        decodes_left = len(queue)  # (of them, not yet given their token)
         queue.extend(prefilling)  # decodes first
         while queue and budget > 0:
             request = queue.popleft()
             remaining = request.num_tokens - request.num_computed_tokens
             # a decoding request with drafts (speculative decoding) checks them in this step:
-            # its last token and its drafts, each of whose K/V gets a slot now
-            num_new = min(remaining + len(request.draft_token_ids), budget)
+            # its last token and its drafts, each of whose K/V gets a slot now; drafts take
+            # only what the budget keeps after every other decode's one token
+            drafts = request.draft_token_ids
+            if drafts:
+                num_new = remaining + min(len(drafts), max(0, budget - decodes_left))
+            else:
+                num_new = min(remaining, budget)
+            decodes_left -= decodes_left > 0
             # Its new tokens' K/V may need fresh pages; grow_to evicts cached pages nobody
             # holds before it gives up, and then someone is preempted: prefills in progress
             # first (they have produced nothing yet), else the most recently admitted.
@@ -108,10 +115,12 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                num_drafts = max(0, num_new - remaining)
-                del request.draft_token_ids[num_drafts:]  # those past the budget are dropped
+                num_drafts = 0
+                if drafts:  # (the usual row has none: no work for them on this path)
+                    num_drafts = max(0, num_new - remaining)
+                    del drafts[num_drafts:]  # those past the budget are dropped
                 out.scheduled.append(ScheduledRequest(request, num_new, num_new >= remaining,
-                                                      remaining > 1, num_drafts=num_drafts))
+                                                      remaining > 1, False, num_drafts))
                 budget -= num_new
         if out.preempted:
             return out  # pages are short: admitting now would only preempt again
