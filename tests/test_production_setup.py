@@ -3,7 +3,8 @@ tensor-parallel ranks on gloo, all at once, give the tokens and text of the plai
 engine: greedy and seeded requests, prompts cut into chunks, preemptions, and a stop string that
 the server side finds and the core (in the other process) ends."""
 
-from serve import LLM, SamplingParams
+from serve import SamplingParams
+from tests.helpers import generate_on_cpu
 
 PROMPTS = ["def main():", "import os\nimport sys\n" * 3, "x = [1, 2, 3]",
            "class A:\n    pass\n" * 4,
@@ -11,14 +12,8 @@ PROMPTS = ["def main():", "import os\nimport sys\n" * 3, "x = [1, 2, 3]",
 
 
 def run(model: str, prompts: list[str], params: list[SamplingParams], **config) -> list[tuple]:
-    llm = LLM(model, device="cpu", max_num_batched_tokens=24, num_pages=24, page_size=4,
-              **config)
-    try:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.shutdown()
-    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
-            for o in outputs]
+    return generate_on_cpu(model, prompts, params, max_num_batched_tokens=24, num_pages=24,
+                           page_size=4, **config)[0]
 
 
 def test_core_process_overlap_and_two_ranks_give_the_in_process_engines_output(qwen3_dir):

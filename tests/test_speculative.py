@@ -18,6 +18,7 @@ from serve.server.cli import make_parser
 from serve.spec import SpeculativeConfig
 from serve.spec.ngram import NgramProposer
 from serve.spec.verify import accepted_tokens
+from tests.helpers import generate_on_cpu as generate
 
 DEMO = str(Path(__file__).parent.parent / "bench" / "demo_models" / "pycode-8m")
 DEMO_DRAFT = str(Path(__file__).parent.parent / "bench" / "demo_models" / "pycode-2m")
@@ -159,20 +160,6 @@ def test_verify_keeps_the_targets_distribution_against_an_adversarial_draft():
 
 
 # --- the engine: the same tokens as without drafts ---------------------------------------------
-
-def generate(model: str, prompts, params, **config) -> tuple[list[tuple], list]:
-    """Each request's (tokens, text, finish reason), and every stats snapshot taken."""
-    snapshots = []
-    llm = LLM(model, device="cpu", **config)
-    take = llm.engine.take_stats
-    llm.engine.take_stats = lambda: snapshots.append(take()) or snapshots[-1]
-    try:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.shutdown()
-    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
-            for o in outputs], snapshots
-
 
 def test_demo_model_greedy_and_seeded_equal_decoding_without_drafts_and_drafts_are_accepted():
     params = [SamplingParams(temperature=0, max_tokens=40),

@@ -11,6 +11,7 @@ import pytest
 from serve import LLM, SamplingParams
 from serve.structured import StructuredOutputsParams
 from serve.structured.grammar import build_grammar
+from tests.helpers import generate_on_cpu
 
 DEMO = str(Path(__file__).parent.parent / "bench" / "demo_models" / "pycode-8m")
 
@@ -51,13 +52,7 @@ PROMPTS = ["def config():\n    return ", "data = ", "# the answer\nresult = ", "
 
 
 def generate(prompts, params, model: str = DEMO, **config) -> list:
-    llm = LLM(model, device="cpu", **config)
-    try:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.shutdown()
-    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
-            for o in outputs]
+    return generate_on_cpu(model, prompts, params, **config)[0]
 
 
 def test_two_hundred_seeded_requests_over_a_dozen_schemas_all_parse_and_validate():
