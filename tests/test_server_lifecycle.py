@@ -69,13 +69,17 @@ def make_engine(model_dir: str, **config) -> AsyncEngine:
 
 @pytest.fixture(scope="module")
 def long_context_dir(tmp_path_factory, tokenizer) -> str:
-    """The tiny Qwen3 with room for 4,096 tokens: a request that would run for many seconds."""
+    """The tiny Qwen3 with room for 8,192 tokens: a request that runs for many seconds (the
+    server streams ~400 tokens a second on an idle 2-core machine, so it outlasts the drain)."""
     return str(build_model_dir(tmp_path_factory.mktemp("long-qwen3"), "qwen3", tokenizer,
-                               max_position_embeddings=4096))
+                               max_position_embeddings=8192))
 
 
-# Long enough for the short request's last tokens on a loaded 2-core CI machine.
-SHUTDOWN_TIMEOUT_S = 3.0
+# The short request must still run when the two waiters are queued (its 300 tokens take ~0.5 s
+# through the server on an idle 2-core machine; 40 tokens, ~60 ms, lost that race on CI) and
+# must finish within the drain: 10 s leaves room for a machine ten times slower.
+SHORT_MAX_TOKENS = 300
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 @pytest.mark.slow
@@ -100,8 +104,8 @@ def test_sigterm_drains_then_exits_zero(long_context_dir):
                 base_url, {"prompt": "def main():", "ignore_eos": True, "max_tokens": None},
                 long, long_started)),
             threading.Thread(target=stream_events, args=(
-                base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": 40}, short,
-                short_started)),
+                base_url, {"prompt": "x", "ignore_eos": True, "max_tokens": SHORT_MAX_TOKENS},
+                short, short_started)),
         ]
         for thread in threads:
             thread.start()
