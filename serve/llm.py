@@ -2,6 +2,7 @@
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -52,26 +53,49 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
 
-        order: dict[str, int] = {}
+        order: dict[str, tuple[int, int]] = {}  # request id -> (prompt, sequence)
         try:
             for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
-                request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, params)
-                order[request_id] = i
+                # n sequences: n requests, the prompt processed once, its pages computed once
+                engine_input = self.engine.input_processor.process(prompt, params)
+                first = request_id = str(next(self._ids))
+                for sequence in range(params.n):
+                    if params.n > 1:
+                        request_id = f"{first}-{sequence}"
+                        engine_input = replace(engine_input,
+                                               params=params.for_sequence(sequence))
+                    self.engine.add_request(request_id, engine_input,
+                                            prefill_after=f"{first}-0" if sequence else None)
+                    order[request_id] = (i, sequence)
         except Exception:  # a bad prompt: take back the ones already queued, then report it
             for request_id in order:
                 self.engine.abort_request(request_id)
             raise
-        results: list[RequestOutput | None] = [None] * len(prompts)
-        with tqdm(total=len(prompts), desc="generate", disable=not use_tqdm) as bar:
+        results: list[list[RequestOutput]] = [[] for _ in prompts]
+        with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
                     if output.finished:
-                        results[order[output.request_id]] = output
+                        results[order[output.request_id][0]].append(output)
                         bar.update(1)
         self.engine.take_stats()  # nobody reads the serving metrics offline: drop them
-        return results
+        return [_one_output(outputs, order) for outputs in results]
     # --8<-- [end:generate]
+
+
+def _one_output(outputs: list[RequestOutput],
+                order: dict[str, tuple[int, int]]) -> RequestOutput:
+    """A prompt's n finished sequences as one RequestOutput (vLLM's shape): outputs[i] is
+    sequence i; the prompt's log-probabilities come from the first."""
+    if len(outputs) == 1:
+        return outputs[0]
+    outputs = sorted(outputs, key=lambda output: order[output.request_id][1])
+    sequences = []
+    for index, output in enumerate(outputs):
+        sequences.append(replace(output.outputs[0], index=index))
+    first = outputs[0]
+    return replace(first, request_id=first.request_id.rsplit("-", 1)[0], outputs=sequences,
+                   num_cached_tokens=sum(output.num_cached_tokens for output in outputs))
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

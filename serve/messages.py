@@ -13,6 +13,17 @@ from serve.sampling_params import SamplingParams
 
 
 # --8<-- [start:core_messages]
+class LogprobsColumns(msgspec.Struct, array_like=True):
+    """Log-probabilities of several tokens, column by column: token i is token_ids[i], with
+    log-probability logprobs[i]; top_ids[i] and top_logprobs[i] are the most likely tokens at
+    its position (k of them, k >= 0)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 class CoreRequest(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
     """A request ready for the core: its prompt as token ids, every limit already resolved."""
 
@@ -35,6 +46,11 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None  # set when the core ended the request because it failed
     # set with error when the failure is the request's own: the field to change (a 400)
     error_param: str | None = None
+    new_logprobs: LogprobsColumns | None = None  # the new tokens', when the request asked
+    # prompt tokens' log-probabilities computed by this step, from prompt position
+    # prompt_logprobs_start on (position 0 has none: nothing predicts it)
+    prompt_logprobs: LogprobsColumns | None = None
+    prompt_logprobs_start: int = 0
 # --8<-- [end:core_messages]
 
 

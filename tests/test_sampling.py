@@ -160,8 +160,14 @@ def test_eos_stops_unless_ignored(llm):
         {"top_p": 0},
         {"top_k": -2},
         {"min_p": 1.5},
-        {"max_tokens": 0},
+        {"max_tokens": -1},
         {"stop": [""]},
+        {"n": 0},
+        {"presence_penalty": float("nan")},
+        {"repetition_penalty": 0.0},
+        {"logit_bias": {1: 101.0}},
+        {"logprobs": 21},
+        {"prompt_logprobs": -1},
     ],
 )
 def test_bad_params_name_the_field(bad):
@@ -189,7 +195,7 @@ def test_values_the_sampler_cannot_use_are_refused(bad):
 
 def test_every_bad_field_is_named_at_once():
     with pytest.raises(ValueError) as error:
-        SamplingParams(temperature=-1, top_k=-5, max_tokens=0)
+        SamplingParams(temperature=-1, top_k=-5, max_tokens=-1)
     assert [line.split(" ")[0] for line in str(error.value).split("; ")] == [
         "temperature", "top_k", "max_tokens"
     ]

@@ -11,6 +11,7 @@ here: they stay on the device in the runner's token column, indexed by the same 
 """
 
 import numpy as np
+import torch
 
 from serve.core.sampler import SamplingTensors, noise_keys, seed_hash
 from serve.sampling_params import SamplingParams
@@ -27,6 +28,14 @@ class PersistentBatch:
         self.min_p = np.zeros(num_slots, np.float32)
         self.greedy = np.ones(num_slots, np.bool_)
         self.seed_hash = np.zeros(num_slots, np.uint64)  # the seed's half of every noise key
+        self.logprobs_k = np.full(num_slots, -1, np.int32)  # -1: no log-probabilities
+        # rules few requests use (serve/core/penalties.py): a flag column each, so that a step
+        # whose rows use none pays one gather per flag
+        self.penalized = np.zeros(num_slots, np.bool_)
+        self.penalties = np.zeros((num_slots, 3), np.float32)  # presence, frequency, repetition
+        self.has_bias = np.zeros(num_slots, np.bool_)
+        self.bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_slots
+        self._resets: list[tuple[int, list[int], list[int]]] = []  # (slot, prompt, output)
 
     # --8<-- [start:admit]
     def admit(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -38,7 +47,20 @@ class PersistentBatch:
         self.min_p[slot] = params.min_p
         self.greedy[slot] = params.greedy
         self.seed_hash[slot] = seed_hash(seed)
+        self.logprobs_k[slot] = -1 if params.logprobs is None else params.logprobs
+        self.penalized[slot] = params.penalized
+        self.penalties[slot] = (params.presence_penalty, params.frequency_penalty,
+                                params.repetition_penalty)
+        self.has_bias[slot] = bool(params.logit_bias)
+        self.bias[slot] = (np.fromiter(params.logit_bias.keys(), np.int64),
+                           np.fromiter(params.logit_bias.values(), np.float32)) \
+            if params.logit_bias else None
     # --8<-- [end:admit]
+
+    def admit_history(self, slot: int, prompt_ids: list[int], output_ids: list[int]) -> None:
+        """A penalized request's tokens so far, for its slot's counts on the device (sent with
+        the next step's rules)."""
+        self._resets.append((slot, prompt_ids, [t for t in output_ids if t >= 0]))
 
     # --8<-- [start:sampling]
     def sampling(self, slots: np.ndarray, positions: np.ndarray) -> SamplingTensors:
@@ -46,7 +68,37 @@ class PersistentBatch:
         at positions[r]: a gather per column, no loop over rows."""
         greedy, top_k = self.greedy[slots], self.top_k[slots]
         top_p, min_p = self.top_p[slots], self.min_p[slots]
-        return SamplingTensors.from_arrays(
+        rules = SamplingTensors.from_arrays(
             self.temperature[slots], top_k, top_p, min_p, greedy,
             noise_keys(self.seed_hash[slots], positions), self.vocab_size)
+        rules.logprobs_k = int(self.logprobs_k[slots].max(initial=-1))
+        penalized, has_bias = self.penalized[slots], self.has_bias[slots]
+        if penalized.any():
+            rows = np.flatnonzero(penalized)
+            presence, frequency, repetition = self.penalties[slots[rows]].T
+            rules.penalty_rows, rules.penalty_slots = _tensor(rows), _tensor(slots[rows])
+            rules.presence_penalty, rules.frequency_penalty = _tensor(presence), _tensor(frequency)
+            rules.repetition_penalty = _tensor(repetition)
+        if has_bias.any():
+            rows = np.flatnonzero(has_bias)
+            biases = [self.bias[slot] for slot in slots[rows]]
+            rules.bias_rows = _tensor(np.repeat(rows, [len(ids) for ids, _ in biases]))
+            rules.bias_token_ids = _tensor(np.concatenate([ids for ids, _ in biases]))
+            rules.bias_values = _tensor(np.concatenate([values for _, values in biases]))
+        if self._resets:
+            self._take_resets(rules)
+        return rules
     # --8<-- [end:sampling]
+
+    def _take_resets(self, rules: SamplingTensors) -> None:
+        resets, self._resets = self._resets, []
+        rules.reset_slots = _tensor(np.array([slot for slot, _, _ in resets], np.int64))
+        for name, index in (("prompt", 1), ("output", 2)):
+            ids = [np.asarray(reset[index], np.int64) for reset in resets]
+            setattr(rules, f"{name}_token_slots", _tensor(np.repeat(
+                np.array([slot for slot, _, _ in resets], np.int64), [len(i) for i in ids])))
+            setattr(rules, f"{name}_token_ids", _tensor(np.concatenate(ids)))
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))

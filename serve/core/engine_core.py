@@ -16,13 +16,14 @@ from serve.config import EngineConfig
 from serve.core.batch import PersistentBatch
 from serve.core.kv.page_allocator import PageAllocator
 from serve.core.kv.radix_cache import RadixCache
+from serve.core.logprobs import LogprobsLists
 from serve.core.model_runner import LaunchedStep, ModelRunner, StepLogits
 from serve.core.parallel_runner import ParallelRunner
 from serve.core.prepared_step import NO_DRAFTS, PreparedStep, prepare_step
 from serve.core.request import Request, RequestStatus
 from serve.core.scheduler import Scheduler, SchedulerOutput
 from serve.core.stats import StatsCollector
-from serve.messages import CoreOutput, CoreRequest, EngineStats
+from serve.messages import CoreOutput, CoreRequest, EngineStats, LogprobsColumns
 from serve.models.loader import load_config, resolve_model_path
 from serve.spec.draft_model import DraftModelProposer
 from serve.spec.ngram import NgramProposer
@@ -41,6 +42,7 @@ class InFlight:
     launched: LaunchedStep
     rows: list[tuple[Request, int]]  # (request, index in its output_token_ids)
     drafts: list[list[int]] | None = None  # per row, the drafts it checks; None: no row does
+    prompt_rows: list[tuple[Request, int]] | None = None  # (PreparedStep.prompt_rows)
 
 
 @dataclass
@@ -122,6 +124,8 @@ class EngineCore:
         request = Request(message.request_id, message.prompt_token_ids, message.params,
                           message.max_tokens, message.seed, message.cache_salt,
                           arrival_time=message.arrival_time)
+        if request.params.prompt_logprobs is not None:
+            request.prompt_logprobs = []
         if request.params.structured_outputs is None:
             self.scheduler.add(request)
             return
@@ -217,79 +221,100 @@ class EngineCore:
         mask = self.grammars.fill(step.grammar_rows) if step.grammar_rows else None
         launched = self.runner.sample(forward.logits, mask)
         self.scheduler.cache_prefills(forward.schedule)  # the next step finds these prompts
-        return InFlight(launched, step.rows, step.drafts)
+        return InFlight(launched, step.rows, step.drafts, step.prompt_rows)
     # --8<-- [end:launch]
 
 
     # --8<-- [start:collect]
     def _collect(self, in_flight: InFlight) -> list[CoreOutput]:
         """Wait for a launched step's tokens, put them in place of their PENDING marks, apply
-        the rules that end a request, and report."""
-        token_ids = self.runner.collect(in_flight.launched)
-        if self.proposer is not None:
-            return self._collect_speculative(in_flight, token_ids)
-        now = time.monotonic()
-        outputs, on_token = [], self.stats.on_token
-        for (request, index), token_id in zip(in_flight.rows, token_ids, strict=True):
-            if request.status is FINISHED:
-                continue  # ended meanwhile (an abort, or one step late: see step)
-            request.output_token_ids[index] = token_id
-            on_token(request, now)
-            self._check_stop(request, token_id, index + 1)
-            if request.status is FINISHED:
-                del request.output_token_ids[index + 1 :]  # a row of the step in flight
-                self.scheduler.finish(request)  # its pages are free for the next step
-                self.stats.on_finish(request, now)
-            outputs.append(CoreOutput(request.request_id, [token_id], request.finish_reason,
-                                      request.num_cached_tokens))
-        return outputs
-    # --8<-- [end:collect]
+        the rules that end a request, and report.
 
-    # --8<-- [start:collect_speculative]
-    def _collect_speculative(self, in_flight: InFlight, token_ids: list[int]) -> list[CoreOutput]:
-        """_collect for an engine that speculates (never overlapped): a verify row keeps the
-        tokens its drafts earned (serve/spec/verify.py), checked one by one for a stop; the K/V
-        of the drafts it rejected is never read again (its computed length moves back; the
-        pages stay, and the next step overwrites those slots). Then each running request gets
-        its drafts for the next step."""
+        A verify row (speculative decoding, never overlapped) keeps the tokens its drafts
+        earned (serve/spec/verify.py), checked one by one for a stop; the K/V of the drafts it
+        rejected is never read again (its computed length moves back; the pages stay, and the
+        next step overwrites those slots). Then each running request gets its drafts."""
+        token_ids = self.runner.collect(in_flight.launched)
+        launched = in_flight.launched
+        logprobs = launched.logprobs.lists() if launched.logprobs is not None else None
+        if launched.prompt_logprobs is not None:
+            self._keep_prompt_logprobs(in_flight.prompt_rows, launched.prompt_logprobs.lists())
         now = time.monotonic()
         outputs, start, to_propose = [], 0, []
         drafts_of = in_flight.drafts or [NO_DRAFTS] * len(in_flight.rows)
-        limit = self.speculative.disable_by_batch_size
-        speculate = limit is None or len(self.scheduler.running) <= limit
+        speculate = self.proposer is not None and (
+            self.speculative.disable_by_batch_size is None
+            or len(self.scheduler.running) <= self.speculative.disable_by_batch_size)
         for (request, index), drafts in zip(in_flight.rows, drafts_of, strict=True):
-            samples = token_ids[start : start + 1 + len(drafts)]
-            start += 1 + len(drafts)
+            row, start = start, start + 1 + len(drafts)
             if request.status is FINISHED:
-                continue  # aborted meanwhile
-            new = accepted_tokens(drafts, samples)
+                continue  # ended meanwhile (an abort, or one step late: see step)
             if drafts:
+                new = accepted_tokens(drafts, token_ids[row:start])
                 self.stats.on_verify(len(drafts), len(new) - 1)
                 request.num_computed_tokens -= len(drafts) - (len(new) - 1)
-            del request.output_token_ids[index:]  # its PENDING mark
+            else:
+                new = [token_ids[row]]
+            if request.max_tokens == 0:  # its prompt alone (for its log-probabilities)
+                new = []
+                self._finish(request, "length")
+            request.output_token_ids[index : index + 1] = new  # in place of its PENDING mark
             for kept, token_id in enumerate(new, 1):
-                request.output_token_ids.append(token_id)
                 self.stats.on_token(request, now)
-                self._check_stop(request, token_id, len(request.output_token_ids))
+                self._check_stop(request, token_id, index + kept)
                 if request.status is FINISHED:
                     new = new[:kept]  # the tokens after a stop are dropped, never reported
                     break
             if request.status is FINISHED:
-                # (its K/V may run past the stop: only the tokens it keeps count as computed)
+                # (a row of the step in flight, or drafts past the stop: not its tokens)
+                del request.output_token_ids[index + len(new) :]
                 request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
-                self.scheduler.finish(request)
-                self.proposer.release(request)
+                self.scheduler.finish(request)  # its pages are free for the next step
+                if self.proposer is not None:
+                    self.proposer.release(request)
                 self.stats.on_finish(request, now)
-            elif speculate:
+            elif speculate and not request.params.penalized:  # (see _propose)
                 to_propose.append(request)
-            outputs.append(CoreOutput(request.request_id, new, request.finish_reason,
-                                      request.num_cached_tokens))
-        self._propose(to_propose)
+            outputs.append(self._output(request, new, logprobs, row))
+        if to_propose:
+            self._propose(to_propose)
         return outputs
+    # --8<-- [end:collect]
 
+    def _output(self, request: Request, new: list[int], logprobs: LogprobsLists | None,
+                row: int) -> CoreOutput:
+        """What a request reports for its sampled row (tokens from row `row` of the step): its
+        new tokens, with their log-probabilities and, the first time, its prompt's."""
+        output = CoreOutput(request.request_id, new, request.finish_reason,
+                            request.num_cached_tokens)
+        if logprobs is not None and request.params.logprobs is not None:
+            output.new_logprobs = logprobs.columns(row, row + len(new), request.params.logprobs)
+        if request.prompt_logprobs is not None and request.num_prompt_logprobs >= \
+                request.num_prompt_tokens - 1:
+            chunks, request.prompt_logprobs = request.prompt_logprobs, None
+            output.prompt_logprobs = LogprobsColumns(
+                *([x for chunk in chunks for x in getattr(chunk, field)]
+                  for field in ("token_ids", "logprobs", "top_ids", "top_logprobs")))
+        return output
+
+    @staticmethod
+    def _keep_prompt_logprobs(prompt_rows: list[tuple[Request, int]],
+                              lists: LogprobsLists) -> None:
+        """Each request's part of the step's prompt log-probabilities, kept until its first
+        token reports them all."""
+        start = 0
+        for request, count in prompt_rows:
+            if request.prompt_logprobs is not None:
+                request.prompt_logprobs.append(
+                    lists.columns(start, start + count, request.params.prompt_logprobs))
+            start += count
+
+    # --8<-- [start:propose]
     def _propose(self, requests: list[Request]) -> None:
         """Drafts for the requests' next step: at most k each, never past max_tokens (the
-        step yields one token more than it has drafts) or the context length."""
+        step yields one token more than it has drafts) or the context length. A penalized
+        request gets none: a penalty depends on the tokens before it, which differ for each
+        draft position (its rows would need counts per position, not per slot)."""
         k, limits, proposing = self.speculative.num_speculative_tokens, [], []
         for request in requests:
             limit = min(k, request.max_tokens - len(request.output_token_ids) - 1,
@@ -303,7 +328,7 @@ class EngineCore:
                 if request.grammar is not None:  # a draft the grammar refuses cannot be right
                     drafts = self.grammars.valid_prefix(request, drafts)
                 request.draft_token_ids = drafts
-    # --8<-- [end:collect_speculative]
+    # --8<-- [end:propose]
 
     def _check_stop(self, request: Request, token_id: int, num_output_tokens: int) -> None:
         """The rules that end a request at its num_output_tokens-th token; a stop string is

@@ -20,6 +20,8 @@ from serve.core.cuda_graph import (
     pad_decode_inputs,
 )
 from serve.core.kv.kv_pool import KVPool
+from serve.core.logprobs import LogprobsTensors, prompt_logprobs
+from serve.core.penalties import Penalties
 from serve.core.sampler import Sampler, SamplingTensors
 from serve.core.step_inputs import (
     DeviceStaging,
@@ -70,6 +72,8 @@ class ModelRunner:
         )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(shapes.vocab_size, self.device)
+        self.penalties = Penalties(config.num_slots, shapes.vocab_size, self.device)
+        self.is_driver = tp.rank == 0  # the rank whose log-probabilities the engine reads
         if self.device.type == "cuda":
             self.sampler.warm_up()
         self.stagings = (DeviceStaging(self.device), DeviceStaging(self.device))  # see execute
@@ -201,42 +205,59 @@ class ModelRunner:
         for part in parts:
             if part.read_rows is not None and len(part.read_rows):
                 part.token_ids[part.read_rows] = self.last_tokens[part.read_slots]
-        if len(parts) == 1:
+        prompt = None
+        if len(parts) == 1 and parts[0].prompt_logprob_rows is not None:
+            logits, prompt = self._eager(parts[0])
+        elif len(parts) == 1:
             logits = self.logits(parts[0])  # [sampled rows, vocab]
         else:
             logits = torch.cat([self.logits(part) for part in parts])
-        return StepLogits(logits, parts[0].sampling, parts[0].write_slots)
+        return StepLogits(logits, parts[0].sampling, parts[0].write_slots, prompt)
 
     @torch.inference_mode()
     def sample(self, step: "StepLogits", mask: TokenBitmask | None = None) -> "LaunchedStep":
-        """Sample a step's logits (a grammar's mask first takes out the tokens it does not
-        allow), leave each token in its slot on the device for the next step, and copy the
-        tokens to the host in the background."""
-        if not len(step.logits):  # a step of prefill chunks only: nothing to sample
-            return LaunchedStep(None, None, None)
-        if mask is not None:
-            apply_bitmask(step.logits, mask)
-        sampled = self.sampler(step.logits, step.sampling)
-        if step.write_slots is not None:
-            self.last_tokens[step.write_slots] = sampled
-        if self.device.type != "cuda":
-            return LaunchedStep(sampled, sampled, None)
-        self._parity ^= 1  # two host buffers: the previous step's may still be unread
-        host = self._sampled_host[self._parity][: len(sampled)]
-        host.copy_(sampled, non_blocking=True)
+        """Sample a step's logits (bias and penalties first change them, then a grammar's mask
+        takes out the tokens it does not allow), leave each token in its slot on the device for
+        the next step, and copy the tokens, and the log-probabilities asked for, to the host in
+        the background."""
+        rules, sampled, logprobs = step.sampling, None, None
+        if rules is not None:
+            self.penalties.admit(rules)
+        if len(step.logits):  # (a step of prefill chunks only samples nothing)
+            raw = None  # the model's own log-probabilities, before anything changes the logits
+            if rules is not None and rules.logprobs_k >= 0 and self.is_driver:
+                raw = step.logits.log_softmax(dim=-1, dtype=torch.float32)
+            logits = self.penalties.apply(step.logits, rules)
+            if mask is not None:
+                apply_bitmask(logits, mask)
+            sampled = self.sampler(logits, rules)
+            self.penalties.record(sampled, rules)
+            if step.write_slots is not None:
+                self.last_tokens[step.write_slots] = sampled
+            if raw is not None:
+                logprobs = LogprobsTensors.gather(raw, sampled, rules.logprobs_k)
+        prompt = step.prompt_logprobs
+        if self.device.type != "cuda" or (sampled is None and prompt is None):
+            return LaunchedStep(sampled, sampled, None, logprobs, prompt)
+        host = None
+        if sampled is not None:
+            self._parity ^= 1  # two host buffers: the previous step's may still be unread
+            host = self._sampled_host[self._parity][: len(sampled)]
+            host.copy_(sampled, non_blocking=True)
+        logprobs = logprobs.to_host() if logprobs is not None else None
+        prompt = prompt.to_host() if prompt is not None else None
         done = torch.cuda.Event()
         done.record()
-        return LaunchedStep(sampled, host, done)
+        return LaunchedStep(sampled, host, done, logprobs, prompt)
     # --8<-- [end:execute]
 
     @staticmethod
     def collect(launched: "LaunchedStep") -> list[int]:
-        """The sampled token ids of a launched step (waits for it: the step's one host sync)."""
-        if launched.host is None:
-            return []
+        """The sampled token ids of a launched step (waits for it: the step's one host sync);
+        its log-probabilities are then valid too."""
         if launched.done is not None:
             launched.done.synchronize()
-        return launched.host.tolist()
+        return launched.host.tolist() if launched.host is not None else []
 
     def split_for_graphs(self, inputs: StepInputs) -> list[StepInputs]:
         """A mixed step (the scheduler puts decode rows first, prompt chunks after) as two: its
@@ -244,6 +265,8 @@ class ModelRunner:
         eagerly. Any other step is one part."""
         graphs = self.graphs
         if graphs is None or inputs.attention.is_decode:  # the usual step: nothing to split
+            return [inputs]
+        if inputs.prompt_logprob_rows is not None:  # its rows are counted in the whole step
             return [inputs]
         query_lens = inputs.attention.qo_indptr.diff()
         num_decode = int((query_lens == 1).cumprod(0).sum())  # the leading one-token rows
@@ -268,9 +291,18 @@ class ModelRunner:
             # The graph computes every row's logits; in a decode step every real row samples,
             # and they come first: a view, not a gather of [rows, vocab].
             return graphs.replay(inputs)[: len(inputs.sample_indices)]
+        return self._eager(inputs)[0]
+
+    def _eager(self, inputs: StepInputs) -> tuple[torch.Tensor, LogprobsTensors | None]:
+        """The model run eagerly: the sampled rows' logits, and the log-probabilities of the
+        prompt tokens the step's rows predict, where a request asked for them."""
         self.backend.plan(inputs.attention)  # once per step, shared by every layer
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.attention)
-        return self.model.compute_logits(hidden[inputs.sample_indices])
+        prompt = None
+        if inputs.prompt_logprob_rows is not None:  # (every rank: the LM head all-gathers)
+            prompt = prompt_logprobs(self.model, hidden, inputs.prompt_logprob_rows,
+                                     inputs.prompt_logprob_targets, inputs.prompt_logprobs_k)
+        return self.model.compute_logits(hidden[inputs.sample_indices]), prompt
     # --8<-- [end:forward]
 
     @torch.inference_mode()
@@ -317,6 +349,7 @@ class StepLogits:
     logits: torch.Tensor  # [sampled rows, vocab], the model's dtype
     sampling: "SamplingTensors | None"
     write_slots: torch.Tensor | None
+    prompt_logprobs: LogprobsTensors | None = None
 
 
 @dataclass
@@ -327,3 +360,5 @@ class LaunchedStep:
     sampled: torch.Tensor | None
     host: torch.Tensor | None
     done: "torch.cuda.Event | None"
+    logprobs: LogprobsTensors | None = None  # of the sampled tokens, where a row asked
+    prompt_logprobs: LogprobsTensors | None = None  # of the prompt tokens the step computed

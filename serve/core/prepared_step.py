@@ -26,6 +26,8 @@ class PreparedStep:
     drafts: list[list[int]] | None  # per sampled request, the drafts it checks; None: none does
     # the sampled rows a grammar constrains: (row, request, the drafts before it in its row)
     grammar_rows: list[tuple[int, Request, list[int]]]
+    # requests whose prompt log-probabilities the step computes, and how many, in row order
+    prompt_rows: list[tuple[Request, int]]
 
 
 # --8<-- [start:step_inputs]
@@ -43,12 +45,19 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
     num_sampled = np.zeros(num_rows, dtype=np.int64)
     read = np.zeros(num_rows, dtype=np.bool_)
     host_tokens, rows, drafts, grammar_rows = [], [], [], []
-    num_sampled_rows = 0
+    prompt_rows, prompt_targets, prompt_indices = [], [], []
+    num_sampled_rows = num_token_rows = 0
     for i, item in enumerate(scheduled):
         request, num_new = item.request, item.num_new_tokens
         slot = slots[i] = request.page_table.row
         if item.admitted:
             batch.admit(slot, request.params, request.sampling_seed)
+            if request.params.penalized:
+                batch.admit_history(slot, request.prompt_token_ids, request.output_token_ids)
+        if request.wants_prompt_logprobs:  # (rare: a check per row, no work)
+            _prompt_logprob_rows(request, num_new, num_token_rows, prompt_rows,
+                                 prompt_indices, prompt_targets)
+        num_token_rows += num_new
         query_lens[i] = num_new
         computed[i] = request.num_computed_tokens
         if request.token_in_slot:  # a decode row: its token waits in its slot on the device
@@ -86,6 +95,25 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
         slots[read])
     inputs.write_slots = torch.from_numpy(sampled_slots)
     inputs.masked = bool(grammar_rows)
+    if prompt_rows:
+        inputs.prompt_logprob_rows = torch.from_numpy(np.concatenate(prompt_indices))
+        inputs.prompt_logprob_targets = torch.tensor(prompt_targets, dtype=torch.int64)
+        inputs.prompt_logprobs_k = max(r.params.prompt_logprobs for r, _ in prompt_rows)
     return PreparedStep(inputs, rows, drafts if len(sampled_slots) > len(rows) else None,
-                        grammar_rows)
+                        grammar_rows, prompt_rows)
 # --8<-- [end:step_inputs]
+
+
+def _prompt_logprob_rows(request: Request, num_new: int, first_row: int,
+                         prompt_rows: list, indices: list, targets: list) -> None:
+    """The token rows of this step's chunk of a prompt that predict a later prompt token (a
+    position's logits predict the next token) and have not been computed before (a request
+    preempted mid-prompt recomputes from its start, and skips what it already has)."""
+    computed = request.num_computed_tokens
+    start = max(computed, request.num_prompt_logprobs)
+    end = min(computed + num_new, request.num_prompt_tokens - 1)
+    if end > start:
+        indices.append(np.arange(start, end) - computed + first_row)
+        targets += request.prompt_token_ids[start + 1 : end + 1]
+        prompt_rows.append((request, end - start))
+        request.num_prompt_logprobs = end

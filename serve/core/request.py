@@ -47,6 +47,10 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)
     draft_state: object | None = None
     grammar: object | None = None  # structured output: its GrammarState (serve/structured)
+    # prompt log-probabilities computed so far (LogprobsColumns, one per chunk), reported with
+    # its first token; until then it skips the prefix cache (a cached prefix has no logits)
+    prompt_logprobs: list | None = None
+    num_prompt_logprobs: int = 0  # prompt positions whose log-probabilities a step computes
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -76,6 +80,11 @@ class Request:
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """It asked for prompt log-probabilities and has not had them yet."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
 
     @property
     def finished(self) -> bool:

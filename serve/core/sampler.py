@@ -18,7 +18,7 @@ tokens (it needs no normalization), so a row's weights do not depend on its batc
 On the CPU a sort-based filter is the readable reference the GPU path is tested against.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -101,6 +101,24 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
+    # Rules few rows use, None where no row of the step does (PersistentBatch.sampling):
+    logprobs_k: int = -1  # the most top log-probabilities a row asked for; -1: none asked
+    # penalized rows (serve/core/penalties.py): [p] row index, its slot, its three penalties
+    penalty_rows: torch.Tensor | None = None
+    penalty_slots: torch.Tensor | None = None
+    presence_penalty: torch.Tensor | None = None
+    frequency_penalty: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None
+    # logit bias: bias_values[i] is added to row bias_rows[i]'s token bias_token_ids[i]
+    bias_rows: torch.Tensor | None = None
+    bias_token_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    # penalized requests admitted this step: their slots, and their tokens (slot, id) pairs
+    reset_slots: torch.Tensor | None = None
+    prompt_token_slots: torch.Tensor | None = None
+    prompt_token_ids: torch.Tensor | None = None
+    output_token_slots: torch.Tensor | None = None
+    output_token_ids: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -134,8 +152,9 @@ class SamplingTensors:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in
-                ("temperature", "top_k", "top_p", "min_p", "is_greedy", "noise_keys")}
+        """Every tensor field that is set (what moves to the device)."""
+        return {f.name: value for f in fields(self)
+                if isinstance(value := getattr(self, f.name), torch.Tensor)}
 
 
 class Sampler:

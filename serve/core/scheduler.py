@@ -147,7 +147,7 @@ class Scheduler:
         first chunk's pages do not fit."""
         table = request.page_table
         num_cached = 0
-        if self.cache is not None:
+        if self.cache is not None and not request.wants_prompt_logprobs:
             # The last token is always computed: its logits give the next token.
             num_cached, pages = self.cache.match(
                 request.token_ids_from(0)[: request.num_tokens - 1], request.cache_salt)

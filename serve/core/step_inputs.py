@@ -34,6 +34,11 @@ class StepInputs:
     # a grammar constrains some sampled rows: the sampling waits for their token bitmask (the
     # other tensor-parallel ranks are sent it too); host side only
     masked: bool = False
+    # prompt log-probabilities: token row prompt_logprob_rows[i] predicts the prompt token
+    # prompt_logprob_targets[i]; each with the prompt_logprobs_k most likely (None: no row asks)
+    prompt_logprob_rows: torch.Tensor | None = None  # [q] int64
+    prompt_logprob_targets: torch.Tensor | None = None  # [q] int64
+    prompt_logprobs_k: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -197,7 +202,8 @@ class DeviceStaging:
                   "sample_indices": inputs.sample_indices,
                   "slot_mapping": inputs.attention.slot_mapping,
                   "kv_indices": inputs.attention.kv_indices}
-        for name in ("read_rows", "read_slots", "write_slots"):
+        for name in ("read_rows", "read_slots", "write_slots", "prompt_logprob_rows",
+                     "prompt_logprob_targets"):
             if getattr(inputs, name) is not None:
                 moving[name] = getattr(inputs, name)
         if inputs.sampling is not None:
@@ -212,7 +218,9 @@ class DeviceStaging:
                             kv_indices=moved["kv_indices"])
         return StepInputs(moved["token_ids"], moved["positions"], attention,
                           moved["sample_indices"], sampling, moved.get("read_rows"),
-                          moved.get("read_slots"), moved.get("write_slots"))
+                          moved.get("read_slots"), moved.get("write_slots"), inputs.masked,
+                          moved.get("prompt_logprob_rows"), moved.get("prompt_logprob_targets"),
+                          inputs.prompt_logprobs_k)
 
     def _copy(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         offsets, total = {}, 0

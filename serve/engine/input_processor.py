@@ -73,6 +73,9 @@ class InputProcessor:
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(
                 f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+        if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
         if params.top_k > self.vocab_size:
             raise InvalidRequestError(f"top_k must be -1 (every token) or in [1, "
                                       f"{self.vocab_size}] (the vocabulary's size), got "
@@ -84,9 +87,14 @@ class InputProcessor:
             check_constraint(params.structured_outputs)
         text, token_ids = self._token_ids(prompt)  # (the cheap checks first)
         # max_tokens is resolved here and only here: unset means "until the context is full".
-        max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
-        if max_tokens < 1 or len(token_ids) + max_tokens > self.max_model_len:
-            raise prompt_too_long(len(token_ids), max(max_tokens, 1), self.max_model_len)
+        # (0 is a request for the prompt alone: its log-probabilities, or its echo)
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - len(token_ids)
+            if max_tokens < 1:
+                raise prompt_too_long(len(token_ids), 1, self.max_model_len)
+        if len(token_ids) + max_tokens > self.max_model_len:
+            raise prompt_too_long(len(token_ids), max_tokens, self.max_model_len)
         return EngineInput(token_ids, text, params, max_tokens)
     # --8<-- [end:process]
 

@@ -45,6 +45,8 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, vocab_size, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none
+        # requests held back until the request they name has computed its prompt (prefill_after)
+        self._held: dict[str, list[CoreRequest]] = {}
 
     # The core's parts, for tests and benchmarks that look inside an in-process core.
     @property
@@ -71,33 +73,50 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt: Prompt | EngineInput, params: SamplingParams | None = None,
         arrival_time: float | None = None, cache_salt: str | None = None,
+        prefill_after: str | None = None,
     ) -> None:
         """Queue a request: a prompt to process here, or an EngineInput processed already. With
-        a cache_salt, it shares cached prompt prefixes only with requests of the same salt."""
+        a cache_salt, it shares cached prompt prefixes only with requests of the same salt.
+
+        prefill_after names a request with the same prompt, added before (n > 1: the first
+        sequence of the prompt): this one waits until that one has computed the prompt, then
+        finds its pages in the prefix cache instead of computing a copy of them."""
         if not isinstance(prompt, EngineInput):
             prompt = self.input_processor.process(prompt, params or SamplingParams())
         params = prompt.params
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
         self.output_processor.add_request(request_id, prompt.prompt, prompt.prompt_token_ids,
                                           params)
+        message = CoreRequest(request_id, prompt.prompt_token_ids, params, prompt.max_tokens,
+                              seed, arrival_time or time.monotonic(), cache_salt)
+        first = self.output_processor.requests.get(prefill_after)
+        if first is not None and not first.token_ids and self.config.enable_prefix_caching:
+            self._held.setdefault(prefill_after, []).append(message)
+            return
         try:
-            self.core.add_request(CoreRequest(request_id, prompt.prompt_token_ids, params,
-                                              prompt.max_tokens, seed,
-                                              arrival_time or time.monotonic(), cache_salt))
+            self.core.add_request(message)
         except BaseException:  # the core did not take it: nothing of it may stay here
             del self.output_processor.requests[request_id]
             raise
     # --8<-- [end:add_request]
+
+    def _release(self, request_id: str) -> None:
+        """Queue the requests held back for this one (it computed its prompt, or ended)."""
+        for message in self._held.pop(request_id, ()):
+            if message.request_id in self.output_processor.requests:  # not aborted meanwhile
+                self.core.add_request(message)
 
     def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
         """End a waiting or running request and free its pages; None if it is not here."""
         if request_id not in self.output_processor.requests:
             return None
         self.core.abort_request(request_id)
-        return self.output_processor.abort(request_id, error)
+        output = self.output_processor.abort(request_id, error)
+        self._release(request_id)
+        return output
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.core.has_unfinished_requests() or bool(self._held)
 
     def check_health(self) -> None:
         """Raise if the core (its process, or a tensor-parallel worker) has died or stopped;
@@ -122,6 +141,8 @@ class LLMEngine:
         requests, process = self.output_processor.requests, self.output_processor.process
         for core_output in self.core.step():
             request_id = core_output.request_id
+            if self._held:
+                self._release(request_id)  # its first output: its prompt is computed
             if request_id not in requests:
                 continue  # ended here meanwhile (a stop string, an abort)
             if core_output.error is not None:  # the core could not serve it

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from serve.engine.detokenizer import IncrementalDetokenizer
-from serve.engine.outputs import CompletionOutput, RequestOutput
-from serve.messages import CoreOutput
+from serve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from serve.messages import CoreOutput, LogprobsColumns
 from serve.sampling_params import SamplingParams
 
 
@@ -31,6 +31,8 @@ class RequestState:
     unsent_text: str = ""
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def text(self) -> str:
@@ -48,8 +50,9 @@ class OutputProcessor:
                     params: SamplingParams) -> None:
         detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
                        if self.tokenizer is not None else None)
-        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params,
-                                                 detokenizer)
+        self.requests[request_id] = RequestState(
+            request_id, prompt, prompt_token_ids, params, detokenizer,
+            logprobs=[] if params.logprobs is not None else None)
 
     # --8<-- [start:process]
     def process(self, output: CoreOutput) -> RequestOutput:
@@ -58,6 +61,7 @@ class OutputProcessor:
         state.token_ids += output.new_token_ids
         state.num_cached_tokens = output.num_cached_tokens
         state.finish_reason = output.finish_reason
+        new_logprobs = _token_logprobs(output.new_logprobs) if output.new_logprobs else []
         new_ids = output.new_token_ids
         if output.finish_reason == "stop":  # EOS or a stop token: its own text is never shown
             new_ids = new_ids[:-1]
@@ -68,9 +72,10 @@ class OutputProcessor:
                 num_dropped = len(output.new_token_ids) - kept
                 if num_dropped:
                     del state.token_ids[-num_dropped:]
-                    return self._report(state, output.new_token_ids[:kept])
+                    return self._report(state, output.new_token_ids[:kept],
+                                        new_logprobs[:kept], output)
                 break
-        return self._report(state, output.new_token_ids)
+        return self._report(state, output.new_token_ids, new_logprobs, output)
     # --8<-- [end:process]
 
     def abort(self, request_id: str, error: str | None = None,
@@ -81,13 +86,17 @@ class OutputProcessor:
         if state is None:
             return None
         state.finish_reason = "abort"
-        output = self._report(state, [])
+        output = self._report(state, [], [])
         output.error, output.error_param = error, error_param
         return output
 
-    def _report(self, state: RequestState, new_token_ids: list[int]) -> RequestOutput:
+    def _report(self, state: RequestState, new_token_ids: list[int],
+                new_logprobs: list[TokenLogprobs],
+                core_output: CoreOutput | None = None) -> RequestOutput:
         """This step's new tokens and the text that became safe to show; the whole output once
         the request has finished."""
+        if state.logprobs is not None:
+            state.logprobs += new_logprobs
         finished = state.finish_reason is not None
         new_text = state.unsent_text
         if not finished and state.params.stop:
@@ -100,7 +109,15 @@ class OutputProcessor:
         outputs = []
         if finished:
             del self.requests[state.request_id]
-            outputs.append(CompletionOutput(0, state.text, state.token_ids, state.finish_reason))
+            outputs.append(CompletionOutput(
+                0, state.text, state.token_ids, state.finish_reason, state.logprobs,
+                sum(t.logprob for t in state.logprobs) if state.logprobs is not None else None))
+        prompt_logprobs = None  # on the output that brings them, and on the finished one
+        if core_output is not None and core_output.prompt_logprobs is not None:
+            prompt_logprobs = state.prompt_logprobs = [
+                None, *_token_logprobs(core_output.prompt_logprobs)]
+        elif finished:
+            prompt_logprobs = state.prompt_logprobs
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -110,6 +127,8 @@ class OutputProcessor:
             new_text=new_text,
             new_token_ids=new_token_ids,
             num_cached_tokens=state.num_cached_tokens,
+            new_logprobs=new_logprobs if state.logprobs is not None else [],
+            prompt_logprobs=prompt_logprobs,
         )
 
     @staticmethod
@@ -134,3 +153,11 @@ class OutputProcessor:
         state.unsent_text = state.unsent_text[: min(found)]
         state.finish_reason = "stop"
         return True
+
+
+def _token_logprobs(columns: LogprobsColumns) -> list[TokenLogprobs]:
+    """The core's columns as one TokenLogprobs per token."""
+    return [TokenLogprobs(token_id, logprob, list(zip(ids, values, strict=True)))
+            for token_id, logprob, ids, values in zip(
+                columns.token_ids, columns.logprobs, columns.top_ids, columns.top_logprobs,
+                strict=True)]
