@@ -8,6 +8,7 @@ import argparse
 import gc
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -140,6 +141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an LLM(...) argument of a later stage, e.g. max_batch_size=128")
+    parser.add_argument("--logprobs", type=int, metavar="K",
+                        help="every request asks for its tokens' log-probabilities and the K "
+                             "most likely (what a client that scores its outputs costs)")
     parser.add_argument("--out", help="write the result JSON here")
     add_workload_args(parser)
     return parser.parse_args(argv)
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     workload = workload_from_args(args)
     requests = make_requests(workload, vocab_size_of(args.model))
+    if args.logprobs is not None:
+        requests = [(prompt, replace(params, logprobs=args.logprobs))
+                    for prompt, params in requests]
     device = resolve_device(args.device)
     engine_args = {"model": args.model, "dtype": args.dtype, "device": args.device,
                    "load_format": args.load_format, "max_model_len": args.max_model_len,
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workload": workload.to_dict(),
         "engine_args": {**engine_args, "resolved_device": device,
                         "resolved_dtype": dtype_name(resolve_dtype(args.dtype, device)),
-                        "warmup": args.warmup},
+                        "warmup": args.warmup, "logprobs": args.logprobs},
         "metrics": metrics,
         "hf_baseline": hf_metrics,
         "ratio_vs_hf": ratio(metrics["output_tokens_per_s"],
