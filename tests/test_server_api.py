@@ -248,16 +248,7 @@ def error_of(response, status: int = 400) -> dict:
 
 
 UNSUPPORTED = [
-    ("completions", {"n": 2}, "n"),
-    ("completions", {"best_of": 3}, "best_of"),
-    ("completions", {"logprobs": 1}, "logprobs"),
-    ("completions", {"echo": True}, "echo"),
-    ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("completions", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("completions", {"logit_bias": {"7": 10}}, "logit_bias"),
-    ("chat/completions", {"n": 3}, "n"),
-    ("chat/completions", {"logprobs": True}, "logprobs"),
-    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("completions", {"suffix": "}"}, "suffix"),
     ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
 ]
 
@@ -277,7 +268,7 @@ OUT_OF_RANGE = [
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"min_p": 1.5}, "min_p"),
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
     ({"n": 0}, "n"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"stop": [""]}, "stop"),

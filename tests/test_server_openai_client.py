@@ -145,8 +145,8 @@ def test_models(client):
 
 def test_errors_reach_the_client_as_openai_errors(client):
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=MODEL, messages=CHAT, n=2)
-    assert refused.value.param == "n" and refused.value.code == "unsupported_parameter"
+        client.chat.completions.create(model=MODEL, messages=CHAT, top_logprobs=2)
+    assert refused.value.param == "top_logprobs" and refused.value.code == "invalid_value"
     with pytest.raises(openai.BadRequestError) as too_long:
         client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)
     assert too_long.value.code == "context_length_exceeded"

@@ -113,7 +113,7 @@ def test_out_of_range_seed_is_refused(client):
 
 
 def test_every_invalid_field_is_named_with_its_rule(client):
-    body = ('{"prompt": [-1, 5], "temperature": NaN, "top_p": 0, "max_tokens": 0, "stop": 5, '
+    body = ('{"prompt": [-1, 5], "temperature": NaN, "top_p": 0, "max_tokens": -1, "stop": 5, '
             '"stop_token_ids": [-2], "stream": "maybe"}')
     error = error_of(post_raw(client, body))
     assert error["param"] == "temperature" and error["code"] == "invalid_value"
@@ -124,7 +124,7 @@ def test_every_invalid_field_is_named_with_its_rule(client):
         "stream should be a valid boolean, got \"maybe\"",
         "stop_token_ids[0] should be >= 0, got -2",
         "prompt[0] should be >= 0, got -1",
-        "max_tokens should be >= 1, got 0",
+        "max_tokens should be >= 0, got -1",
     ]
 
 
@@ -165,9 +165,12 @@ def test_many_errors_are_summed_up(client):
 
 
 def test_several_unsupported_fields_are_named_together(client):
-    error = error_of(client.post("/v1/completions", json={"prompt": "x", "n": 2, "echo": True}))
-    assert error["param"] == "n" and error["code"] == "unsupported_parameter"
-    assert error["message"] == "n > 1 is not supported yet; echo is not supported yet"
+    structured = {"json_object": True, "whitespace_pattern": " "}
+    body = {"prompt": "x", "suffix": "}", "structured_outputs": structured}
+    error = error_of(client.post("/v1/completions", json=body))
+    assert error["param"] == "structured_outputs" and error["code"] == "unsupported_parameter"
+    assert error["message"] == ("structured_outputs.whitespace_pattern is not supported yet; "
+                                "suffix is not supported yet")
 
 
 @pytest.mark.parametrize(

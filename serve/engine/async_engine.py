@@ -8,6 +8,9 @@ tokenized on worker threads of their own (TokenizerPool), so that neither the ca
 loop nor the engine's steps wait for a long prompt or a slow chat template. While idle, the
 thread wakes every IDLE_CHECK_S to check that the engine's processes are alive and to publish
 their state; a failure of the engine ends every request at once, and the loop.
+
+It also counts the requests that wait for their first output (tokenizing, queued, computing
+their prompt), so that a server can refuse new work while too many do (max_queued_requests).
 """
 
 import asyncio
@@ -37,6 +40,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 0.5  # how often an idle loop checks the engine's health and publishes its state
+# What a refusal for a full queue tells the client to wait: a queue moves on by a batch every
+# few steps, and a client that is refused again backs off further on its own.
+RETRY_AFTER_S = 1
+
+
+class QueueFullError(RuntimeError):
+    """max_queued_requests requests already wait for their first output: try again later.
+    args: (message, seconds to wait before retrying)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def retry_after_s(self) -> int:
+        return self.args[1] if len(self.args) > 1 else RETRY_AFTER_S
 
 
 @dataclass
@@ -89,6 +107,7 @@ class _Add:
     arrival_time: float
     cache_salt: str | None
     stream: _Stream
+    prefill_after: str | None = None  # a request of the same prompt, added earlier
 
 
 @dataclass
@@ -99,8 +118,11 @@ class _Abort:
 class AsyncEngine:
     """Runs `LLMEngine.step()` in a background thread and streams each request's outputs."""
 
-    def __init__(self, engine: "LLMEngine") -> None:
+    def __init__(self, engine: "LLMEngine", max_queued_requests: int | None = None) -> None:
         self.engine = engine
+        self.max_queued_requests = max_queued_requests  # None: no limit (see check_queue)
+        self._num_waiting = 0  # requests with no output yet (guarded by _waiting_lock)
+        self._waiting_lock = threading.Lock()
         self._commands: deque[_Add | _Abort] = deque()
         self._wakeup = threading.Condition()  # guards the command queue and the flags below
         self._stopping = False  # shutdown(): stop now
@@ -140,6 +162,19 @@ class AsyncEngine:
         with self._wakeup:
             return self._busy or bool(self._commands)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests that have no output yet: being tokenized, queued, or computing their
+        prompt. Counted from the call of generate() (or process()) to the first output."""
+        return self._num_waiting
+
+    def check_queue(self) -> None:
+        """Raise QueueFullError while max_queued_requests requests (or more) are waiting."""
+        limit = self.max_queued_requests
+        if limit is not None and self._num_waiting >= limit:
+            raise QueueFullError(f"the server is busy: {self._num_waiting} requests are waiting "
+                                 f"(--max-queued-requests {limit}); retry later", RETRY_AFTER_S)
+
     def add_stats_listener(self, listener: Callable[[EngineStats], None]) -> None:
         """Call listener(stats) on the loop thread after every iteration (metrics, logs)."""
         self._stats_listeners.append(listener)
@@ -174,12 +209,23 @@ class AsyncEngine:
         self.engine.shutdown()
 
     # --8<-- [start:generate]
+    async def process(self, prompt: Prompt, params: SamplingParams) -> EngineInput:
+        """Tokenize and check a prompt off the event loop, once, for generate() to take as
+        several requests (the n choices of one prompt). Counted as waiting while it runs."""
+        self._check_admitting()
+        with _WaitingCount(self):
+            return await self._tokenizers.process(prompt, params)
+
     async def generate(
-        self, prompt: Prompt, params: SamplingParams, request_id: str,
+        self, prompt: Prompt | EngineInput, params: SamplingParams | None, request_id: str,
         arrival_time: float | None = None, cache_salt: str | None = None,
+        prefill_after: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's RequestOutput after every step that advanced it, until finished.
-        With a cache_salt it shares cached prompt prefixes only with requests of that salt.
+        An EngineInput (from process()) is queued as is, with its own params. With a cache_salt
+        it shares cached prompt prefixes only with requests of that salt; with prefill_after
+        (a request of the same prompt, generated earlier) it waits until that one has computed
+        the prompt, and then finds it in the prefix cache.
 
         A prompt the engine refuses raises here (InvalidRequestError) before any output; a
         request that fails later raises RequestFailedError. Closing this generator early (the
@@ -187,21 +233,25 @@ class AsyncEngine:
         """
         arrival_time = arrival_time or time.monotonic()
         self._check_admitting()  # refuse before tokenizing for nothing
-        engine_input = await self._tokenizers.process(prompt, params)
-        stream = _Stream(asyncio.get_running_loop())
-        self._send(_Add(request_id, engine_input, arrival_time, cache_salt, stream))
-        done = False
-        try:
-            while not done:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.finished
-                yield item
-        finally:
-            if not done:
-                self._send(_Abort(request_id))
+        with _WaitingCount(self) as waiting:
+            engine_input = (prompt if isinstance(prompt, EngineInput)
+                            else await self._tokenizers.process(prompt, params))
+            stream = _Stream(asyncio.get_running_loop())
+            self._send(_Add(request_id, engine_input, arrival_time, cache_salt, stream,
+                            prefill_after))
+            done = False
+            try:
+                while not done:
+                    item = await stream.get()
+                    waiting.release()
+                    if isinstance(item, BaseException):
+                        done = True
+                        raise item
+                    done = item.finished
+                    yield item
+            finally:
+                if not done:
+                    self._send(_Abort(request_id))
     # --8<-- [end:generate]
 
     def _check_admitting(self) -> None:
@@ -276,7 +326,8 @@ class AsyncEngine:
         try:
             self.engine.add_request(command.request_id, command.engine_input,
                                     arrival_time=command.arrival_time,
-                                    cache_salt=command.cache_salt)
+                                    cache_salt=command.cache_salt,
+                                    prefill_after=command.prefill_after)
         except EngineDeadError:
             raise
         except Exception as error:  # a request the engine cannot take fails alone
@@ -340,3 +391,27 @@ class AsyncEngine:
             error.__cause__ = self.error
             stream.put(error)
         self._streams.clear()
+
+
+class _WaitingCount:
+    """One request counted in AsyncEngine.num_waiting, from entering the `with` until
+    release() or the end of the `with`, whichever comes first."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._counted = False
+
+    def __enter__(self) -> "_WaitingCount":
+        with self._engine._waiting_lock:
+            self._engine._num_waiting += 1
+        self._counted = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._counted:
+            self._counted = False
+            with self._engine._waiting_lock:
+                self._engine._num_waiting -= 1

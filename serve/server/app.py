@@ -17,6 +17,7 @@ from serve.engine.errors import EngineDeadError
 from serve.server.auth import APIKeyAuth
 from serve.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, BodyLimits
 from serve.server.errors import ERROR_TYPES, error_response
+from serve.server.logprobs import TokenTexts
 from serve.server.metrics import ServerMetrics, log_while_busy
 from serve.server.protocol import (
     APIError,
@@ -26,7 +27,8 @@ from serve.server.protocol import (
     ModelCard,
     ModelList,
 )
-from serve.server.serving import ChatShape, CompletionShape, serve_generation
+from serve.server.serving import serve_generation
+from serve.server.shapes import ChatShape, CompletionShape
 from serve.server.validation import validation_error_info
 
 
@@ -50,7 +52,9 @@ def build_app(
     """
     served_names = [model_names] if isinstance(model_names, str) else list(model_names or [])
     served_names = served_names or [engine.model_name]
-    completion_shape, chat_shape = CompletionShape(engine.tokenizer is None), ChatShape()
+    texts = TokenTexts(engine.tokenizer)
+    completion_shape = CompletionShape(texts, textless=engine.tokenizer is None)
+    chat_shape = ChatShape(texts)
     created = int(time.time())
     metrics = ServerMetrics()
     engine.add_stats_listener(metrics.record)
@@ -127,7 +131,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> Response:
-        return error_response(error.status_code, error.info)
+        return error_response(error.status_code, error.info, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> Response:

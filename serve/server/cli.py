@@ -119,6 +119,12 @@ def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
         help="largest request body accepted; a larger one gets 413",
     )
     parser.add_argument(
+        "--max-queued-requests", type=number(int, 1), default=None,
+        help="answer a new generation request 503, with Retry-After, while N requests wait "
+        "for their first token: being tokenized, queued, or computing their prompt (each "
+        "prompt of a request and each of its n choices counts; default: no limit)",
+    )
+    parser.add_argument(
         "--shutdown-timeout", type=number(float, 0), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         help="seconds that requests still running at SIGTERM get to finish",
     )
@@ -208,7 +214,8 @@ def build_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
     except ValueError as error:  # EngineConfig names the field that is out of range
         parser.error(as_flag(str(error)))
     try:
-        return AsyncEngine(LLMEngine(config, core_process=not args.no_core_process))
+        return AsyncEngine(LLMEngine(config, core_process=not args.no_core_process),
+                           max_queued_requests=args.max_queued_requests)
     except ValueError as error:  # no such model, an unsupported architecture, a context too long
         logger.debug("the engine could not be built", exc_info=True)
         parser.error(as_flag(str(error)))

@@ -2,10 +2,12 @@
 that report what is wrong with the value the client actually sent."""
 
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -15,22 +17,29 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from serve.sampling_params import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 
 # Every request model's: unknown fields are accepted and ignored (as vLLM does). Strict: a number
 # must be a JSON number and a flag a JSON boolean ("5" and true are not a max_tokens, true is not
 # a temperature), as OpenAI answers; an integer is a valid float.
 REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
-# One request may hold several prompts, each becoming an engine request: bound how many, so that
-# one body of a million one-character prompts cannot flood the queue. (OpenAI caps an embeddings
-# input array at 2048 items.)
+# One request may hold several prompts, n sequences each, each becoming an engine request: bound
+# how many, so that one body of a million one-character prompts cannot flood the queue. (OpenAI
+# caps an embeddings input array at 2048 items.)
 MAX_PROMPTS = 2048
 # A JSON schema nested deeper than this many levels (objects and arrays, as JSON nests them) is
 # refused: xgrammar's time to read a schema grows with the cube of its depth (100 levels of
 # objects take a tenth of a second, 200 most of one), and Python cannot even serialize one
 # nested some 500 deep. OpenAI's own limit is 10 levels of objects, some 20 JSON levels.
 MAX_SCHEMA_DEPTH = 64
+MAX_SHOWN_KEY_CHARS = 40  # a refused logit_bias key is quoted up to this long
 
 
 def _valid_unicode(text: str) -> str:
@@ -126,6 +135,30 @@ def _too_deep() -> PydanticCustomError:
                                {"limit": MAX_SCHEMA_DEPTH})
 
 
+# A logit_bias key: a token id written as a JSON string (object keys are strings). Ten digits
+# are more than any vocabulary needs; the engine checks the id against the model's.
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+
+
+def _few_entries(value: Any) -> Any:
+    # Counted before the entries are validated: 10,000 of them are refused in one line, not
+    # 10,000 lines of what is wrong with each.
+    if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS:
+        raise PydanticCustomError("logit_bias_size",
+                                  "should have at most {limit} entries, got {count}",
+                                  {"limit": MAX_LOGIT_BIAS, "count": len(value)})
+    return value
+
+
+def _token_id_keys(bias: dict[str, float]) -> dict[int, float]:
+    bad = next((key for key in bias if not _TOKEN_ID_KEY.fullmatch(key)), None)
+    if bad is not None:
+        raise PydanticCustomError(
+            "logit_bias_key", "should map token ids (integers, written as strings) to biases, "
+            "got the key {key}", {"key": json.dumps(bad[:MAX_SHOWN_KEY_CHARS])})
+    return {int(token): bias for token, bias in bias.items()}
+
+
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 # A JSON schema, as an object (an output constraint's, a tool's parameters), or as its text
 JSONSchema = Annotated[dict[str, Any], AfterValidator(_shallow_schema)]
@@ -161,3 +194,9 @@ Prompt = Annotated[
         },
     )),
 ]
+
+# OpenAI's logit_bias: {"token id": bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries; the
+# keys become ints here.
+Bias = Annotated[float, Field(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE)]
+LogitBias = Annotated[dict[str, Bias], BeforeValidator(_few_entries),
+                      AfterValidator(_token_id_keys)]

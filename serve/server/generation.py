@@ -1,17 +1,18 @@
-"""The engine streams behind one HTTP request: submit its prompts, gather their outputs, and
-stop generating for a client that went away."""
+"""The engine streams behind one HTTP request: submit its prompts (n sequences of each),
+gather their outputs, and stop generating for a client that went away."""
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import InvalidRequestError, PromptTooLongError
-from serve.engine.input_processor import Prompt
+from serve.engine.input_processor import EngineInput, Prompt
 from serve.engine.outputs import RequestOutput
-from serve.sampling_params import SamplingParams
+from serve.sampling_params import SEED_MIN, SamplingParams
 from serve.server.protocol import APIError
 from serve.server.structured import renamed, top_field
 
@@ -20,9 +21,10 @@ T = TypeVar("T")
 
 # --8<-- [start:generation]
 class Generation:
-    """The engine streams behind one HTTP request, one per prompt.
+    """The engine streams behind one HTTP request: per prompt, one per sequence asked for (n,
+    or best_of), in order, sequence i of prompt p at index p * per_prompt + i.
 
-    Whoever starts a Generation closes it; closing aborts every prompt still generating, so a
+    Whoever starts a Generation closes it; closing aborts every sequence still generating, so a
     client that goes away stops costing GPU time however far its request had got.
     """
 
@@ -42,33 +44,41 @@ class Generation:
         request_id: str,
         fields: dict[str, str],
         cache_salt: str | None = None,
+        per_prompt: int = 1,
     ) -> "Generation":
-        """Submit every prompt and wait for each one's first output.
+        """Tokenize every prompt once, submit per_prompt sequences of each, and wait for each
+        sequence's first output.
 
         Waiting for the first output is what lets a prompt the engine refuses (too long, empty,
         an output constraint it cannot parse) fail the whole HTTP request with a 400 before a
         single byte of a stream has been sent. `fields` says where the request wrote what the
         engine names: {"prompt": "messages", "structured_outputs": "response_format"}.
         """
-        generators = [engine.generate(prompt, params, f"{request_id}-{i}", cache_salt=cache_salt)
-                      for i, prompt in enumerate(prompts)]
+        inputs = await asyncio.gather(*(engine.process(prompt, params) for prompt in prompts),
+                                      return_exceptions=True)
+        if error := next((i for i in inputs if isinstance(i, BaseException)), None):
+            raise _refusal(error, fields)
+        generators = []
+        for p, engine_input in enumerate(inputs):
+            first_id = f"{request_id}-{p * per_prompt}"
+            for i in range(per_prompt):
+                # The first sequence computes the prompt; the others wait for it, then find
+                # its pages in the prefix cache instead of computing n copies.
+                child = sequence_input(engine_input, i, per_prompt)
+                generators.append(engine.generate(
+                    child, None, f"{request_id}-{p * per_prompt + i}", cache_salt=cache_salt,
+                    prefill_after=first_id if i else None))
+        # (in order: each generator sends its request to the engine before its first wait)
         firsts = await asyncio.gather(*(anext(g) for g in generators), return_exceptions=True)
         error = next((first for first in firsts if isinstance(first, BaseException)), None)
         if error is None:
+            share_prompt_logprobs(firsts, per_prompt)
             return cls(generators, firsts)
-        await cls(generators, []).close()  # abort the prompts the engine did accept
-        if isinstance(error, PromptTooLongError):
-            raise APIError(str(error), param=fields["prompt"], code="context_length_exceeded")
-        if isinstance(error, InvalidRequestError):
-            name = error.param or "prompt"
-            field = fields.get(name, name)
-            raise APIError(renamed(str(error), field), param=top_field(field))
-        if isinstance(error, ValueError):
-            raise APIError(str(error), param=fields["prompt"])
-        raise error
+        await cls(generators, []).close()  # abort the sequences the engine did accept
+        raise _refusal(error, fields)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) as each step produces them, the prompts interleaved."""
+        """(index, output) as each step produces them, the sequences interleaved."""
         queue: asyncio.Queue = asyncio.Queue()
         finished = object()
 
@@ -96,9 +106,13 @@ class Generation:
                 yield index, item
 
     async def final_outputs(self) -> list[RequestOutput]:
-        """Run every prompt to the end; each one's last output, in prompt order."""
+        """Run every sequence to the end; each one's last output, in index order, with the
+        prompt's log-probabilities (which come with the first output)."""
         final = {index: output async for index, output in self.outputs()}
-        return [final[i] for i in range(len(self._firsts))]
+        outputs = [final[i] for i in range(len(self._firsts))]
+        for output, first in zip(outputs, self._firsts, strict=True):
+            output.prompt_logprobs = first.prompt_logprobs
+        return outputs
 
     async def close(self) -> None:
         """Abort whatever is still generating. Safe to call twice, and whether or not
@@ -111,6 +125,43 @@ class Generation:
 
 
 # --8<-- [end:generation]
+
+
+def sequence_input(engine_input: EngineInput, index: int, per_prompt: int) -> EngineInput:
+    """Sequence `index` of a prompt's per_prompt: one sequence (n=1), its own seed (seed +
+    index, when the request gave one: the choices differ, and the same request gives the same
+    choices), and the prompt's log-probabilities only on the first, which computes it."""
+    params = engine_input.params
+    if per_prompt == 1 and params.n == 1:
+        return engine_input
+    seed = params.seed
+    if seed is not None:  # (wrapped around within the 64 bits a seed has)
+        seed = (seed + index - SEED_MIN) % 2**64 + SEED_MIN
+    prompt_logprobs = params.prompt_logprobs if index == 0 else None
+    return replace(engine_input, params=replace(params, n=1, seed=seed,
+                                                prompt_logprobs=prompt_logprobs))
+
+
+def share_prompt_logprobs(firsts: list[RequestOutput], per_prompt: int) -> None:
+    """Give each prompt's other sequences the first one's prompt log-probabilities (one prompt,
+    computed once)."""
+    for index, first in enumerate(firsts):
+        if index % per_prompt:
+            first.prompt_logprobs = firsts[index - index % per_prompt].prompt_logprobs
+
+
+def _refusal(error: BaseException, fields: dict[str, str]) -> BaseException:
+    """The error a refused prompt answers with: a 400 naming the request's field, or the
+    error itself when it is not the request's fault."""
+    if isinstance(error, PromptTooLongError):
+        return APIError(str(error), param=fields["prompt"], code="context_length_exceeded")
+    if isinstance(error, InvalidRequestError):
+        name = error.param or "prompt"
+        field = fields.get(name, name)
+        return APIError(renamed(str(error), field), param=top_field(field))
+    if isinstance(error, ValueError):
+        return APIError(str(error), param=fields["prompt"])
+    return error
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

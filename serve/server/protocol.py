@@ -1,7 +1,7 @@
 """The OpenAI API's request and response bodies, as pydantic models.
 
 Requests accept unknown fields and ignore them (as vLLM does), but a known field set to something we
-cannot do yet (n > 1, logprobs, ...) is refused by name rather than silently ignored.
+cannot do yet (suffix, functions, ...) is refused by name rather than silently ignored.
 Numbers must be finite: JSON has no NaN, yet Python's parser reads `NaN` and `Infinity`.
 The fields that constrain the output (response_format, structured_outputs, tools) are
 serve/server/structured.py's.
@@ -13,8 +13,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, WrapValidator
 
 from serve.engine.errors import InvalidRequestError
-from serve.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
-from serve.server.fields import REQUEST_CONFIG, Prompt, ReportOneBranch, Stop, StopTokenIds, Text
+from serve.sampling_params import MAX_LOGPROBS, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
+from serve.server.fields import (
+    MAX_PROMPTS,
+    REQUEST_CONFIG,
+    LogitBias,
+    Prompt,
+    ReportOneBranch,
+    Stop,
+    StopTokenIds,
+    Text,
+)
 from serve.server.structured import (
     Constraint,
     ResponseFormat,
@@ -47,18 +56,21 @@ class GenerationRequest(BaseModel):
     # None: OpenAI's default, 1.0; below SAMPLING_EPS: greedy
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=1, ge=1)
+    n: int | None = Field(default=1, ge=1, le=MAX_N)  # choices per prompt
     stop: Stop = None  # at most MAX_STOP_STRINGS, each at most MAX_STOP_STRING_CHARS long
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None  # {"token id": bias}; ids in the vocabulary: the engine
     user: str | None = None
     # vLLM's extras
     top_k: int | None = Field(default=None, ge=-1)  # at most the vocabulary: InputProcessor
     min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # 1: off
+    # the prompt tokens' log-probabilities, and this many most likely tokens' at each position
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     ignore_eos: bool = False
     stop_token_ids: StopTokenIds | None = None
     # share cached prompt prefixes only with requests that send the same salt (see RadixCache)
@@ -70,19 +82,25 @@ class GenerationRequest(BaseModel):
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, what) for every field set to something we cannot do yet."""
         found = []
-        if self.n is not None and self.n > 1:
-            found.append(("n", "n > 1"))
-        if self.presence_penalty:
-            found.append(("presence_penalty", "presence_penalty"))
-        if self.frequency_penalty:
-            found.append(("frequency_penalty", "frequency_penalty"))
-        if self.logit_bias:
-            found.append(("logit_bias", "logit_bias"))
         if self.structured_outputs is not None:  # vLLM's other options (whitespace_pattern, ...)
             found += [("structured_outputs", f"structured_outputs.{name}")
                       for name, value in (self.structured_outputs.model_extra or {}).items()
                       if value not in (None, False)]
         return found
+
+    def conflicts(self) -> list[tuple[str, str]]:
+        """(field, why) for every field whose value the others rule out."""
+        return []
+
+    @property
+    def num_choices(self) -> int:
+        """Choices answered per prompt."""
+        return self.n or 1
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated per prompt (best_of may generate more than it answers)."""
+        return self.num_choices
 
     @property
     def include_usage(self) -> bool:
@@ -102,7 +120,8 @@ class GenerationRequest(BaseModel):
         return [response_format_constraint(self.response_format),
                 structured_outputs_constraint(self.structured_outputs)]
 
-    def _sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None) -> SamplingParams:
         """Translate to the engine's SamplingParams (raises ValueError naming a bad field)."""
         constraint = self.constraint
         return SamplingParams(
@@ -116,30 +135,53 @@ class GenerationRequest(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             structured_outputs=constraint.params if constraint is not None else None,
+            n=self.num_choices,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=self.logit_bias or None,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
 class CompletionRequest(GenerationRequest):
-    """POST /v1/completions: continue one prompt, or several (one choice each)."""
+    """POST /v1/completions: continue one prompt, or several (n choices each)."""
 
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default; None: fill the context
-    best_of: int | None = Field(default=None, ge=1)
-    logprobs: int | None = Field(default=None, ge=0)
-    echo: bool | None = False
+    # OpenAI's default; None: fill the context; 0: no tokens, only the prompt (with echo, its
+    # text and log-probabilities: how evaluation harnesses score a text)
+    max_tokens: int | None = Field(default=16, ge=0)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # answer the n likeliest of these
+    # each token's log-probability and this many most likely tokens' (OpenAI's legacy shape)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False  # the prompt comes first in the text (and the logprobs)
     suffix: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
-        if self.best_of is not None and self.best_of > 1:
-            found.append(("best_of", "best_of > 1"))
-        if self.logprobs is not None:
-            found.append(("logprobs", "logprobs"))
-        if self.echo:
-            found.append(("echo", "echo"))
         if self.suffix:
             found.append(("suffix", "suffix"))
         return found
+
+    def conflicts(self) -> list[tuple[str, str]]:
+        found = super().conflicts()
+        if self.best_of is not None and self.best_of < self.num_choices:
+            found.append(("best_of", f"best_of must be >= n, got best_of {self.best_of} and "
+                                     f"n {self.num_choices}"))
+        elif self.stream and self.num_sequences > self.num_choices:
+            # (as OpenAI: the likeliest sequences are known only once every one has finished)
+            found.append(("best_of", "best_of > n cannot be streamed: send stream false"))
+        num_sequences = len(self.prompts()) * self.num_sequences
+        if num_sequences > MAX_PROMPTS:  # each one is an engine request, as a prompt is
+            field = "best_of" if self.best_of else "n"
+            found.append((field, f"prompts x {field} must be at most {MAX_PROMPTS} sequences "
+                                 f"per request, got {num_sequences}"))
+        return found
+
+    @property
+    def num_sequences(self) -> int:
+        return self.best_of or self.num_choices
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: a string or a list of token ids each."""
@@ -150,7 +192,13 @@ class CompletionRequest(GenerationRequest):
         return list(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens)
+        logprobs = self.logprobs
+        if logprobs is None and self.num_sequences > self.num_choices:
+            logprobs = 0  # best_of ranks sequences by their log-probability
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs come first
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        return self._sampling_params(self.max_tokens, logprobs, prompt_logprobs)
 
 
 class ContentPart(BaseModel):
@@ -188,8 +236,9 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated name of the one below
     max_completion_tokens: int | None = Field(default=None, ge=1)  # None: fill the context
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: bool | None = False  # each output token's log-probability
+    # and this many most likely tokens' at its position (needs logprobs true)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None  # functions the model may call
     # None: OpenAI's default, "auto" with tools; "none", "auto" (both: the answer is text, see
     # tools_constraint), "required" (one call or more) or a named function (a call of it)
@@ -199,10 +248,6 @@ class ChatCompletionRequest(GenerationRequest):
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
-        if self.logprobs:
-            found.append(("logprobs", "logprobs"))
-        if self.top_logprobs is not None:
-            found.append(("top_logprobs", "top_logprobs"))
         if self.functions:
             found.append(("functions", "functions (send tools instead)"))
         for message in self.messages:
@@ -210,6 +255,12 @@ class ChatCompletionRequest(GenerationRequest):
                 for part in message.content:
                     if part.type != "text":
                         found.append(("messages", f"content parts of type {part.type!r}"))
+        return found
+
+    def conflicts(self) -> list[tuple[str, str]]:
+        found = super().conflicts()
+        if self.top_logprobs is not None and not self.logprobs:
+            found.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         return found
 
     def _constraints(self) -> list[Constraint | None]:
@@ -236,7 +287,8 @@ class ChatCompletionRequest(GenerationRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return self._sampling_params(max_tokens)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 # --8<-- [end:requests]
@@ -254,11 +306,37 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape, one entry per token in each list: its text, its log-probability,
+    the most likely tokens' ({text: logprob}, the token's own included), and where its text
+    starts in the choice's text. An echoed prompt's first token has no log-probability (nothing
+    predicts it): null in token_logprobs and in top_logprobs."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one token's log-probability in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None  # 1: the most likely token; None: not among the most likely asked for
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, {"token id": PromptLogprob} for the token and the
+# most likely tokens at its position; null for the first token
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)  # vLLM's
 
 
 class Completion(BaseModel):
@@ -292,10 +370,25 @@ class ChatMessageOut(BaseModel):
     tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's text as UTF-8
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at its position, the likeliest first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None  # always sent, as OpenAI does (null here)
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -306,6 +399,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)  # vLLM's
 
 
 class DeltaToolCall(BaseModel):
@@ -324,7 +418,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -365,7 +459,8 @@ class ErrorResponse(BaseModel):
 
 
 class APIError(Exception):
-    """An error the server answers with OpenAI's error body and the given HTTP status."""
+    """An error the server answers with OpenAI's error body, the given HTTP status, and
+    headers, if any (Retry-After)."""
 
     def __init__(
         self,
@@ -374,7 +469,9 @@ class APIError(Exception):
         type: str = "BadRequestError",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = headers

@@ -1,50 +1,33 @@
 """POST /v1/completions and /v1/chat/completions: one generation path, two response shapes.
 
-Both endpoints check the request, submit its prompts, then either wait for every output or stream
-server-sent events. Only the bodies differ: a completion continues prompts (text or token ids)
-and answers `choices[i].text`; a chat answers a conversation rendered with the model's chat
-template, in `choices[i].message` (or `delta` when streamed), as text or, when its tool_choice
-forced a call, as `tool_calls`. Each shape is one small class.
+Both endpoints check the request, submit its prompts (n sequences of each), then either wait for
+every output or stream server-sent events. Only the bodies differ: serve/server/shapes.py.
 """
 
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.engine.async_engine import AsyncEngine
+from serve.engine.async_engine import AsyncEngine, QueueFullError
 from serve.engine.errors import EngineDeadError
-from serve.engine.input_processor import ChatPrompt, Prompt
 from serve.engine.outputs import RequestOutput
 from serve.server.generation import Generation, cancel_on_disconnect
 from serve.server.protocol import (
     APIError,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatMessageOut,
-    Completion,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionRequest,
-    DeltaMessage,
-    DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
     GenerationRequest,
     PromptTokensDetails,
-    ToolCall,
     Usage,
 )
-from serve.server.structured import ForcedCall
-from serve.server.tool_calls import tool_calls
+from serve.server.shapes import Shape
 from serve.server.validation import check_request
 
 logger = logging.getLogger(__name__)
@@ -57,10 +40,14 @@ def sse_event(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-def usage_of(outputs: list[RequestOutput]) -> Usage:
-    prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
+def usage_of(outputs: list[RequestOutput], per_prompt: int = 1) -> Usage:
+    """Tokens of every sequence generated (best_of's unanswered ones too); each prompt counted
+    once, as its first sequence saw it (the others find it cached because that one computed
+    it), as OpenAI counts a prompt with n choices."""
+    prompts = outputs[::per_prompt]
+    prompt_tokens = sum(len(output.prompt_token_ids) for output in prompts)
     completion_tokens = sum(len(output.token_ids) for output in outputs)
-    cached_tokens = sum(output.num_cached_tokens for output in outputs)
+    cached_tokens = sum(output.num_cached_tokens for output in prompts)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -69,106 +56,21 @@ def usage_of(outputs: list[RequestOutput]) -> Usage:
     )
 
 
-# --8<-- [start:shapes]
-class CompletionShape:
-    """/v1/completions: one choice per prompt, its text."""
+def likeliest(outputs: list[RequestOutput], per_prompt: int, n: int) -> list[RequestOutput]:
+    """best_of: of each prompt's per_prompt sequences, the n with the highest cumulative
+    log-probability, the likeliest first."""
+    if per_prompt == n:
+        return outputs
 
-    id_prefix, prompt_field = "cmpl", "prompt"
+    def cumulative_logprob(output: RequestOutput) -> float:
+        value = output.outputs[0].cumulative_logprob
+        return -math.inf if value is None else value
 
-    def __init__(self, textless: bool) -> None:
-        # A model without a tokenizer (a dummy benchmark model) has no text: its stream sends
-        # one empty chunk per step instead, so that clients can still time tokens.
-        self.textless = textless
-
-    def for_request(self, request: CompletionRequest) -> "CompletionShape":
-        return self
-
-    def prompts(self, request: CompletionRequest) -> list[Prompt]:
-        prompts = request.prompts()
-        if not prompts:
-            raise APIError("prompt must not be empty", param="prompt")
-        return prompts
-
-    def response(self, head: dict, outputs: list[RequestOutput]) -> BaseModel:
-        choices = [CompletionChoice(index=i, text=output.text, finish_reason=output.finish_reason)
-                   for i, output in enumerate(outputs)]
-        return Completion(**head, choices=choices, usage=usage_of(outputs))
-
-    def chunks(self, head: dict, index: int, output: RequestOutput, first: bool) -> list[BaseModel]:
-        if not (output.new_text or output.finished or self.textless):
-            return []  # a step whose text is held back (it may start a stop string)
-        finish_reason = output.finish_reason if output.finished else None
-        choice = CompletionChoice(index=index, text=output.new_text, finish_reason=finish_reason)
-        return [CompletionChunk(**head, choices=[choice])]
-
-    def usage_chunk(self, head: dict, usage: Usage) -> BaseModel:
-        return CompletionChunk(**head, choices=[], usage=usage)
-
-
-class ChatShape:
-    """/v1/chat/completions: one conversation, the assistant's message: text, or the tool calls
-    of a request whose tool_choice forced one (`call`)."""
-
-    id_prefix, prompt_field = "chatcmpl", "messages"
-
-    def __init__(self, call: ForcedCall | None = None) -> None:
-        self.call = call
-
-    def for_request(self, request: ChatCompletionRequest) -> "ChatShape":
-        """The shape of this (checked) request's answer."""
-        constraint = request.constraint
-        return ChatShape(constraint.call if constraint is not None else None)
-
-    def prompts(self, request: ChatCompletionRequest) -> list[Prompt]:
-        # The chat template is rendered off the event loop, with the tokenizing (AsyncEngine).
-        return [ChatPrompt(request.conversation(), request.template_tools())]
-
-    def response(self, head: dict, outputs: list[RequestOutput]) -> BaseModel:
-        choices = []
-        for i, output in enumerate(outputs):
-            calls, finish_reason = self._calls(output)
-            message = (ChatMessageOut(content=None, tool_calls=calls) if calls
-                       else ChatMessageOut(content=output.text))
-            choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason))
-        return ChatCompletion(**head, choices=choices, usage=usage_of(outputs))
-
-    def chunks(self, head: dict, index: int, output: RequestOutput, first: bool) -> list[BaseModel]:
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> BaseModel:
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
-            return ChatCompletionChunk(**head, choices=[choice])
-
-        found = [chunk(DeltaMessage(role="assistant", content=""))] if first else []  # who speaks
-        if self.call is not None:
-            if output.finished:  # (the text is held back until then: it may not be a whole call)
-                found += self._call_chunks(chunk, output)
-        elif output.new_text or output.finished:
-            finish_reason = output.finish_reason if output.finished else None
-            found.append(chunk(DeltaMessage(content=output.new_text), finish_reason))
-        return found
-
-    def _call_chunks(self, chunk: Callable[..., BaseModel],
-                     output: RequestOutput) -> list[BaseModel]:
-        """A finished forced call's last chunks: one delta with every call whole (OpenAI's
-        clients assemble a call from any number of deltas, one included), then the finish; or
-        the text, when it is not a whole call."""
-        calls, finish_reason = self._calls(output)
-        if not calls:
-            return [chunk(DeltaMessage(content=output.text), finish_reason)]
-        deltas = [DeltaToolCall(index=i, id=call.id, function=call.function)
-                  for i, call in enumerate(calls)]
-        return [chunk(DeltaMessage(tool_calls=deltas)), chunk(DeltaMessage(), finish_reason)]
-
-    def _calls(self, output: RequestOutput) -> tuple[list[ToolCall] | None, str | None]:
-        """A finished output's tool calls (None: it answers text) and its finish_reason."""
-        calls = tool_calls(output.text, self.call) if self.call is not None else None
-        return calls, "tool_calls" if calls else output.finish_reason
-
-    def usage_chunk(self, head: dict, usage: Usage) -> BaseModel:
-        return ChatCompletionChunk(**head, choices=[], usage=usage)
-
-
-Shape = CompletionShape | ChatShape
-# --8<-- [end:shapes]
+    chosen = []
+    for start in range(0, len(outputs), per_prompt):
+        group = sorted(outputs[start:start + per_prompt], key=cumulative_logprob, reverse=True)
+        chosen += group[:n]
+    return chosen
 
 
 # --8<-- [start:serve]
@@ -179,29 +81,44 @@ async def serve_generation(request: GenerationRequest, raw_request: Request, eng
     params = check_request(request, model_names)
     shape = shape.for_request(request)
     prompts = shape.prompts(request)
+    _check_queue(engine)  # (a request that is wrong hears so even from a busy server)
     request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
     # where the request wrote what the engine may refuse, for the 400 to name
     fields = {"prompt": shape.prompt_field}
     if request.constraint is not None:
         fields["structured_outputs"] = request.constraint.field
-    start = Generation.start(engine, prompts, params, request_id, fields, request.cache_salt)
+    per_prompt = request.num_sequences
+    start = Generation.start(engine, prompts, params, request_id, fields, request.cache_salt,
+                             per_prompt)
     generation = await cancel_on_disconnect(raw_request, start)  # it may wait in the queue
     head = {"id": request_id, "created": int(time.time()), "model": model_names[0]}
     if request.stream:
         # If the client hangs up before the first event, Starlette never starts the stream, so
         # its own cleanup would not run; the background task still does (after a disconnect).
-        events = _stream(generation, shape, head, request.include_usage)
+        events = _stream(generation, shape, head, request.include_usage, per_prompt)
         return StreamingResponse(events, media_type="text/event-stream",
                                  background=BackgroundTask(generation.close))
     try:
         outputs = await cancel_on_disconnect(raw_request, generation.final_outputs())
     finally:
         await generation.close()
-    return JSONResponse(shape.response(head, outputs).model_dump(mode="json"))
+    chosen = likeliest(outputs, per_prompt, request.num_choices)
+    response = shape.response(head, chosen, usage_of(outputs, per_prompt))
+    return JSONResponse(response.model_dump(mode="json"))
 
 
-async def _stream(generation: Generation, shape: Shape, head: dict,
-                  include_usage: bool) -> AsyncIterator[str]:
+def _check_queue(engine: AsyncEngine) -> None:
+    """A 503 with Retry-After while the engine has too many requests waiting already."""
+    try:
+        engine.check_queue()
+    except QueueFullError as error:
+        raise APIError(str(error), status_code=503, type="ServiceUnavailableError",
+                       code="queue_full",
+                       headers={"Retry-After": str(error.retry_after_s)}) from error
+
+
+async def _stream(generation: Generation, shape: Shape, head: dict, include_usage: bool,
+                  per_prompt: int) -> AsyncIterator[str]:
     last: dict[int, RequestOutput] = {}
     try:
         async for index, output in generation.outputs():
@@ -209,7 +126,8 @@ async def _stream(generation: Generation, shape: Shape, head: dict,
                 yield sse_event(chunk)
             last[index] = output
         if include_usage:
-            yield sse_event(shape.usage_chunk(head, usage_of(list(last.values()))))
+            outputs = [last[index] for index in sorted(last)]
+            yield sse_event(shape.usage_chunk(head, usage_of(outputs, per_prompt)))
     except Exception as error:  # the headers are sent: report it in the stream, as OpenAI does
         if isinstance(error, EngineDeadError):  # a shutdown: expected, no traceback needed
             logger.warning("stream %s ended: %s", head["id"], error)

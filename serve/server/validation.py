@@ -29,7 +29,8 @@ _SUBJECT = re.compile(r"^(Input|String|List|Dictionary|Object|Value) should")
 
 
 def check_request(request: GenerationRequest, model_names: list[str]) -> SamplingParams:
-    """Refuse an unknown model or unsupported fields; return the request's SamplingParams."""
+    """Refuse an unknown model, unsupported fields, or fields at odds with each other; return
+    the request's SamplingParams."""
     if request.model is not None and request.model not in model_names:
         raise APIError(
             f"The model `{_shorten(request.model)}` does not exist. "
@@ -42,6 +43,9 @@ def check_request(request: GenerationRequest, model_names: list[str]) -> Samplin
     if unsupported := request.unsupported():
         message = "; ".join(f"{what} is not supported yet" for _, what in unsupported)
         raise APIError(message, param=unsupported[0][0], code="unsupported_parameter")
+    if conflicts := request.conflicts():
+        message = "; ".join(why for _, why in conflicts)
+        raise APIError(message, param=conflicts[0][0], code="invalid_value")
     try:
         return request.to_sampling_params()
     except InvalidRequestError as error:  # (an output constraint: it names its field)
