@@ -44,7 +44,7 @@ class ServerLacksLogprobs(RuntimeError):
 
 # --8<-- [start:model_args]
 def hf_model_args(model: Path, dtype: str) -> dict:
-    return {"pretrained": str(model), "dtype": dtype}
+    return {"pretrained": repo_relative(model), "dtype": dtype}
 
 
 def server_model_args(model: Path, served_name: str, base_url: str, max_length: int,
@@ -54,12 +54,18 @@ def server_model_args(model: Path, served_name: str, base_url: str, max_length: 
     return {
         "model": served_name,  # what the request's "model" field says
         "base_url": f"{base_url}/v1/completions",
-        "tokenizer": str(model),
+        "tokenizer": repo_relative(model),
         "tokenizer_backend": "huggingface",  # not "auto": it would probe /tokenizer_info first
         "max_length": max_length,  # the default, 2048, is more than the demo model holds
         "num_concurrent": num_concurrent,  # requests in flight at once (the server batches them)
     }
 # --8<-- [end:model_args]
+
+
+def repo_relative(path: Path) -> str:
+    """A path as lm_eval's command line, run from the repository root, would name it (and as
+    the result file records it: no machine's own folders)."""
+    return str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
 
 
 def loglikelihood_body(served_name: str) -> dict:
@@ -213,8 +219,7 @@ def check(args: argparse.Namespace) -> dict:
     import lm_eval
 
     result = {"kind": "lm-eval-check", "env": env, "lm_eval": lm_eval.__version__,
-              "model": str(args.model.relative_to(REPO_ROOT) if args.model.is_relative_to(
-                  REPO_ROOT) else args.model),
+              "model": repo_relative(args.model),
               "tasks": args.tasks, "limit": args.limit, "tolerance": args.tolerance,
               "passed": not failures, "failures": failures, "legs": legs,
               "comparison": tasks}

@@ -7,7 +7,7 @@ import pytest
 from bench import lm_eval_check
 
 DEMO_MODEL = str(lm_eval_check.REPO_ROOT / "bench" / "demo_models" / "pycode-8m")
-EXAMPLES = 24  # of each task: 96 loglikelihoods and 24 generations, about a minute on 2 cores
+EXAMPLES = 16  # of each task: 64 loglikelihoods and 16 generations
 
 
 @pytest.mark.slow
