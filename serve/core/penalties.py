@@ -48,7 +48,9 @@ class Penalties:
         tensor when no row has either."""
         if rules.penalty_rows is None and rules.bias_rows is None:
             return logits
-        logits = logits.float()  # (a copy: the raw logits stay for log-probabilities)
+        # a float32 copy: the raw logits stay as they are (a CUDA graph's output, or read for
+        # log-probabilities), and penalties on bfloat16 logits would round
+        logits = logits.to(torch.float32, copy=True)
         if rules.bias_rows is not None:
             logits.index_put_((rules.bias_rows, rules.bias_token_ids), rules.bias_values,
                               accumulate=True)
