@@ -194,3 +194,22 @@ def test_n_sequences_differ_repeat_with_a_seed_and_share_the_prompts_pages():
     assert first.num_cached_tokens == 3 * num_full_pages > 0
     [uncached] = generate([PROMPTS[2]], params, enable_prefix_caching=False)
     assert [c.text for c in uncached.outputs] == texts and uncached.num_cached_tokens == 0
+
+
+def test_a_grammar_with_penalties_and_logprobs_keeps_its_shape_and_reports_the_raw_model(
+        reference):
+    """The grammar's mask comes after bias and penalties, and the log-probabilities before all
+    of them: a constrained token may be one the raw model finds unlikely."""
+    import json
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+              "required": ["name"]}
+    params = SamplingParams(temperature=0, max_tokens=40, logprobs=1, repetition_penalty=1.2,
+                            structured_outputs={"json": schema})
+    [output] = generate(["data = "], params, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": None})
+    assert isinstance(json.loads(output.text)["name"], str)
+    rows = model_logprobs(reference, output.prompt_token_ids + output.token_ids)
+    num_prompt = len(output.prompt_token_ids)
+    for i, entry in enumerate(output.outputs[0].logprobs):
+        assert_matches(entry, rows[num_prompt - 1 + i], output.token_ids[i], 1)
