@@ -12,15 +12,8 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "flashinfer")
 
 
-def make_backend(
-    name: str,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    page_size: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> AttentionBackend:
+def make_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device | str) -> AttentionBackend:
     """`auto` is FlashInfer on a CUDA device where the package imports, else the torch backend."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")

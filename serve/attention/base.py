@@ -17,14 +17,9 @@ class AttentionBackend(Protocol):
         """Prepare anything that depends only on the step's shapes (shared by all layers).
         for_cuda_graph: plan the decode wrapper a captured graph of meta.num_seqs rows reads."""
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> torch.Tensor:
         """Store k, v into this layer's cache, then attend: q [num_tokens, heads, dim] -> same.
 
         kv_cache is the layer's (K pages, V pages), each [num_pages, page_size, kv_heads, dim].

@@ -28,15 +28,8 @@ class FlashInferAttentionBackend:
     name = "flashinfer"
     supports_cuda_graphs = True
 
-    def __init__(
-        self,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        page_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
         import flashinfer  # here, not at the top: the module must import on a CPU-only machine
 
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -88,43 +81,29 @@ class FlashInferAttentionBackend:
         # the GPU. It copies them and its schedule to the GPU itself (asynchronously).
         # kv_indices is only read on the GPU, so it is a device tensor.
         # sm_scale is left at FlashInfer's default, head_dim**-0.5, as in the torch backend.
-        if meta.is_decode:
-            # A graph's wrapper for its batch size (the graph was captured reading its buffers).
-            self.wrapper = self.graph_decode[meta.num_seqs] if for_cuda_graph else self.decode
-            self._wait_for_last_plan(self.wrapper)
-            self.wrapper.plan(
-                meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
-                self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
-                q_data_type=self.dtype, kv_data_type=self.dtype,
-            )
-        else:
-            self._wait_for_last_plan(self.prefill)
-            self.prefill.plan(
-                meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len,
-                self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
-                causal=True,  # new token i of a sequence sees the cache up to its own position
-                q_data_type=self.dtype, kv_data_type=self.dtype,
-            )
+        if not meta.is_decode:
             self.wrapper = self.prefill
-        planned = torch.cuda.Event()
+        else:  # a graph's wrapper for its batch size (the graph was captured reading its buffers)
+            self.wrapper = self.graph_decode[meta.num_seqs] if for_cuda_graph else self.decode
+        if (last_plan := self._planned.get(id(self.wrapper))) is not None:
+            last_plan.synchronize()  # its last plan's copy has run (see __init__)
+        sizes = (self.num_heads, self.num_kv_heads, self.head_dim, self.page_size)
+        if meta.is_decode:
+            self.wrapper.plan(meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, *sizes,
+                              q_data_type=self.dtype, kv_data_type=self.dtype)
+        else:
+            self.wrapper.plan(
+                meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, *sizes,
+                causal=True,  # new token i of a sequence sees the cache up to its own position
+                q_data_type=self.dtype, kv_data_type=self.dtype)
+        self._planned[id(self.wrapper)] = planned = torch.cuda.Event()
         planned.record()
-        self._planned[id(self.wrapper)] = planned
     # --8<-- [end:plan]
 
-    def _wait_for_last_plan(self, wrapper) -> None:
-        planned = self._planned.get(id(wrapper))
-        if planned is not None:
-            planned.synchronize()
-
     # --8<-- [start:forward]
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> torch.Tensor:
         store_kv(*kv_cache, meta.slot_mapping, k, v)
         return self.wrapper.run(q, kv_cache)  # [num_tokens, num_heads, head_dim]
     # --8<-- [end:forward]

@@ -4,13 +4,8 @@ import torch
 
 
 # --8<-- [start:store]
-def store_kv(
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-) -> None:
+def store_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
     """k, v: [num_tokens, kv_heads, head_dim] into slots of k_pages, v_pages
     ([num_pages, page_size, kv_heads, head_dim]); slot = page * page_size + offset."""
     k_pages.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)

@@ -28,14 +28,9 @@ class TorchAttentionBackend:
                                   strict=True))
 
     # --8<-- [start:forward]
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> torch.Tensor:
         k_pages, v_pages = kv_cache
         store_kv(k_pages, v_pages, meta.slot_mapping, k, v)
         out = torch.empty_like(q)

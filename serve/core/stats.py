@@ -1,7 +1,7 @@
 """What the core counts between two snapshots of its state (serve/messages.py's EngineStats):
 the server's metrics and logs are fed from the snapshots, never from the core's internals."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from serve.core.request import Request
 from serve.core.scheduler import SchedulerOutput
@@ -52,8 +52,7 @@ class StatsCollector:
         self.spec_num_draft_tokens += num_drafts
         self.spec_num_accepted_tokens += num_accepted
         per_pos = self.spec_accepted_per_pos
-        if len(per_pos) < num_drafts:
-            per_pos.extend([0] * (num_drafts - len(per_pos)))
+        per_pos.extend([0] * (num_drafts - len(per_pos)))  # (nothing if it is long enough)
         for position in range(num_accepted):
             per_pos[position] += 1
 
@@ -64,15 +63,7 @@ class StatsCollector:
 
     def snapshot(self, num_running: int, num_waiting: int, num_pages_used: int,
                  num_pages_total: int, num_cached_pages: int) -> EngineStats:
-        return EngineStats(
-            num_running, num_waiting, num_pages_used, num_pages_total, num_cached_pages,
-            num_preemptions=self.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens,
-            prefix_cache_queries=self.prefix_cache_queries,
-            prefix_cache_hits=self.prefix_cache_hits,
-            time_to_first_token_s=tuple(self.time_to_first_token_s),
-            inter_token_latency_s=tuple(self.inter_token_latency_s),
-            finished=tuple(self.finished), spec_num_drafts=self.spec_num_drafts,
-            spec_num_draft_tokens=self.spec_num_draft_tokens,
-            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
-            spec_accepted_per_pos=tuple(self.spec_accepted_per_pos))
+        counts = {f.name: getattr(self, f.name) for f in fields(self)}  # EngineStats's names
+        lists = {name: tuple(value) for name, value in counts.items() if isinstance(value, list)}
+        return EngineStats(num_running, num_waiting, num_pages_used, num_pages_total,
+                           num_cached_pages, **(counts | lists))

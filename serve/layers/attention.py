@@ -19,8 +19,7 @@ class Attention(nn.Module):
     def bind(self, backend: AttentionBackend, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.backend, self.kv_cache = backend, kv_cache
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         return self.backend.forward(q, k, v, self.kv_cache, meta)

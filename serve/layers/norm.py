@@ -1,9 +1,6 @@
-"""RMSNorm, computed in float32 like the reference implementation so logits match.
-
-In torch the norm is eight kernels (cast, square, mean, add, rsqrt, multiply, cast, multiply),
-each reading and writing the whole activation; on a GPU one FlashInfer kernel does the residual
-add and the norm in one pass (serve/layers/kernels.py). The torch code is the reference.
-"""
+"""RMSNorm, in float32 like the reference implementation so logits match. In torch it is eight
+kernels, each reading and writing the whole activation; on a GPU one FlashInfer kernel does the
+residual add and the norm in one pass (serve/layers/kernels.py)."""
 
 import torch
 from torch import nn
@@ -30,17 +27,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # --8<-- [start:add_rms_norm]
-def add_rms_norm_math(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_math(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add x into the residual stream, then normalize it: returns (normed, new residual)."""
     residual = x + residual
     return rms_norm_math(residual, weight, eps), residual
 
 
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """add_rms_norm_math; on a GPU in place, one kernel: residual += x, then x = norm(residual).
     The decoder never reads either input again, so overwriting them costs nothing."""
     if kernels.use_flashinfer(x):
@@ -59,8 +54,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
-    def add_and_norm(
-        self, x: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the residual stream, then normalize: returns (normed, new residual)."""
         return add_rms_norm(x, residual, self.weight, self.eps)

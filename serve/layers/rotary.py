@@ -1,9 +1,6 @@
-"""Rotary position embedding (RoPE), with Llama 3's frequency scaling.
-
-In torch, rotating q and k is some thirty small kernels (the cos/sin lookup, halves, negation,
-products, casts); on a GPU one FlashInfer kernel rotates both in place (serve/layers/kernels.py).
-The torch code is the reference.
-"""
+"""Rotary position embedding (RoPE), with Llama 3's frequency scaling. In torch, rotating q and k
+is some thirty small kernels; on a GPU one FlashInfer kernel rotates both in place
+(serve/layers/kernels.py)."""
 
 import math
 
@@ -59,9 +56,8 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)
 
     # --8<-- [start:forward]
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim], both
         possibly views of the merged qkv output. On a GPU they are rotated in place."""
         if kernels.use_flashinfer(q):
@@ -71,10 +67,8 @@ class RotaryEmbedding(nn.Module):
             return q, k
         return rope_math(positions, q, k, self.cos, self.sin)
 
-    def norm_and_rotate(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-        q_norm: RMSNorm, k_norm: RMSNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        q_norm: RMSNorm, k_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm every head of q and k (q_norm, k_norm: RMSNorm over head_dim), then rotate:
         on a GPU three kernels, two norms and one rotation of both. (The norms are called as
         functions: an eager step makes this call in every layer, and a module call costs more.)"""
@@ -91,13 +85,8 @@ def rotate_math(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 # --8<-- [start:rope]
-def rope_math(
-    positions: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos_cache: torch.Tensor,
-    sin_cache: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_math(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+              sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k rotated by each token's position, as new tensors (q and k may be views)."""
     cos = cos_cache[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]: one row per token
     sin = sin_cache[positions].unsqueeze(1)
@@ -106,11 +95,10 @@ def rope_math(
 
 
 # --8<-- [start:qk_norm_rope]
-def qk_norm_rope_math(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-    q_eps: float, k_weight: torch.Tensor, k_eps: float, cos_cache: torch.Tensor,
-    sin_cache: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope_math(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      q_weight: torch.Tensor, q_eps: float, k_weight: torch.Tensor, k_eps: float,
+                      cos_cache: torch.Tensor, sin_cache: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3: every head of q and k normalized over head_dim, then rotated, as new tensors (the
     reference the GPU's kernels are tested against)."""
     return rope_math(positions, rms_norm_math(q, q_weight, q_eps),

@@ -22,10 +22,8 @@ from serve.parallel import TensorParallel
 class LlamaAttention(nn.Module):
     """This rank's heads: q/k/v column-split by heads, o_proj row-split (one all-reduce)."""
 
-    def __init__(
-        self, config, shapes: ModelShapes, rotary: RotaryEmbedding, qkv_bias: bool,
-        qk_norm: bool
-    ) -> None:
+    def __init__(self, config, shapes: ModelShapes, rotary: RotaryEmbedding, qkv_bias: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = shapes.num_heads, shapes.num_kv_heads
         self.head_dim = shapes.head_dim
@@ -43,14 +41,13 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = Attention()
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # Qwen3: each head of q and k is normalized before the rotation
+        if self.qk_norm:
             q, k = self.rotary.norm_and_rotate(positions, q, k, self.q_norm, self.k_norm)
         else:
             q, k = self.rotary(positions, q, k)
@@ -83,13 +80,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # Pre-norm: the residual stream is carried alongside and added inside the next norm.
         if residual is None:
             x, residual = self.input_layernorm(x), x
@@ -106,18 +98,16 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    shapes.tp)
-        rotary = RotaryEmbedding(
-            shapes.head_dim, config.max_position_embeddings, rope_parameters(config)
-        )
+        rotary = RotaryEmbedding(shapes.head_dim, config.max_position_embeddings,
+                                 rope_parameters(config))
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, shapes, rotary, **attn_switches)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -138,9 +128,8 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:  # small models reuse the embedding matrix as the head
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

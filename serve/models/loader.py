@@ -24,10 +24,6 @@ MERGED_PARTS = {
 }
 
 
-def shipped_config_names() -> list[str]:
-    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
-
-
 def resolve_model_path(model: str) -> str:
     """A local directory as is; a shipped config name to its JSON; otherwise a hub download."""
     if os.path.isdir(model):
@@ -42,10 +38,9 @@ def resolve_model_path(model: str) -> str:
             model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
         )
     except Exception as exc:
-        raise ValueError(
-            f"cannot find model {model!r}: not a local directory, not a shipped config "
-            f"({', '.join(shipped_config_names())}), and the hub download failed: {exc}"
-        ) from exc
+        shipped_names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json")))
+        raise ValueError(f"cannot find model {model!r}: not a local directory, not a shipped "
+                         f"config ({shipped_names}), and the hub download failed: {exc}") from exc
 
 
 def load_config(path: str):
@@ -53,10 +48,8 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def build_model(
-    config, path: str, load_format: str, dtype: torch.dtype, device: torch.device, seed: int,
-    tp: TensorParallel = TensorParallel(),
-) -> nn.Module:
+def build_model(config, path: str, load_format: str, dtype: torch.dtype, device: torch.device,
+                seed: int, tp: TensorParallel = TensorParallel()) -> nn.Module:
     """Construct this rank's part of the module directly on the device in the target dtype,
     then load or randomize it."""
     if load_format == "auto":
