@@ -9,7 +9,9 @@ that the process still runs (it may have been killed, or crashed), and that beat
 as dead, and its parent fails what depended on it instead of waiting forever.
 """
 
+import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -33,16 +35,24 @@ def start_heartbeat(fd: int) -> None:
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
+def start_child_process(role: str, heartbeat_fd: int) -> None:
+    """What the engine core and every tensor-parallel worker do first: leave stopping to their
+    parent (a Ctrl-C in a terminal reaches the whole process group: the server drains, which
+    needs every rank, then tells the core, which tells the workers), log as `role`, and beat."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
+                        format=f"%(levelname)s {role} %(name)s: %(message)s")
+    start_heartbeat(heartbeat_fd)
+
+
 class ProcessWatch:
     """A parent's watch over one child process that beats on the pipe whose read end it owns."""
 
     def __init__(self, process: subprocess.Popen, beats_fd: int, name: str,
                  timeout_s: float) -> None:
-        self.process = process
-        self.beats_fd = beats_fd
+        self.process, self.beats_fd, self.name, self.timeout_s = process, beats_fd, name, timeout_s
         os.set_blocking(beats_fd, False)
-        self.name = name
-        self.timeout_s = timeout_s
         self.last_beat: float | None = None  # None until start(): loading is not silence
 
     def start(self) -> None:

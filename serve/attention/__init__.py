@@ -17,16 +17,14 @@ def make_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, pa
     """`auto` is FlashInfer on a CUDA device where the package imports, else the torch backend."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if name == "torch":
-        logger.info("attention backend: torch (as asked)")
-        return TorchAttentionBackend(num_heads, num_kv_heads, head_dim)
     device = torch.device(device)
-    missing = _why_not_flashinfer(device)
+    missing = _why_not_flashinfer(device) if name != "torch" else None
     if missing and name == "flashinfer":
         raise ValueError(f"the flashinfer attention backend needs {missing}; on a CUDA machine "
                          "run `pip install nanoserve[gpu]`, or pass --attention-backend torch")
-    if missing:
-        logger.info("attention backend: torch (auto: FlashInfer needs %s)", missing)
+    if name == "torch" or missing:
+        logger.info("attention backend: torch (%s)",
+                    f"auto: FlashInfer needs {missing}" if missing else "as asked")
         return TorchAttentionBackend(num_heads, num_kv_heads, head_dim)
 
     from serve.attention.flashinfer_backend import FlashInferAttentionBackend

@@ -21,6 +21,4 @@ class AttentionBackend(Protocol):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
                 ) -> torch.Tensor:
         """Store k, v into this layer's cache, then attend: q [num_tokens, heads, dim] -> same.
-
-        kv_cache is the layer's (K pages, V pages), each [num_pages, page_size, kv_heads, dim].
-        """
+        kv_cache is the layer's (K pages, V pages), each [num_pages, page_size, kv_heads, dim]."""

@@ -17,7 +17,6 @@ gone; and with status 1 when a tensor-parallel worker has died.
 import gc
 import logging
 import os
-import signal
 import sys
 
 import msgspec
@@ -25,7 +24,7 @@ import zmq
 
 from serve.config import EngineConfig
 from serve.core.engine_core import EngineCore
-from serve.heartbeat import start_heartbeat
+from serve.heartbeat import start_child_process
 from serve.messages import (
     CoreAbort,
     CoreCommand,
@@ -129,14 +128,8 @@ class CoreProcess:
 
 
 def main(argv: list[str]) -> int:
-    # The server side decides when the core stops (a Ctrl-C in a terminal reaches the whole
-    # process group: the server drains, then tells the core to shut down).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
-                        format="%(levelname)s core %(name)s: %(message)s")
     input_address, output_address, heartbeat_fd = argv
-    start_heartbeat(int(heartbeat_fd))
+    start_child_process("core", int(heartbeat_fd))
     process = CoreProcess(input_address, output_address)
     try:
         if not process.start():

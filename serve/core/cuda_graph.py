@@ -24,12 +24,10 @@ logger = logging.getLogger(__name__)
 
 # --8<-- [start:buckets]
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """The batch sizes that get a graph: 1, 2, 4, 8, then every 16 up to max_num_seqs.
-
+    """The batch sizes that get a graph: 1, 2, 4, 8, then every 16 up to max_num_seqs itself.
     Padding a batch of 17 to 32 wastes 15 rows of matmul, which at these sizes costs almost
     nothing (a decode step reads the weights once whatever the batch); every extra bucket costs
-    capture time and a little memory. The largest bucket is max_num_seqs itself.
-    """
+    capture time and a little memory."""
     sizes = [size for size in (1, 2, 4, 8) if size < max_num_seqs]
     sizes += list(range(16, max_num_seqs, 16))
     return sizes + [max_num_seqs]
@@ -69,12 +67,9 @@ def pad_decode_inputs(inputs: StepInputs, batch_size: int, pad_page: int) -> Ste
 
 
 class CudaGraphRunner:
-    """One captured decode graph per bucket, all reading the same persistent input buffers.
-
-    The attention backend holds one decode plan per bucket in CUDA-graph mode (its index
-    arrays live in fixed buffers too); `replay` re-plans it for this step's pages, copies the
-    step's token ids, positions and KV slots into the buffers, and launches the graph.
-    """
+    """One captured decode graph per bucket, all reading the same persistent input buffers
+    (and the attention backend's decode wrapper for that bucket, whose index arrays live in
+    fixed buffers too)."""
 
     def __init__(self, model: nn.Module, backend, batch_sizes: list[int], page_size: int,
                  pad_page: int, device: torch.device) -> None:

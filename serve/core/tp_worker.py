@@ -6,7 +6,6 @@ on a second pipe (serve/heartbeat.py), so that rank 0 can tell a stopped worker 
 import json
 import logging
 import os
-import signal
 import sys
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from serve.config import EngineConfig
 from serve.core.model_runner import ModelRunner
 from serve.core.parallel_runner import StepMessage
-from serve.heartbeat import start_heartbeat
+from serve.heartbeat import start_child_process
 from serve.models.loader import load_config
 from serve.parallel import join_group, leave_group
 
@@ -59,15 +58,9 @@ def _send(report, line: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    # Rank 0 decides when a worker stops (a Ctrl-C in a terminal reaches the whole process
-    # group: the server drains, which needs every rank, then its core tells the workers).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=os.environ.get("NANOSERVE_CORE_LOG_LEVEL", "INFO"),
-                        format="%(levelname)s worker %(name)s: %(message)s")
     config, model_path, max_model_len, rank, address, report_fd, heartbeat_fd = \
         json.loads(argv[0])
-    start_heartbeat(heartbeat_fd)
+    start_child_process("worker", heartbeat_fd)
     with os.fdopen(report_fd, "w") as report:
         run_worker(EngineConfig(**config), model_path, max_model_len, rank, address, report)
 

@@ -56,5 +56,4 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the residual stream, then normalize: returns (normed, new residual)."""
         return add_rms_norm(x, residual, self.weight, self.eps)

@@ -15,13 +15,9 @@ from serve.parallel import TensorParallel
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
 # checkpoint name -> (our merged module, the part it fills)
-MERGED_PARTS = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", "gate"),
-    "up_proj": ("gate_up_proj", "up"),
-}
+MERGED_PARTS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
+                "v_proj": ("qkv_proj", "v"), "gate_proj": ("gate_up_proj", "gate"),
+                "up_proj": ("gate_up_proj", "up")}
 
 
 def resolve_model_path(model: str) -> str:

@@ -4,10 +4,9 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-# Past this many running requests speculation switches itself off. Measured on one H100 with
-# the demo model (milestones/10): n-gram drafts, k=4, gave 1.35x plain decoding alone and
-# 0.75x with two requests, 0.43x with 32, because a verify step runs eagerly while a decode
-# step replays its CUDA graph. So by default only a request that runs alone speculates.
+# Past this many running requests speculation switches itself off: a verify step runs eagerly
+# while a decode step replays its CUDA graph, so drafts pay only for a request that runs alone
+# (milestones/10 measures it).
 DEFAULT_DISABLE_BY_BATCH_SIZE = 1
 
 

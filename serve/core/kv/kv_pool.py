@@ -5,12 +5,10 @@ import torch
 
 class KVPool:
     """K and V for every layer: [num_layers, num_pages + 1, page_size, kv_heads, head_dim] each.
-
-    The layout of one layer, [pages, page_size, kv_heads, head_dim], is what FlashInfer calls
-    NHD; the torch backend reads the same tensors. Pages 0 .. num_pages-1 are the requests';
-    the one after them, pad_page, belongs to nobody: the padding rows of a CUDA-graph batch
-    write their K/V there and read it back, so no request's page is ever touched by them.
-    """
+    One layer's layout, [pages, page_size, kv_heads, head_dim], is what FlashInfer calls NHD;
+    the torch backend reads the same tensors. Pages 0 .. num_pages-1 are the requests'; the one
+    after them, pad_page, belongs to nobody: the padding rows of a CUDA-graph batch write their
+    K/V there and read it back, so no request's page is ever touched by them."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:

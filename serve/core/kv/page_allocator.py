@@ -27,10 +27,8 @@ class Evictor(Protocol):
 
 
 class PageAllocator:
-    """A free list of page ids, and a reference count per page.
-
-    Every count below is kept up to date as pages move, so reading one costs nothing.
-    """
+    """A free list of page ids, and a reference count per page. Every count below is kept up
+    to date as pages move, so reading one costs nothing."""
 
     def __init__(self, num_pages: int, page_size: int, max_tables: int = 0,
                  max_pages_per_table: int = 0) -> None:
