@@ -16,20 +16,13 @@ from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import EngineDeadError
 from serve.server.auth import APIKeyAuth
 from serve.server.body_limit import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, BodyLimits
-from serve.server.errors import ERROR_TYPES, error_response
+from serve.server.errors import APIError, error_response
 from serve.server.logprobs import TokenTexts
 from serve.server.metrics import ServerMetrics, log_while_busy
-from serve.server.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorInfo,
-    ModelCard,
-    ModelList,
-)
+from serve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from serve.server.serving import serve_generation
 from serve.server.shapes import ChatShape, CompletionShape
-from serve.server.validation import validation_error_info
+from serve.server.validation import validation_error
 
 
 # --8<-- [start:build_app]
@@ -112,37 +105,35 @@ def build_app(
 def health_response(engine: AsyncEngine) -> JSONResponse:
     """200 while the engine loop runs; 503 saying why once it has failed or stopped, so that a
     load balancer stops sending requests and a supervisor restarts the process."""
-    status = engine.status
+    status, error = engine.status, engine.error
     if status == "ok":
         return JSONResponse({"status": "ok"})
-    if engine.error is not None:
-        reason = f"the engine loop failed: {type(engine.error).__name__}: {engine.error}"
-        return JSONResponse({"status": "dead", "reason": reason}, status_code=503)
-    if status == "draining":
+    if error is not None:
+        status, reason = "dead", f"the engine loop failed: {type(error).__name__}: {error}"
+    elif status == "draining":
         reason = "the server is shutting down: it finishes running requests, admits no new ones"
-        return JSONResponse({"status": "draining", "reason": reason}, status_code=503)
-    return JSONResponse({"status": "stopped", "reason": "the engine is not running"},
-                        status_code=503)
+    else:
+        status, reason = "stopped", "the engine is not running"
+    return JSONResponse({"status": status, "reason": reason}, status_code=503)
 # --8<-- [end:health]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    """Every error leaves in OpenAI's shape, as an APIError (serve/server/errors.py)."""
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> Response:
-        return error_response(error.status_code, error.info, error.headers)
+        return error_response(error)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> Response:
+    async def invalid_body(_: Request, error: RequestValidationError) -> Response:
         # FastAPI answers 422; OpenAI answers 400 and names the offending field in `param`.
-        return error_response(400, validation_error_info(error.errors()))
+        return error_response(validation_error(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> Response:
-        error_type = ERROR_TYPES.get(error.status_code, "APIError")
-        info = ErrorInfo(message=str(error.detail), type=error_type)
-        return error_response(error.status_code, info, error.headers)
+        return error_response(APIError(str(error.detail), error.status_code,
+                                       headers=error.headers))
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(_: Request, error: ClientDisconnect) -> Response:
@@ -150,10 +141,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, error: EngineDeadError) -> Response:
-        return error_response(503, ErrorInfo(message=str(error), type="ServiceUnavailableError"))
+        return error_response(APIError(str(error), 503))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> Response:
         # Starlette re-raises the error after this answer, so uvicorn logs its traceback.
-        info = ErrorInfo(message=f"{type(error).__name__}: {error}", type="InternalServerError")
-        return error_response(500, info)
+        return error_response(APIError(f"{type(error).__name__}: {error}", 500))

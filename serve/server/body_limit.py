@@ -6,11 +6,9 @@ connection."""
 import asyncio
 
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.server.errors import ERROR_TYPES, error_response
-from serve.server.protocol import ErrorInfo
+from serve.server.errors import APIError, error_response
 
 # 4 MiB holds a full 128k-token context several times over, as text (~4 bytes a token) or as JSON
 # token ids (~7 bytes each), while a body too big to be a prompt is refused before it is parsed,
@@ -22,30 +20,28 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class BodyLimits:
-    """Pure ASGI middleware: a request with both Content-Length and Transfer-Encoding gets a 400
-    that closes the connection, before the app sees it; reading a body larger than `max_bytes`
-    raises a 413; a body not complete `timeout_s` after the app began to read it raises a 408
-    that closes the connection.
-
-    A body that declares its size (Content-Length) is refused at its first read, before any of
-    it arrives; a chunked one (or one that lies about its size) is counted as it arrives. Nothing
-    is buffered here. The 413 and 408 are HTTPExceptions because FastAPI, which turns other
-    errors met while reading a body into a 400, passes an HTTPException on to the app's error
-    handler; the 400 is answered here, as the app never runs. Once the body is complete, reads
-    are not timed: the app then waits for the client to disconnect.
+    """Pure ASGI middleware. A body that declares its size (Content-Length) is refused at its
+    first read, before any of it arrives; a chunked one (or one that lies about its size) is
+    counted as it arrives. Nothing is buffered here. The 413 and 408 are HTTPExceptions because
+    FastAPI, which turns other errors met while reading a body into a 400, passes an
+    HTTPException on to the app's error handler; the 400 is answered here, as the app never
+    runs. Once the body is complete, reads are not timed: the app then waits for the client to
+    disconnect.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if _framed_twice(scope):
-            await _framed_twice_response()(scope, receive, send)
+            # Connection: close, as RFC 9112 §6.3 asks: the body is not read, so where the next
+            # request would begin on this connection is unknown.
+            error = APIError("the request has both Content-Length and Transfer-Encoding headers; "
+                             "send one of them", headers={"Connection": "close"})
+            await error_response(error)(scope, receive, send)
             return
         declared = _content_length(scope)
         received = 0
@@ -87,24 +83,11 @@ def _framed_twice(scope: Scope) -> bool:
     but a proxy in front may have gone by Content-Length: then the two disagree on where this
     body ends and the next request begins, and whatever one of them reads as body the other
     reads as a request of its own (request smuggling, RFC 9112 §6.3 and §11.2)."""
-    names = {name for name, _ in scope.get("headers", [])}
+    names = {name for name, _ in scope["headers"]}
     return b"content-length" in names and b"transfer-encoding" in names
-
-
-def _framed_twice_response() -> Response:
-    # Connection: close, as RFC 9112 §6.3 asks: the body is not read, so where the next request
-    # would begin on this connection is unknown.
-    info = ErrorInfo(message="the request has both Content-Length and Transfer-Encoding "
-                     "headers; send one of them", type=ERROR_TYPES[400])
-    return error_response(400, info, {"Connection": "close"})
 
 
 def _content_length(scope: Scope) -> int | None:
     """The declared body size, or None when there is none (chunked) or it is not a number."""
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    value = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+    return int(value) if value.strip().isdigit() else None

@@ -13,7 +13,7 @@ from serve.engine.errors import InvalidRequestError, PromptTooLongError
 from serve.engine.input_processor import EngineInput, Prompt
 from serve.engine.outputs import RequestOutput
 from serve.sampling_params import SEED_MIN, SamplingParams
-from serve.server.protocol import APIError
+from serve.server.errors import APIError
 from serve.server.structured import renamed, top_field
 
 T = TypeVar("T")

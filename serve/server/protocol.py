@@ -339,11 +339,17 @@ class CompletionChoice(BaseModel):
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)  # vLLM's
 
 
-class Completion(BaseModel):
+class _Response(BaseModel):
+    """The fields every response body starts with."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = Field(default=None, exclude_if=_is_none)
 
@@ -361,6 +367,10 @@ class ToolCall(BaseModel):
     id: str  # "call_" and random hex: the client quotes it in the tool message that answers it
     type: Literal["function"] = "function"
     function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int  # which call of the message: a client assembles each call's deltas by it
 
 
 class ChatMessageOut(BaseModel):
@@ -392,21 +402,11 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)  # vLLM's
-
-
-class DeltaToolCall(BaseModel):
-    index: int  # which call of the message: a client assembles each call's deltas by it
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class DeltaMessage(BaseModel):
@@ -422,11 +422,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(default=None, exclude_if=_is_none)
 
@@ -457,21 +454,3 @@ class ErrorResponse(BaseModel):
 
 # --8<-- [end:responses]
 
-
-class APIError(Exception):
-    """An error the server answers with OpenAI's error body, the given HTTP status, and
-    headers, if any (Retry-After)."""
-
-    def __init__(
-        self,
-        message: str,
-        status_code: int = 400,
-        type: str = "BadRequestError",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
-        self.headers = headers

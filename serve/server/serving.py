@@ -18,15 +18,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from serve.engine.async_engine import AsyncEngine, QueueFullError
 from serve.engine.errors import EngineDeadError
 from serve.engine.outputs import RequestOutput
+from serve.server.errors import APIError
 from serve.server.generation import Generation, cancel_on_disconnect
-from serve.server.protocol import (
-    APIError,
-    ErrorInfo,
-    ErrorResponse,
-    GenerationRequest,
-    PromptTokensDetails,
-    Usage,
-)
+from serve.server.protocol import ErrorResponse, GenerationRequest, PromptTokensDetails, Usage
 from serve.server.shapes import Shape
 from serve.server.validation import check_request
 
@@ -112,8 +106,7 @@ def _check_queue(engine: AsyncEngine) -> None:
     try:
         engine.check_queue()
     except QueueFullError as error:
-        raise APIError(str(error), status_code=503, type="ServiceUnavailableError",
-                       code="queue_full",
+        raise APIError(str(error), 503, code="queue_full",
                        headers={"Retry-After": str(error.retry_after_s)}) from error
 
 
@@ -131,11 +124,11 @@ async def _stream(generation: Generation, shape: Shape, head: dict, include_usag
     except Exception as error:  # the headers are sent: report it in the stream, as OpenAI does
         if isinstance(error, EngineDeadError):  # a shutdown: expected, no traceback needed
             logger.warning("stream %s ended: %s", head["id"], error)
-            info = ErrorInfo(message=str(error), type="ServiceUnavailableError")
+            status = 503
         else:
             logger.exception("stream %s failed", head["id"])
-            info = ErrorInfo(message=str(error), type="InternalServerError")
-        yield sse_event(ErrorResponse(error=info))
+            status = 500
+        yield sse_event(ErrorResponse(error=APIError(str(error), status).info))
     finally:
         await generation.close()  # a client that hung up lands here: abort its prompts
     yield SSE_DONE

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from serve.engine.input_processor import ChatPrompt, Prompt
 from serve.engine.outputs import RequestOutput, TokenLogprobs
+from serve.server.errors import APIError
 from serve.server.logprobs import (
     TokenTexts,
     chat_logprobs,
@@ -24,7 +25,6 @@ from serve.server.logprobs import (
     vllm_prompt_logprobs,
 )
 from serve.server.protocol import (
-    APIError,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,

@@ -8,7 +8,8 @@ from typing import Any
 
 from serve.engine.errors import InvalidRequestError
 from serve.sampling_params import SamplingParams
-from serve.server.protocol import APIError, ErrorInfo, GenerationRequest
+from serve.server.errors import APIError
+from serve.server.protocol import GenerationRequest
 
 MAX_LISTED_PROBLEMS = 10  # a body of 10,000 bad stop strings gets a message, not a novel
 MAX_SHOWN_INPUT_CHARS = 40
@@ -32,14 +33,8 @@ def check_request(request: GenerationRequest, model_names: list[str]) -> Samplin
     """Refuse an unknown model, unsupported fields, or fields at odds with each other; return
     the request's SamplingParams."""
     if request.model is not None and request.model not in model_names:
-        raise APIError(
-            f"The model `{_shorten(request.model)}` does not exist. "
-            f"This server serves `{model_names[0]}`.",
-            status_code=404,
-            type="NotFoundError",
-            param="model",
-            code="model_not_found",
-        )
+        raise APIError(f"The model `{_shorten(request.model)}` does not exist. This server "
+                       f"serves `{model_names[0]}`.", 404, param="model", code="model_not_found")
     if unsupported := request.unsupported():
         message = "; ".join(f"{what} is not supported yet" for _, what in unsupported)
         raise APIError(message, param=unsupported[0][0], code="unsupported_parameter")
@@ -58,7 +53,7 @@ def check_request(request: GenerationRequest, model_names: list[str]) -> Samplin
 
 
 # --8<-- [start:validation_error]
-def validation_error_info(errors: Sequence[dict[str, Any]]) -> ErrorInfo:
+def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """OpenAI's 400 for a body pydantic refused: one line per problem, `param` the first field.
 
     "temperature should be <= 2, got 5; prompt[0] should be >= 0, got -3"
@@ -71,8 +66,7 @@ def validation_error_info(errors: Sequence[dict[str, Any]]) -> ErrorInfo:
     if len(lines) > MAX_LISTED_PROBLEMS:
         lines = [*lines[:MAX_LISTED_PROBLEMS], f"and {len(lines) - MAX_LISTED_PROBLEMS} more"]
     param = next(iter(problems.values()), None)
-    return ErrorInfo(message="; ".join(lines), type="BadRequestError", param=param,
-                     code="invalid_value")
+    return APIError("; ".join(lines), param=param, code="invalid_value")
 # --8<-- [end:validation_error]
 
 
