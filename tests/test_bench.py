@@ -479,7 +479,7 @@ def test_a_runs_stage_files_lie_beside_their_chapters():
     assert resolve(files.folder, files.listed(out)) == out
     assert files.stage_file("serving", "v0.3-x", "7fa5f39f-dirty", "r16").name == \
         "serving-h100-7fa5f39f-dirty-course-r16-20261125-213914.json"
-    assert [stage_folder(t) for t in ("v0.0-a", "v0.10-b", "v1.0-c")] == ["00", "10", "11"]
+    assert [stage_folder(t) for t in ("v0.0-a", "v0.10-b", "v1.0-c")] == ["00", "10", "12"]
     with pytest.raises(ValueError):
         stage_folder("nightly")
 

@@ -80,8 +80,8 @@ def milestone_tags() -> dict[str, str]:
 
 @pytest.mark.parametrize("page", CHAPTERS, ids=lambda p: p.parent.name)
 def test_a_tagged_stage_chapter_quotes_its_own_tag(page):
-    number = int(page.parent.name)
-    tags = [tag for tag in milestone_tags() if tag.startswith(f"v0.{number}-")]
+    tags = [tag for tag in milestone_tags()
+            if "-" in tag and stage_folder(tag) == page.parent.name]
     if not tags:
         pytest.skip("no tag for this stage yet (or no git history): it may quote the tree")
     own = f".stages/{tags[0]}/"

@@ -31,12 +31,12 @@ STAGE_FOLDER = re.compile(r"\d\d")
 
 
 def stage_folder(tag: str) -> str:
-    """The milestone folder of a stage's tag: v0.3-continuous-batching -> 03, v1.0-... -> 11."""
+    """The milestone folder of a stage's tag: v0.3-continuous-batching -> 03, v1.0-... -> 12."""
     match = re.match(r"v(\d+)\.(\d+)(?:-|$)", tag)
     if match and match[1] == "0":
         return f"{int(match[2]):02d}"
     if match and (match[1], match[2]) == ("1", "0"):
-        return "11"  # the course's last stage comes after v0.10
+        return "12"  # the release comes after the last v0 stage, v0.11
     raise ValueError(f"{tag!r} is not a milestone tag (v0.N-name or v1.0-name)")
 
 
