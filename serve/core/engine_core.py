@@ -281,6 +281,7 @@ class EngineCore:
         return outputs
     # --8<-- [end:collect]
 
+    # --8<-- [start:output]
     def _output(self, request: Request, new: list[int], logprobs: LogprobsLists | None,
                 row: int) -> CoreOutput:
         """What a request reports for its sampled row (tokens from row `row` of the step): its
@@ -296,6 +297,7 @@ class EngineCore:
                 *([x for chunk in chunks for x in getattr(chunk, field)]
                   for field in ("token_ids", "logprobs", "top_ids", "top_logprobs")))
         return output
+    # --8<-- [end:output]
 
     @staticmethod
     def _keep_prompt_logprobs(prompt_rows: list[tuple[Request, int]],

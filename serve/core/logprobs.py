@@ -17,6 +17,7 @@ from serve.messages import LogprobsColumns
 PROMPT_ROWS_PER_PASS = 1024
 
 
+# --8<-- [start:device]
 @dataclass
 class LogprobsTensors:
     """Log-probabilities of n tokens: token i's own, and the k most likely at its position."""
@@ -38,6 +39,8 @@ class LogprobsTensors:
         top = logprobs.topk(k, dim=-1)
         return cls(token_ids, logprobs.gather(1, token_ids[:, None])[:, 0], top.indices,
                    top.values)
+
+    # --8<-- [end:device]
 
     def to_host(self) -> "LogprobsTensors":
         """A copy in pinned host memory, made in the background (valid once the step's event
@@ -72,6 +75,7 @@ class LogprobsLists:
                                [values[:k] for values in self.top_logprobs[start:end]])
 
 
+# --8<-- [start:prompt]
 def prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor,
                     targets: torch.Tensor, k: int) -> LogprobsTensors:
     """Log-probabilities of targets[i] (the prompt token after token row rows[i]) from the
@@ -82,6 +86,7 @@ def prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Te
         logits = model.compute_logits(hidden[rows[start:end]])
         parts.append(LogprobsTensors.of(logits, targets[start:end], k))
     return LogprobsTensors.cat(parts)
+# --8<-- [end:prompt]
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:

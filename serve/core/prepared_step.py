@@ -104,6 +104,7 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
 # --8<-- [end:step_inputs]
 
 
+# --8<-- [start:prompt_logprob_rows]
 def _prompt_logprob_rows(request: Request, num_new: int, first_row: int,
                          prompt_rows: list, indices: list, targets: list) -> None:
     """The token rows of this step's chunk of a prompt that predict a later prompt token (a
@@ -117,3 +118,4 @@ def _prompt_logprob_rows(request: Request, num_new: int, first_row: int,
         targets += request.prompt_token_ids[start + 1 : end + 1]
         prompt_rows.append((request, end - start))
         request.num_prompt_logprobs = end
+# --8<-- [end:prompt_logprob_rows]
