@@ -107,15 +107,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# sampling rules of v1.0 a request may carry: a step with log-probabilities or penalties
+LATER_RULES = ("logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
 def add_requests(engine, requests: list[dict], prefix: str, max_tokens: int | None = None):
     """Queue the requests; returns {request_id: prompt length}."""
     from serve import SamplingParams
 
     lengths = {}
     for index, request in enumerate(requests):
+        # (the rules only later stages have are passed only when the request names them)
+        later = {key: request[key] for key in LATER_RULES if key in request}
         params = SamplingParams(temperature=request["temperature"],
                                 max_tokens=min(request["max_tokens"], max_tokens or 1 << 30),
-                                ignore_eos=request["ignore_eos"])
+                                ignore_eos=request["ignore_eos"], **later)
         request_id = f"{prefix}-{index}"
         engine.add_request(request_id, request["prompt"], params)
         lengths[request_id] = len(request["prompt"])
@@ -349,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an LLM(...) argument this stage has, e.g. num_pages=4096")
     parser.add_argument("--requests", required=True,
-                        help="JSON list of {prompt, max_tokens, temperature, ignore_eos}")
+                        help="JSON list of {prompt, max_tokens, temperature, ignore_eos} (and "
+                             "optionally logprobs or penalties: LATER_RULES)")
     parser.add_argument("--max-requests", type=int,
                         help="run only the first N requests step by step (a slow stage)")
     parser.add_argument("--compare-attention-backends", action="store_true",
