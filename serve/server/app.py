@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: a FastAPI app around one AsyncEngine."""
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -38,16 +39,15 @@ def build_app(
 
     The app starts the engine's loop thread at startup and stops it at shutdown; an app driven
     without its lifespan (an in-process test client) needs `engine.start()` first. While the
-    engine is busy, the app logs its KV pages and requests every 10 s. A request body larger
-    than `max_request_bytes` gets a 413, one that has not arrived within `body_timeout_s`
-    a 408. With an `api_key`, every request must carry it (`Authorization: Bearer`), except
-    those to /health and /metrics, which load balancers and Prometheus poll without one.
+    engine is busy, the app logs its KV pages and requests every 10 s. `max_request_bytes` and
+    `body_timeout_s` bound a request's body (BodyLimits); with an `api_key`, every request but
+    those to /health and /metrics must carry it (APIKeyAuth).
     """
     served_names = [model_names] if isinstance(model_names, str) else list(model_names or [])
     served_names = served_names or [engine.model_name]
     texts = TokenTexts(engine.tokenizer)
-    completion_shape = CompletionShape(texts, textless=engine.tokenizer is None)
-    chat_shape = ChatShape(texts)
+    completion_shape = functools.partial(CompletionShape, texts, engine.tokenizer is None)
+    chat_shape = functools.partial(ChatShape, texts)
     created = int(time.time())
     metrics = ServerMetrics()
     engine.add_stats_listener(metrics.record)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -25,10 +26,15 @@ from serve.sampling_params import (
     MAX_STOP_TOKEN_IDS,
 )
 
-# Every request model's: unknown fields are accepted and ignored (as vLLM does). Strict: a number
-# must be a JSON number and a flag a JSON boolean ("5" and true are not a max_tokens, true is not
-# a temperature), as OpenAI answers; an integer is a valid float.
-REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+class RequestModel(BaseModel):
+    """A request body or a part of one."""
+
+    # Unknown fields are accepted and ignored (as vLLM does). Strict: a number must be a JSON
+    # number and a flag a JSON boolean ("5" and true are not a max_tokens, true is not a
+    # temperature), as OpenAI answers; an integer is a valid float.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
 
 # One request may hold several prompts, n sequences each, each becoming an engine request: bound
 # how many, so that one body of a million one-character prompts cannot flood the queue. (OpenAI

@@ -1,5 +1,4 @@
-"""The engine streams behind one HTTP request: submit its prompts (n sequences of each),
-gather their outputs, and stop generating for a client that went away."""
+"""The engine streams behind one HTTP request, and stopping them for a client that went away."""
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -28,24 +27,15 @@ class Generation:
     client that goes away stops costing GPU time however far its request had got.
     """
 
-    def __init__(
-        self, generators: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
-    ) -> None:
-        self._generators = generators
-        self._firsts = firsts
+    def __init__(self, generators: list[AsyncGenerator[RequestOutput, None]],
+                 firsts: list[RequestOutput]) -> None:
+        self._generators, self._firsts = generators, firsts
         self._pumps: list[asyncio.Task] = []
 
     @classmethod
-    async def start(
-        cls,
-        engine: AsyncEngine,
-        prompts: list[Prompt],
-        params: SamplingParams,
-        request_id: str,
-        fields: dict[str, str],
-        cache_salt: str | None = None,
-        per_prompt: int = 1,
-    ) -> "Generation":
+    async def start(cls, engine: AsyncEngine, prompts: list[Prompt], params: SamplingParams,
+                    request_id: str, fields: dict[str, str], cache_salt: str | None = None,
+                    per_prompt: int = 1) -> "Generation":
         """Tokenize every prompt once, submit per_prompt sequences of each, and wait for each
         sequence's first output.
 

@@ -16,10 +16,10 @@ from serve.engine.errors import InvalidRequestError
 from serve.sampling_params import MAX_LOGPROBS, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
 from serve.server.fields import (
     MAX_PROMPTS,
-    REQUEST_CONFIG,
     LogitBias,
     Prompt,
     ReportOneBranch,
+    RequestModel,
     Stop,
     StopTokenIds,
     Text,
@@ -41,16 +41,12 @@ def _is_none(value: Any) -> bool:
 
 
 # --8<-- [start:requests]
-class StreamOptions(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class StreamOptions(RequestModel):
     include_usage: bool = False  # send one last chunk with `choices: []` and the usage
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(RequestModel):
     """Fields that /v1/completions and /v1/chat/completions share."""
-
-    model_config = REQUEST_CONFIG
 
     model: Text | None = None  # OpenAI requires it; we default to the one model we serve
     # None: OpenAI's default, 1.0; below SAMPLING_EPS: greedy
@@ -123,7 +119,6 @@ class GenerationRequest(BaseModel):
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None) -> SamplingParams:
         """Translate to the engine's SamplingParams (raises ValueError naming a bad field)."""
-        constraint = self.constraint
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -134,7 +129,7 @@ class GenerationRequest(BaseModel):
             stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
-            structured_outputs=constraint.params if constraint is not None else None,
+            structured_outputs=self.constraint.params if self.constraint is not None else None,
             n=self.num_choices,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
@@ -201,9 +196,7 @@ class CompletionRequest(GenerationRequest):
         return self._sampling_params(self.max_tokens, logprobs, prompt_logprobs)
 
 
-class ContentPart(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class ContentPart(RequestModel):
     type: str
     text: Text | None = None
 
@@ -216,9 +209,7 @@ Content = Annotated[
 ]
 
 
-class ChatMessage(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Content = None
     name: Text | None = None
@@ -250,12 +241,10 @@ class ChatCompletionRequest(GenerationRequest):
         found = super().unsupported()
         if self.functions:
             found.append(("functions", "functions (send tools instead)"))
-        for message in self.messages:
-            if isinstance(message.content, list):
-                for part in message.content:
-                    if part.type != "text":
-                        found.append(("messages", f"content parts of type {part.type!r}"))
-        return found
+        parts = [part for message in self.messages if isinstance(message.content, list)
+                 for part in message.content]
+        return found + [("messages", f"content parts of type {part.type!r}")
+                        for part in parts if part.type != "text"]
 
     def conflicts(self) -> list[tuple[str, str]]:
         found = super().conflicts()

@@ -1,14 +1,11 @@
-"""POST /v1/completions and /v1/chat/completions: one generation path, two response shapes.
-
-Both endpoints check the request, submit its prompts (n sequences of each), then either wait for
-every output or stream server-sent events. Only the bodies differ: serve/server/shapes.py.
-"""
+"""POST /v1/completions and /v1/chat/completions: one generation path, two response shapes
+(serve/server/shapes.py)."""
 
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
@@ -42,12 +39,9 @@ def usage_of(outputs: list[RequestOutput], per_prompt: int = 1) -> Usage:
     prompt_tokens = sum(len(output.prompt_token_ids) for output in prompts)
     completion_tokens = sum(len(output.token_ids) for output in outputs)
     cached_tokens = sum(output.num_cached_tokens for output in prompts)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-    )
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def likeliest(outputs: list[RequestOutput], per_prompt: int, n: int) -> list[RequestOutput]:
@@ -69,11 +63,12 @@ def likeliest(outputs: list[RequestOutput], per_prompt: int, n: int) -> list[Req
 
 # --8<-- [start:serve]
 async def serve_generation(request: GenerationRequest, raw_request: Request, engine: AsyncEngine,
-                           model_names: list[str], shape: Shape) -> Response:
-    """Answer one generation request in `shape`: check it, submit its prompts, then wait for
+                           model_names: list[str],
+                           make_shape: Callable[[GenerationRequest], Shape]) -> Response:
+    """Answer one generation request in its shape: check it, submit its prompts, then wait for
     every output, or stream them as they come. Responses name the first of model_names."""
     params = check_request(request, model_names)
-    shape = shape.for_request(request)
+    shape = make_shape(request)  # (after the checks: it reads the request's constraint)
     prompts = shape.prompts(request)
     _check_queue(engine)  # (a request that is wrong hears so even from a busy server)
     request_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"

@@ -1,12 +1,7 @@
 """The two response shapes of one generation path: what a finished request answers, and the
-chunks a stream sends as each step arrives.
-
-A completion continues prompts (text or token ids) and answers `choices[i].text`, with echo the
-prompt first; a chat answers a conversation in `choices[i].message` (or `delta` when streamed),
-as text or, when its tool_choice forced a call, as `tool_calls`. Both answer n choices per
-prompt, choice p * n + i being prompt p's i-th, and each token's log-probabilities when asked.
-Each shape is one small class, made afresh for each request (for_request): a stream's shape
-remembers where each choice's text has got to.
+chunks a stream sends as each step arrives. Both answer n choices per prompt, choice p * n + i
+being prompt p's i-th. Each shape is made for one checked request: a stream's shape remembers
+where each choice's text has got to.
 """
 
 from collections.abc import Callable
@@ -53,18 +48,12 @@ class CompletionShape:
 
     id_prefix, prompt_field = "cmpl", "prompt"
 
-    def __init__(self, texts: TokenTexts, textless: bool,
-                 request: CompletionRequest | None = None) -> None:
+    def __init__(self, texts: TokenTexts, textless: bool, request: CompletionRequest) -> None:
         # A model without a tokenizer (a dummy benchmark model) has no text: its stream sends
         # one empty chunk per step instead, so that clients can still time tokens.
-        self.texts, self.textless = texts, textless
-        self.echo = request is not None and bool(request.echo)
-        self.num_logprobs = request.logprobs if request is not None else None
-        self.num_prompt_logprobs = request.prompt_logprobs if request is not None else None
+        self.texts, self.textless, self.echo = texts, textless, bool(request.echo)
+        self.num_logprobs, self.num_prompt_logprobs = request.logprobs, request.prompt_logprobs
         self._offsets: dict[int, int] = {}  # choice -> where its next token's text starts
-
-    def for_request(self, request: CompletionRequest) -> "CompletionShape":
-        return CompletionShape(self.texts, self.textless, request)
 
     def prompts(self, request: CompletionRequest) -> list[Prompt]:
         prompts = request.prompts()
@@ -113,16 +102,12 @@ class ChatShape:
 
     id_prefix, prompt_field = "chatcmpl", "messages"
 
-    def __init__(self, texts: TokenTexts, call: ForcedCall | None = None,
-                 request: ChatCompletionRequest | None = None) -> None:
-        self.texts, self.call = texts, call
-        self.num_logprobs = (request.top_logprobs or 0) if request and request.logprobs else None
-        self.num_prompt_logprobs = request.prompt_logprobs if request is not None else None
-
-    def for_request(self, request: ChatCompletionRequest) -> "ChatShape":
-        """The shape of this (checked) request's answer."""
+    def __init__(self, texts: TokenTexts, request: ChatCompletionRequest) -> None:
         constraint = request.constraint
-        return ChatShape(self.texts, constraint.call if constraint is not None else None, request)
+        self.texts = texts
+        self.call: ForcedCall | None = constraint.call if constraint is not None else None
+        self.num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        self.num_prompt_logprobs = request.prompt_logprobs
 
     def prompts(self, request: ChatCompletionRequest) -> list[Prompt]:
         # The chat template is rendered off the event loop, with the tokenizing (AsyncEngine).

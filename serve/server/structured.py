@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, WrapValidator
+from pydantic import Field, WrapValidator
 
 from serve.engine.errors import InvalidRequestError
-from serve.server.fields import REQUEST_CONFIG, JSONSchema, JSONSchemaText, ReportOneBranch, Text
+from serve.server.fields import JSONSchema, JSONSchemaText, ReportOneBranch, RequestModel, Text
 from serve.structured.params import StructuredOutputsParams
 
 # A tool whose parameters are not given takes none: its call's arguments are always {} (vLLM's).
@@ -20,28 +20,22 @@ NO_PARAMETERS = {"type": "object", "properties": {}}
 
 
 # --8<-- [start:fields]
-class JSONSchemaFormat(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class JSONSchemaFormat(RequestModel):
     name: Text
     description: str | None = None
     schema_: JSONSchema | None = Field(default=None, alias="schema")
     strict: bool | None = None  # the output is held to the schema either way
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
-
-    model_config = REQUEST_CONFIG
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(RequestModel):
     """vLLM's structured_outputs: exactly one of these (serve/structured/params.py)."""
-
-    model_config = REQUEST_CONFIG
 
     json_: Annotated[
         JSONSchema | JSONSchemaText | None,
@@ -54,32 +48,24 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
 
-class FunctionDefinition(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class FunctionDefinition(RequestModel):
     name: Text = Field(min_length=1)
     description: str | None = None
     parameters: JSONSchema | None = None  # the schema of the call's arguments (an object)
     strict: bool | None = None  # a forced call is held to the schema either way
 
 
-class Tool(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class Tool(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
-    model_config = REQUEST_CONFIG
-
+class FunctionName(RequestModel):
     name: Text
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(RequestModel):
     """{"type": "function", "function": {"name": ...}}: the output is a call of that function."""
-
-    model_config = REQUEST_CONFIG
 
     type: Literal["function"]
     function: FunctionName
@@ -168,8 +154,9 @@ def tools_constraint(tools: list[Tool] | None, tool_choice: str | NamedToolChoic
     if tool_choice in (None, "none", "auto"):
         return None
     if not tools:
-        raise InvalidRequestError(f"tool_choice {_shown(tool_choice)} needs tools, and the "
-                                  "request has none", "tool_choice")
+        shown = repr(tool_choice) if isinstance(tool_choice, str) else "naming a function"
+        raise InvalidRequestError(f"tool_choice {shown} needs tools, and the request has none",
+                                  "tool_choice")
     if tool_choice == "required":
         return Constraint.build("tools", ForcedCall(None),
                                 json=calls_schema(tools, parallel_tool_calls is not False))
@@ -207,7 +194,3 @@ def calls_schema(tools: list[Tool], parallel: bool) -> dict:
         schema["$defs"] = definitions
     return schema
 # --8<-- [end:calls_schema]
-
-
-def _shown(tool_choice: str | NamedToolChoice) -> str:
-    return repr(tool_choice) if isinstance(tool_choice, str) else "naming a function"
