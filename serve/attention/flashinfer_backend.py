@@ -44,8 +44,7 @@ class FlashInferAttentionBackend:
         # large groups anyway. So groups 1-4 use CUDA cores and groups 5-8 use tensor cores.
         self.use_tensor_cores = num_heads // num_kv_heads > MAX_CUDA_CORE_GROUP_SIZE
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores
-        )
+            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         self.wrapper = self.prefill  # the wrapper planned for the current step
         # A wrapper's plan writes a pinned host buffer and copies it to the device without
@@ -76,11 +75,9 @@ class FlashInferAttentionBackend:
 
     # --8<-- [start:plan]
     def plan(self, meta: AttentionMetadata, for_cuda_graph: bool = False) -> None:
-        # FlashInfer's plan builds its schedule on the host, so it reads the indptr and
-        # last-page-length arrays there: meta keeps them on the host, and plan never waits for
-        # the GPU. It copies them and its schedule to the GPU itself (asynchronously).
-        # kv_indices is only read on the GPU, so it is a device tensor.
-        # sm_scale is left at FlashInfer's default, head_dim**-0.5, as in the torch backend.
+        # The planner reads meta's host arrays (see AttentionMetadata) and copies them and its
+        # schedule to the GPU itself, asynchronously. sm_scale is FlashInfer's default,
+        # head_dim**-0.5, as in the torch backend.
         if not meta.is_decode:
             self.wrapper = self.prefill
         else:  # a graph's wrapper for its batch size (the graph was captured reading its buffers)

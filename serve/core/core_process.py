@@ -3,15 +3,13 @@
     python -m serve.core.core_process INPUT_ADDRESS OUTPUT_ADDRESS HEARTBEAT_FD
 
 The server side (serve/engine/core_client.py) starts it and talks to it over two ZeroMQ sockets
-with the messages of serve/messages.py, encoded with msgpack: a CoreStart first (the engine's
-config), then requests, aborts and commands. The core answers CoreReady once its model and KV
-pool are up (or CoreFailed with the reason it could not start), then a CoreStep after every step
-it runs, and one more, with no outputs, when it falls idle (so the server's metrics do not keep
-the last busy step's state). It steps whenever it has unfinished requests and reads what arrived
-in between, so the server side never waits for it, nor it for the server side. Meanwhile a
-thread beats on HEARTBEAT_FD (serve/heartbeat.py), so that the server can tell a stopped core
-from a busy one. It exits on a shutdown command; on its own when the process that started it is
-gone; and with status 1 when a tensor-parallel worker has died.
+with serve/messages.py's messages in msgpack: a CoreStart first (the engine's config), then
+requests, aborts and commands. The core answers CoreReady once its model and KV pool are up (or
+CoreFailed, saying why not), then a CoreStep after every step it runs, and an empty one when it
+falls idle. It steps whenever it has unfinished requests and reads what arrived in between, so
+neither side ever waits for the other; a thread beats on HEARTBEAT_FD (serve/heartbeat.py). It
+exits on a shutdown command; on its own when the process that started it is gone; and with
+status 1 when a tensor-parallel worker has died.
 """
 
 import gc
@@ -22,20 +20,10 @@ import sys
 import msgspec
 import zmq
 
+from serve import messages
 from serve.config import EngineConfig
 from serve.core.engine_core import EngineCore
 from serve.heartbeat import start_child_process
-from serve.messages import (
-    CoreAbort,
-    CoreCommand,
-    CoreFailed,
-    CoreOutput,
-    CoreReady,
-    CoreRequest,
-    CoreStart,
-    CoreStep,
-    ToCore,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +39,7 @@ class CoreProcess:
         self.input.connect(input_address)
         self.output = self.context.socket(zmq.PUSH)
         self.output.connect(output_address)
-        self.decoder = msgspec.msgpack.Decoder(ToCore)
+        self.decoder = msgspec.msgpack.Decoder(messages.ToCore)
         self.encoder = msgspec.msgpack.Encoder()
         self.parent = os.getppid()
         self.core: EngineCore | None = None
@@ -60,21 +48,20 @@ class CoreProcess:
     def start(self) -> bool:
         """Build the core from the first message; False (after saying why) if it cannot be."""
         start = self.decoder.decode(self.input.recv())
-        assert isinstance(start, CoreStart), start
+        assert isinstance(start, messages.CoreStart), start
         try:
             self.core = EngineCore(EngineConfig(**start.config), set(start.eos_token_ids))
         except Exception as error:
             if not isinstance(error, ValueError):  # a config that cannot be served: the
                 logger.exception("the engine core could not start")  # server says why
-            self.send(CoreFailed(type(error).__name__, str(error)))
+            self.send(messages.CoreFailed(type(error).__name__, str(error)))
             return False
-        # Everything built so far (the model's modules, what the imports made) lives as long as
-        # the process: out of the collector's sight, a full collection no longer walks it (on
-        # Qwen3-0.6B's shapes, 0.2 s of a CPU core each time: milestones/07, bench.gc_pause).
+        # Everything built so far (the model, what the imports made) lives as long as the
+        # process: frozen, a full collection no longer walks it (milestones/07, bench.gc_pause).
         gc.collect()
         gc.freeze()
-        self.send(CoreReady(self.core.max_model_len, self.core.hf_config.vocab_size,
-                            self.core.allocator.num_pages))
+        self.send(messages.CoreReady(self.core.max_model_len, self.core.hf_config.vocab_size,
+                                     self.core.allocator.num_pages))
         return True
 
     def send(self, message) -> None:
@@ -93,28 +80,28 @@ class CoreProcess:
                 return
             if self.running and core.has_unfinished_requests():
                 outputs = core.step()
-                self.send(CoreStep(outputs, core.take_stats()))
-            elif busy:  # idle now (the last requests were aborted): say so once
-                self.send(CoreStep([], core.take_stats()))
+                self.send(messages.CoreStep(outputs, core.take_stats()))
+            elif busy:  # idle now (the last requests were aborted): say so once, for the metrics
+                self.send(messages.CoreStep([], core.take_stats()))
             else:
                 core.check_health()  # a dead TP worker ends the core (the server sees it)
     # --8<-- [end:run]
 
     def apply(self, message) -> None:
         core = self.core
-        if isinstance(message, CoreRequest):
+        if isinstance(message, messages.CoreRequest):
             try:
                 core.add_request(message)
             except Exception as error:  # that request's problem: it fails, the core goes on
                 logger.exception("request %s could not be queued", message.request_id)
-                failed = CoreOutput(message.request_id, [], "abort",
-                                    error=f"{type(error).__name__}: {error}")
-                self.send(CoreStep([failed], core.take_stats()))
-        elif isinstance(message, CoreAbort):
+                failed = messages.CoreOutput(message.request_id, [], "abort",
+                                             error=f"{type(error).__name__}: {error}")
+                self.send(messages.CoreStep([failed], core.take_stats()))
+        elif isinstance(message, messages.CoreAbort):
             core.abort_request(message.request_id, message.reason)
-        elif isinstance(message, CoreCommand) and message.name == "reset_prefix_cache":
+        elif isinstance(message, messages.CoreCommand) and message.name == "reset_prefix_cache":
             core.reset_prefix_cache()
-        elif isinstance(message, CoreCommand) and message.name == "shutdown":
+        elif isinstance(message, messages.CoreCommand) and message.name == "shutdown":
             self.running = False
         else:
             raise ValueError(f"the engine core cannot handle {message!r}")

@@ -58,9 +58,7 @@ def pad_decode_inputs(inputs: StepInputs, batch_size: int, pad_page: int) -> Ste
         kv_indptr=torch.cat([meta.kv_indptr,
                              torch.arange(last + 1, last + num_pad + 1, dtype=torch.int32)]),
         kv_last_page_len=torch.cat([meta.kv_last_page_len, torch.ones(num_pad, dtype=torch.int32)]),
-        page_size=meta.page_size,
-        is_decode=True,
-    )
+        page_size=meta.page_size, is_decode=True)
     return replace(inputs, token_ids=torch.cat([inputs.token_ids, zeros]),
                    positions=torch.cat([inputs.positions, zeros]), attention=attention)
 # --8<-- [end:pad]
@@ -145,10 +143,8 @@ class CudaGraphRunner:
             kv_indices=pages.to(self.slot_mapping.device),
             qo_indptr=torch.arange(size + 1, dtype=torch.int32),
             kv_indptr=torch.arange(size + 1, dtype=torch.int32),
-            kv_last_page_len=torch.ones(size, dtype=torch.int32),
-            page_size=self.page_size,
-            is_decode=True,
-        )
+            kv_last_page_len=torch.ones(size, dtype=torch.int32), page_size=self.page_size,
+            is_decode=True)
         sample_indices = torch.arange(size, device=self.token_ids.device)
         return StepInputs(self.token_ids[:size], self.positions[:size], attention,
                           sample_indices, None)

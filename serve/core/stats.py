@@ -26,12 +26,11 @@ class StatsCollector:
     spec_accepted_per_pos: list[int] = field(default_factory=list)  # [i]: i+1-th drafts accepted
 
     def on_schedule(self, out: SchedulerOutput, prefix_caching: bool) -> None:
-        """A step was scheduled: count who was preempted and, with a prefix cache, the tokens
-        admissions looked up and found."""
+        """A step was scheduled, not yet run (an admitted request's num_computed_tokens is still
+        what the prefix cache found): count the preempted, and the tokens looked up and found."""
         self.num_preemptions += len(out.preempted)
         for item in out.scheduled:
-            if item.admitted and prefix_caching:  # (called before the step: num_computed_tokens
-                # is still what the lookup found)
+            if item.admitted and prefix_caching:
                 self.prefix_cache_queries += item.request.num_tokens
                 self.prefix_cache_hits += item.request.num_computed_tokens
 

@@ -1,7 +1,5 @@
-"""A tensor-parallel worker: ranks 1..N-1, started by rank 0's ParallelRunner as
-`python -m serve.core.tp_worker SPEC`. It loads its part of the model, reports on the pipe it
-was given, then runs every step rank 0 broadcasts until told to stop; meanwhile a thread beats
-on a second pipe (serve/heartbeat.py), so that rank 0 can tell a stopped worker from a busy one."""
+"""A tensor-parallel worker, ranks 1..N-1: `python -m serve.core.tp_worker SPEC`, started by rank
+0's ParallelRunner (serve/core/parallel_runner.py tells its life)."""
 
 import json
 import logging

@@ -16,10 +16,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 def model_class_for(config) -> type[nn.Module]:
     """Pick our class for a HF config, or say which architectures we do support."""
-    for arch in getattr(config, "architectures", None) or []:
+    architectures = getattr(config, "architectures", None)
+    for arch in architectures or []:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
-    raise ValueError(
-        f"unsupported architecture {getattr(config, 'architectures', None)}; "
-        f"nanoserve supports: {', '.join(sorted(MODEL_REGISTRY))}"
-    )
+    raise ValueError(f"unsupported architecture {architectures}; "
+                     f"nanoserve supports: {', '.join(sorted(MODEL_REGISTRY))}")

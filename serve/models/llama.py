@@ -29,9 +29,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = shapes.head_dim
         q_size = config.num_attention_heads * self.head_dim  # all ranks' (the checkpoint's)
         kv_size = config.num_key_value_heads * self.head_dim
-        self.qkv_proj = ColumnParallelLinear(
-            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias, shapes.tp
-        )
+        parts = {"q": q_size, "k": kv_size, "v": kv_size}
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, parts, qkv_bias, shapes.tp)
         o_bias = getattr(config, "attention_bias", False)
         self.o_proj = RowParallelLinear(q_size, config.hidden_size, o_bias, shapes.tp)
         if qk_norm:  # Qwen3 normalizes each head of q and k before RoPE
@@ -100,10 +99,8 @@ class LlamaModel(nn.Module):
                                                    shapes.tp)
         rotary = RotaryEmbedding(shapes.head_dim, config.max_position_embeddings,
                                  rope_parameters(config))
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, shapes, rotary, **attn_switches)
-            for _ in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, shapes, rotary, **attn_switches)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

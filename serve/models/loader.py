@@ -30,9 +30,8 @@ def resolve_model_path(model: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(
-            model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-        )
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                        "*.model", "*.txt"])
     except Exception as exc:
         shipped_names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json")))
         raise ValueError(f"cannot find model {model!r}: not a local directory, not a shipped "

@@ -21,17 +21,14 @@ class ModelShapes:
     def of(cls, config, tp: TensorParallel = TensorParallel()) -> "ModelShapes":
         """Every rank holds an equal share of the heads and of the MLP's columns (vLLM also
         replicates KV heads when there are fewer than ranks; we require them to divide)."""
-        num_heads = config.num_attention_heads
-        return cls(
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            head_dim=head_dim_of(config),
-            num_heads=tp.shard(num_heads, "num_attention_heads")[1],
-            num_kv_heads=tp.shard(config.num_key_value_heads, "num_key_value_heads")[1],
-            intermediate_size=tp.shard(config.intermediate_size, "intermediate_size")[1],
-            vocab_size=config.vocab_size,
-            tp=tp,
-        )
+        def share(name: str) -> int:
+            return tp.shard(getattr(config, name), name)[1]
+
+        return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                   head_dim=head_dim_of(config), num_heads=share("num_attention_heads"),
+                   num_kv_heads=share("num_key_value_heads"),
+                   intermediate_size=share("intermediate_size"), vocab_size=config.vocab_size,
+                   tp=tp)
 
 
 def head_dim_of(config) -> int:

@@ -70,10 +70,8 @@ class SpeculativeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"speculative_config {key} must be an integer, got {value!r}")
         low, high = config.get("prompt_lookup_min"), config.get("prompt_lookup_max")
-        if low is None and high is not None:
-            config["prompt_lookup_min"] = high
-        if high is None and low is not None:
-            config["prompt_lookup_max"] = low
+        if (low is None) != (high is None):  # the one given stands for both
+            config["prompt_lookup_min"] = config["prompt_lookup_max"] = high if low is None else low
         return cls(**config)
 
     @classmethod

@@ -26,7 +26,6 @@ class NgramProposer:
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
 
     def propose(self, requests: list[Request], max_drafts: list[int]) -> list[list[int]]:
-        """Drafts for each request, at most max_drafts[i] for requests[i]."""
         return [self.propose_one(request, limit)
                 for request, limit in zip(requests, max_drafts, strict=True)]
 

@@ -23,8 +23,7 @@ class StructuredOutputsParams:
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar")
-                 if getattr(self, name) is not None] + (["json_object"] if self.json_object
-                                                        else [])
+                 if getattr(self, name) is not None] + ["json_object"] * bool(self.json_object)
         if len(given) != 1:
             raise ValueError("structured_outputs needs exactly one of json, regex, choice, "
                              f"grammar or json_object, got {given or 'none'}")
@@ -50,10 +49,8 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         """Which constraint: json, regex, choice, grammar or json_object."""
-        for name in ("json", "regex", "choice", "grammar"):
-            if getattr(self, name) is not None:
-                return name
-        return "json_object"
+        return next((name for name in ("json", "regex", "choice", "grammar")
+                     if getattr(self, name) is not None), "json_object")
 
     @property
     def spec(self) -> str:

@@ -32,8 +32,7 @@ class PageAllocator:
 
     def __init__(self, num_pages: int, page_size: int, max_tables: int = 0,
                  max_pages_per_table: int = 0) -> None:
-        self.num_pages = num_pages
-        self.page_size = page_size
+        self.num_pages, self.page_size = num_pages, page_size
         # The block table: row r lists the pages of the page table that holds row r, so that a
         # step gathers its requests' pages with one tensor op instead of a Python loop over
         # every page. A table holds a row while it holds pages (max_tables rows: the most
@@ -154,8 +153,7 @@ class PageTable:
         the pool has too few free and evictable pages."""
         if num_tokens <= len(self.pages) * self.allocator.page_size:
             return True  # the usual decode step: its token fits the last page (no call below)
-        missing = self.num_missing_pages(num_tokens)
-        pages = self.allocator.allocate(missing)
+        pages = self.allocator.allocate(self.num_missing_pages(num_tokens))
         if pages is None:
             return False
         self._write(len(self.pages), pages)

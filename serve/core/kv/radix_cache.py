@@ -92,8 +92,7 @@ class RadixCache:
         a leaf in its turn. Returns the number of pages freed."""
         freed, held = 0, []
         while self._lru and freed < num_pages:
-            entry = heapq.heappop(self._lru)
-            access, _, leaf = entry
+            access, _, leaf = entry = heapq.heappop(self._lru)
             if leaf.parent is None or leaf.children or access != leaf.last_access:
                 continue  # stale: evicted, no longer a leaf, or stamped again since
             if self._in_use(leaf):
