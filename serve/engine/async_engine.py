@@ -2,18 +2,15 @@
 
 The engine is not thread-safe, so only the loop thread touches it. Callers talk to that thread
 through a command queue (add, abort), and the thread hands each step's outputs back to the
-caller's event loop with one `call_soon_threadsafe` per step, into a stream per request that
-merges what its reader has not taken yet (vLLM's output collector). Prompts are
-tokenized on worker threads of their own (TokenizerPool), so that neither the callers' event
-loop nor the engine's steps wait for a long prompt or a slow chat template. While idle, the
-thread wakes every IDLE_CHECK_S to check that the engine's processes are alive and to publish
-their state; a failure of the engine ends every request at once, and the loop.
-
-It also counts the requests that wait for their first output (tokenizing, queued, computing
-their prompt), so that a server can refuse new work while too many do (max_queued_requests).
+caller's event loop with one `call_soon_threadsafe` per step. Prompts are tokenized on worker
+threads of their own (TokenizerPool), so that neither the callers' event loop nor the engine's
+steps wait for a long prompt or a slow chat template. While idle, the thread wakes every
+IDLE_CHECK_S to check that the engine's processes are alive and to publish their state; a
+failure of the engine ends every request at once, and the loop.
 """
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -46,22 +43,16 @@ RETRY_AFTER_S = 1
 
 
 class QueueFullError(RuntimeError):
-    """max_queued_requests requests already wait for their first output: try again later.
-    args: (message, seconds to wait before retrying)."""
+    """max_queued_requests requests already wait for their first output: try again later."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-    @property
-    def retry_after_s(self) -> int:
-        return self.args[1] if len(self.args) > 1 else RETRY_AFTER_S
+    retry_after_s = RETRY_AFTER_S
 
 
 @dataclass
 class _Stream:
     """Where one request's outputs go, on the caller's event loop. Outputs that arrive while the
-    caller has not read the last one yet are merged into it (RequestOutput.merged): a stream
-    that falls behind catches up in one read instead of one per step."""
+    caller has not read the last one yet are merged into it (RequestOutput.merged, vLLM's output
+    collector): a stream that falls behind catches up in one read instead of one per step."""
 
     loop: asyncio.AbstractEventLoop
     pending: deque = field(default_factory=deque)  # RequestOutput or an exception, in order
@@ -89,10 +80,8 @@ class _Stream:
 
 def _send_to_loop(loop: asyncio.AbstractEventLoop, items: list) -> None:
     """Hand (stream, item) pairs to the streams' event loop with one wake-up of it."""
-    try:
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
         loop.call_soon_threadsafe(_receive_all, items)
-    except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-        pass
 
 
 def _receive_all(items: list) -> None:
@@ -120,6 +109,9 @@ class AsyncEngine:
 
     def __init__(self, engine: "LLMEngine", max_queued_requests: int | None = None) -> None:
         self.engine = engine
+        # what the server reads of the engine (its state is the loop thread's alone)
+        self.tokenizer, self.model_name = engine.tokenizer, engine.model_name
+        self.max_model_len: int = engine.max_model_len
         self.max_queued_requests = max_queued_requests  # None: no limit (see check_queue)
         self._num_waiting = 0  # requests with no output yet (guarded by _waiting_lock)
         self._waiting_lock = threading.Lock()
@@ -137,18 +129,6 @@ class AsyncEngine:
         self.latest_stats: EngineStats | None = None  # each step's, before its outputs go out
         self.error: BaseException | None = None  # what killed the loop, if anything did
         self.on_fatal: Callable[[BaseException], None] | None = None  # called when it died
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
 
     @property
     def status(self) -> str:
@@ -173,7 +153,7 @@ class AsyncEngine:
         limit = self.max_queued_requests
         if limit is not None and self._num_waiting >= limit:
             raise QueueFullError(f"the server is busy: {self._num_waiting} requests are waiting "
-                                 f"(--max-queued-requests {limit}); retry later", RETRY_AFTER_S)
+                                 f"(--max-queued-requests {limit}); retry later")
 
     def add_stats_listener(self, listener: Callable[[EngineStats], None]) -> None:
         """Call listener(stats) on the loop thread after every iteration (metrics, logs)."""

@@ -1,11 +1,7 @@
 """Incremental detokenization: turn one more token id into the text it adds."""
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
-
-try:
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # tokenizers older than 0.21
-    DecodeStream = None
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded alongside, so a word's leading space comes out right
 
@@ -24,9 +20,8 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         context = list(prompt_token_ids[-CONTEXT_TOKENS:])
         self.backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust core
-        self.stream = None
-        if self.backend is not None and DecodeStream is not None:
-            self.stream = DecodeStream(ids=context, skip_special_tokens=True)
+        self.stream = (DecodeStream(ids=context, skip_special_tokens=True)
+                       if self.backend is not None else None)
         self.token_ids = context
         self.prefix_offset = 0  # start of the decoding window
         self.read_offset = len(self.token_ids)  # tokens before this are already emitted

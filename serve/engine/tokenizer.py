@@ -8,13 +8,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
     """The tokenizer in a model directory, or None where there is none (dummy benchmark models)."""
-    if not os.path.isdir(path):
-        return None
-    if not any(
-        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")
-    ):
-        return None
-    return AutoTokenizer.from_pretrained(path)
+    if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(path)
+    return None
 
 
 def eos_token_ids(config, path: str, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:

@@ -10,6 +10,7 @@ cannot fit after reading a bounded prefix of it.
 """
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -98,7 +99,5 @@ def _settle(future: asyncio.Future, result: EngineInput | BaseException) -> None
         else:
             future.set_result(result)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
         future.get_loop().call_soon_threadsafe(settle)
-    except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
-        pass

@@ -13,10 +13,7 @@ HEADER_TIMEOUT_S = 10.0
 
 
 class HeaderTimeoutProtocol(H11Protocol):
-    """H11Protocol that closes a connection whose request head has not arrived in full within
-    HEADER_TIMEOUT_S.
-
-    uvicorn's keep-alive timer runs only between a response and the next byte, so a head that
+    """uvicorn's keep-alive timer runs only between a response and the next byte, so a head that
     stops halfway would otherwise hold the connection forever. The deadline is not moved by
     further bytes (a client trickling a byte a second is still closed), and it ends as soon as
     the head is complete: the body has its own timeout (body_limit.py), and a response, streamed

@@ -1,6 +1,5 @@
-"""Running the server until it should stop: a graceful drain on SIGTERM (or Ctrl-C), an
-immediate but clean stop on a second signal, and a non-zero exit when the engine itself fails,
-so that a supervisor restarts it."""
+"""Running the server until it should stop: a graceful drain on SIGTERM (or Ctrl-C), a clean
+stop on a second signal, a non-zero exit when the engine fails (for a supervisor to restart)."""
 
 import logging
 import signal

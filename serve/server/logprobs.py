@@ -38,15 +38,10 @@ class TokenTexts:
         self._texts: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            text = self._texts[token_id] = self._decode(token_id)
-        return text
-
-    def _decode(self, token_id: int) -> str:
-        if self._tokenizer is None:  # a model without a tokenizer: vLLM's name for the token
-            return f"token_id:{token_id}"
-        return self._tokenizer.decode([token_id])
+        if token_id not in self._texts:  # (without a tokenizer: vLLM's name for the token)
+            self._texts[token_id] = (self._tokenizer.decode([token_id]) if self._tokenizer
+                                     else f"token_id:{token_id}")
+        return self._texts[token_id]
 
     def prompt_text(self, output: RequestOutput) -> str:
         """The prompt as text (echo): as sent, or decoded when it came as token ids."""

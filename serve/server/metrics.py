@@ -42,6 +42,9 @@ class ServerMetrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(f"{PREFIX}{name}", doc, labels, registry=registry)
 
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"{PREFIX}{name}", doc, buckets=buckets, registry=registry)
+
         self.running = gauge(f"{PREFIX}num_requests_running", "Requests in the running batch.")
         self.waiting = gauge(f"{PREFIX}num_requests_waiting",
                              "Requests queued, preempted ones included.")
@@ -58,12 +61,10 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.request_success = counter("request_success", "Requests finished.",
                                        ("finished_reason",))
-        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds",
-                              "From arrival to the first token.", buckets=TTFT_BUCKETS_S,
-                              registry=registry)
-        self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds",
-                             "Between two tokens of one request.", buckets=ITL_BUCKETS_S,
-                             registry=registry)
+        self.ttft = histogram("time_to_first_token_seconds", "From arrival to the first token.",
+                              TTFT_BUCKETS_S)
+        self.itl = histogram("inter_token_latency_seconds", "Between two tokens of one request.",
+                             ITL_BUCKETS_S)
         # speculative decoding (vLLM's names): verify rows, their drafts, the drafts accepted
         self.spec_drafts = counter("spec_decode_num_drafts",
                                    "Verify rows: a request checking drafts in a step.")
@@ -73,10 +74,8 @@ class ServerMetrics:
             "spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted, by their position in the row (0: the first draft).",
             ("position",))
-        self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds",
-                             "From arrival to the last token.", buckets=E2E_BUCKETS_S,
-                             registry=registry)
-
+        self.e2e = histogram("e2e_request_latency_seconds", "From arrival to the last token.",
+                             E2E_BUCKETS_S)
         # verify rows, their drafts and the drafts accepted since the last log line
         self.drafts_since_log = [0, 0, 0]
 
