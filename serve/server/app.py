@@ -96,8 +96,6 @@ def build_app(
         return await serve_generation(request, raw_request, engine, served_names, chat_shape)
 
     return app
-
-
 # --8<-- [end:build_app]
 
 

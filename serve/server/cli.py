@@ -79,59 +79,33 @@ def json_config(config_class: type) -> Callable:
 # --8<-- [start:parser]
 def make_parser(prog: str = "nanoserve") -> argparse.ArgumentParser:
     """Every flag of the server: the engine's, one per EngineConfig field, then the server's."""
-    parser = _Parser(
-        prog=prog,
-        description="Serve one model over an OpenAI-compatible API.",
-        formatter_class=_HelpFormatter,
-    )
+    parser = _Parser(prog=prog, description="Serve one model over an OpenAI-compatible API.",
+                     formatter_class=_HelpFormatter)
     add_dataclass_flags(parser, EngineConfig, aliases={"max_num_seqs": ["--max-batch-size"],
                                                        "tensor_parallel_size": ["-tp"]})
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (this machine only; vLLM's default is 0.0.0.0, which exposes "
-        "the server to the network)",
-    )
-    parser.add_argument("--port", type=number(int, 1, 65535), default=8000,
-                        help="port to listen on")
-    parser.add_argument(
-        "--served-model-name", nargs="+", default=None,
-        help="the model names clients may send; responses and /v1/models carry the first "
-        "(default: --model)",
-    )
-    parser.add_argument(
-        "--api-key", default=None,
-        help="require 'Authorization: Bearer KEY' on every path but /health and /metrics "
-        f"(default: ${API_KEY_ENV}, if set)",
-    )
-    parser.add_argument(
-        "--no-core-process", action="store_true",
-        help="run the engine core in the server's process, on a thread (default: in a process "
-        "of its own, so that the server's Python work never delays a step)",
-    )
-    parser.add_argument(
-        "--batch-wait-ms", type=number(float), default=None,
-        help="ignored: requests join the running batch at every step (kept so that older "
-        "command lines still start)",
-    )
-    parser.add_argument(
-        "--max-request-bytes", type=number(int, 1), default=DEFAULT_MAX_REQUEST_BYTES,
-        help="largest request body accepted; a larger one gets 413",
-    )
-    parser.add_argument(
-        "--max-queued-requests", type=number(int, 1), default=None,
-        help="answer a new generation request 503, with Retry-After, while N requests wait "
-        "for their first token: being tokenized, queued, or computing their prompt (each "
-        "prompt of a request and each of its n choices counts; default: no limit)",
-    )
-    parser.add_argument(
-        "--shutdown-timeout", type=number(float, 0), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
-        help="seconds that requests still running at SIGTERM get to finish",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-        help="the server's and uvicorn's log level",
-    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (this machine only; vLLM's "
+        "default is 0.0.0.0, which exposes the server to the network)")
+    add("--port", type=number(int, 1, 65535), default=8000, help="port to listen on")
+    add("--served-model-name", nargs="+", help="the model names clients may send; responses "
+        "and /v1/models carry the first (default: --model)")
+    add("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health and "
+        f"/metrics (default: ${API_KEY_ENV}, if set)")
+    add("--no-core-process", action="store_true", help="run the engine core in the server's "
+        "process, on a thread (default: in a process of its own, so that the server's Python "
+        "work never delays a step)")
+    add("--batch-wait-ms", type=number(float), help="ignored: requests join the running batch "
+        "at every step (kept so that older command lines still start)")
+    add("--max-request-bytes", type=number(int, 1), default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body accepted; a larger one gets 413")
+    add("--max-queued-requests", type=number(int, 1), help="answer a new generation request "
+        "503, with Retry-After, while N requests wait for their first token: being tokenized, "
+        "queued, or computing their prompt (each prompt of a request and each of its n choices "
+        "counts; default: no limit)")
+    add("--shutdown-timeout", type=number(float, 0), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help="seconds that requests still running at SIGTERM get to finish")
+    add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's and uvicorn's log level")
     return parser
 
 
@@ -176,14 +150,7 @@ def field_comments(config_class: type) -> dict[str, str]:
             comments[match[1]] = " ".join([*above, *([match[2]] if match[2] else [])])
         above = []
     return comments
-
-
 # --8<-- [end:parser]
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{field.name: getattr(args, field.name)
-                           for field in dataclasses.fields(EngineConfig)})
 
 
 def api_key_of(args: argparse.Namespace) -> str | None:
@@ -210,7 +177,8 @@ def as_flag(message: str) -> str:
 def build_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AsyncEngine:
     """The engine the flags ask for, or exit 2 with one line when the flags cannot be served."""
     try:
-        config = engine_config(args)
+        config = EngineConfig(**{field.name: getattr(args, field.name)
+                                 for field in dataclasses.fields(EngineConfig)})
     except ValueError as error:  # EngineConfig names the field that is out of range
         parser.error(as_flag(str(error)))
     try:

@@ -7,14 +7,9 @@ from starlette.responses import Response
 from serve.server.protocol import ErrorInfo, ErrorResponse
 
 ERROR_TYPES = {  # the error type an HTTP status reads as, as OpenAI's clients name them
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    408: "RequestTimeoutError",
-    413: "RequestTooLargeError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+    405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
+    500: "InternalServerError", 503: "ServiceUnavailableError",
 }
 
 

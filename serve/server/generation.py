@@ -112,8 +112,6 @@ class Generation:
         await asyncio.gather(*self._pumps, return_exceptions=True)
         for generator in self._generators:
             await generator.aclose()  # the ones no pump had started
-
-
 # --8<-- [end:generation]
 
 
@@ -155,11 +153,8 @@ def _refusal(error: BaseException, fields: dict[str, str]) -> BaseException:
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but give up as soon as the client disconnects.
-
-    Without this, a client that times out on a long non-streamed request would leave the engine
-    generating its whole answer for nobody.
-    """
+    """Await `work`, but give up as soon as the client disconnects: a client that timed out on
+    a long non-streamed request would otherwise leave the engine generating for nobody."""
 
     async def wait_for_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":

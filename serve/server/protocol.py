@@ -77,12 +77,10 @@ class GenerationRequest(RequestModel):
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, what) for every field set to something we cannot do yet."""
-        found = []
-        if self.structured_outputs is not None:  # vLLM's other options (whitespace_pattern, ...)
-            found += [("structured_outputs", f"structured_outputs.{name}")
-                      for name, value in (self.structured_outputs.model_extra or {}).items()
-                      if value not in (None, False)]
-        return found
+        given = self.structured_outputs  # vLLM's other options (whitespace_pattern, ...)
+        extra = given.model_extra if given is not None else None
+        return [("structured_outputs", f"structured_outputs.{name}")
+                for name, value in (extra or {}).items() if value not in (None, False)]
 
     def conflicts(self) -> list[tuple[str, str]]:
         """(field, why) for every field whose value the others rule out."""
@@ -278,8 +276,6 @@ class ChatCompletionRequest(GenerationRequest):
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
-
-
 # --8<-- [end:requests]
 
 
@@ -439,7 +435,5 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
-
-
 # --8<-- [end:responses]
 
