@@ -9,10 +9,9 @@ generator), so each rank's own slots hold the same last tokens for the next step
 
 Start-up: every rank loads its weights, then reports through a pipe; rank 0 waits for all of
 them before anything that communicates, so a rank that fails to load is one clear error, not a
-hang. From then on each worker beats on a second pipe (serve/heartbeat.py), and rank 0 checks
-while idle that every worker still runs and beats. A worker is `python -m serve.core.tp_worker`
-(a fresh interpreter that imports only the engine: not multiprocessing's spawn, which would
-import the user's script again).
+hang. Then each worker beats on a second pipe (serve/heartbeat.py), which rank 0 checks while
+idle. A worker is `python -m serve.core.tp_worker`: a fresh interpreter that imports only the
+engine (multiprocessing's spawn would import the user's script again).
 """
 
 import atexit

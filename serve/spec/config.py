@@ -39,9 +39,8 @@ class SpeculativeConfig:
             raise ValueError("speculative_config num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= "
-                             f"prompt_lookup_max, got {self.prompt_lookup_min} and "
-                             f"{self.prompt_lookup_max}")
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max,"
+                             f" got {self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError("speculative_config disable_by_batch_size must be >= 1, got "
                              f"{self.disable_by_batch_size}")

@@ -63,9 +63,8 @@ class DraftModelProposer:
         the free memory holds if that is less (then requests whose context does not fit go
         without drafts); at least one full-length sequence."""
         shapes = ModelShapes.of(hf_config)
-        per_page = KVPool.bytes_per_page(shapes.num_layers, engine.page_size,
-                                         shapes.num_kv_heads, shapes.head_dim,
-                                         engine.torch_dtype())
+        per_page = KVPool.bytes_per_page(shapes.num_layers, engine.page_size, shapes.num_kv_heads,
+                                         shapes.head_dim, engine.torch_dtype())
         wanted = engine.max_num_seqs * pages_per_seq
         if engine.torch_device().type != "cuda":
             return wanted

@@ -16,8 +16,7 @@ from serve.structured.params import StructuredOutputsParams
 
 
 def xgrammar():
-    """The xgrammar module, imported on first use (a server that constrains nothing never
-    loads it)."""
+    """xgrammar, imported on first use (a server that constrains nothing never loads it)."""
     try:
         import xgrammar
     except ImportError as error:

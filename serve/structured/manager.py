@@ -52,7 +52,6 @@ class GrammarManager:
         self._bits = np.empty((0, self.num_words), dtype=np.int32)
 
     def start(self, request: Request) -> None:
-        """Start compiling the request's grammar."""
         params = request.params.structured_outputs
         request.grammar = GrammarState(self.pool.submit(
             lambda: self.compiler.compile_grammar(build_grammar(params))))

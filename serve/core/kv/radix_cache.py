@@ -2,22 +2,21 @@
 
 The K and V of a request's first n tokens depend on those n tokens alone, so requests that start
 alike can share the pages that hold them, and compute only what follows. The tree maps runs of
-tokens to the pages holding their K/V. Every edge is a run of whole pages (its length a multiple
-of page_size), so each page belongs to one node; a node's children are keyed by the tokens of
-their first page, which two siblings never share.
+tokens to the pages holding their K/V. Every edge is a run of whole pages, so each page belongs
+to one node; a node's children are keyed by the tokens of their first page.
 
-Sharing is visible: a request that finds its prompt cached is answered sooner, and the API
-reports how many of its tokens were cached, so a client could probe what others sent. A request
-may bring a cache salt (vLLM's `cache_salt`): the salt is part of the key of the first page, so
-requests share pages only with requests that bring the same salt (or, like them, none).
+Sharing is visible (a cached prompt is answered sooner, and the API reports how many of its
+tokens were cached), so a client could probe what others sent. A request may bring a cache salt
+(vLLM's `cache_salt`), part of the key of its first page: it shares pages only with requests
+that bring the same salt (or, like it, none).
 
 The tree holds no page itself: requests hold pages (reference counts in the allocator), and the
 tree marks the pages it keeps as cached. A request that holds a page of a node holds all of that
 node and of every node above it (`match` splits a node where a match ends, and a request swaps its
 own copies for the tree's pages after `insert`). So the cached pages that nobody holds form whole
-subtrees at the bottom of the tree, and evicting leaves bottom-up can free every one of them.
-Which leaf goes first is kept in a heap ordered by last use, so that eviction, which a busy
-server's full pool asks for at every step, costs what it frees, not a walk of the whole tree.
+subtrees at the bottom of the tree, and evicting leaves bottom-up can free every one of them. A
+heap orders the leaves by last use, so that eviction, which a busy server's full pool asks for
+at every step, costs what it frees, not a walk of the whole tree.
 """
 
 import heapq
