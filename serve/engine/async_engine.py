@@ -196,11 +196,10 @@ class AsyncEngine:
         with _WaitingCount(self):
             return await self._tokenizers.process(prompt, params)
 
-    async def generate(
-        self, prompt: Prompt | EngineInput, params: SamplingParams | None, request_id: str,
-        arrival_time: float | None = None, cache_salt: str | None = None,
-        prefill_after: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt | EngineInput, params: SamplingParams | None,
+                       request_id: str, arrival_time: float | None = None,
+                       cache_salt: str | None = None,
+                       prefill_after: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's RequestOutput after every step that advanced it, until finished.
         An EngineInput (from process()) is queued as is, with its own params. With a cache_salt
         it shares cached prompt prefixes only with requests of that salt; with prefill_after

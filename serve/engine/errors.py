@@ -21,18 +21,15 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt plus the tokens asked for do not fit in the model's context window."""
 
 
-def prompt_too_long(
-    num_prompt_tokens: int, num_completion_tokens: int, max_model_len: int
-) -> PromptTooLongError:
+def prompt_too_long(num_prompt_tokens: int, num_completion_tokens: int,
+                    max_model_len: int) -> PromptTooLongError:
     total = num_prompt_tokens + num_completion_tokens
     # The same wording as OpenAI, so clients that parse it keep working.
     return PromptTooLongError(
         f"This model's maximum context length is {max_model_len} tokens. "
         f"However, you requested {total} tokens ({num_prompt_tokens} in the prompt, "
         f"{num_completion_tokens} in the completion). "
-        "Please reduce the length of the prompt or completion.",
-        "prompt",
-    )
+        "Please reduce the length of the prompt or completion.", "prompt")
 
 
 class EngineDeadError(RuntimeError):

@@ -46,11 +46,9 @@ class TokenizerPool:
         self._jobs: queue.PriorityQueue[_Job] = queue.PriorityQueue()
         self._order = itertools.count()
         self._closed = False
-        self._workers = [
-            threading.Thread(target=self._work, args=(processor.copy(),), daemon=True,
-                             name=f"tokenize-{i}")
-            for i in range(num_workers)
-        ]
+        self._workers = [threading.Thread(target=self._work, args=(processor.copy(),),
+                                          daemon=True, name=f"tokenize-{i}")
+                         for i in range(num_workers)]
         for worker in self._workers:
             worker.start()
 

@@ -27,13 +27,10 @@ from serve.server.validation import validation_error
 
 
 # --8<-- [start:build_app]
-def build_app(
-    engine: AsyncEngine,
-    model_names: str | Sequence[str] | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-    api_key: str | None = None,
-) -> FastAPI:
+def build_app(engine: AsyncEngine, model_names: str | Sequence[str] | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+              api_key: str | None = None) -> FastAPI:
     """The app serving `engine` under `model_names` (default: the engine's model name): clients
     may send any of them, and responses carry the first.
 

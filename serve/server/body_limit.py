@@ -72,10 +72,8 @@ class BodyLimits:
         await self.app(scope, limited_receive, send)
 
     def _too_large(self) -> HTTPException:
-        return HTTPException(
-            413, f"the request body is larger than this server's limit of {self.max_bytes} bytes "
-            "(--max-request-bytes)",
-        )
+        return HTTPException(413, f"the request body is larger than this server's limit of "
+                             f"{self.max_bytes} bytes (--max-request-bytes)")
 
 
 def _framed_twice(scope: Scope) -> bool:

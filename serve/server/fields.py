@@ -54,10 +54,8 @@ def _valid_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise PydanticCustomError(
-            "unicode", "should be valid Unicode (it holds a lone surrogate at index {index})",
-            {"index": error.start},
-        ) from None
+        raise PydanticCustomError("unicode", "should be valid Unicode (it holds a lone "
+                                  "surrogate at index {index})", {"index": error.start}) from None
     return text
 
 
@@ -96,9 +94,8 @@ class ReportOneBranch:
         except ValidationError:
             branch = self._branch_for(value)
             if branch is None:
-                raise PydanticCustomError(
-                    "union_type", "should be {expected}", {"expected": self.expected}
-                ) from None
+                raise PydanticCustomError("union_type", "should be {expected}",
+                                          {"expected": self.expected}) from None
             branch.validate_python(value)  # raises that branch's errors, at their own paths
             raise  # (not reached: a branch that accepts the value makes the union accept it)
 
@@ -173,16 +170,11 @@ JSONSchemaText = Annotated[str, AfterValidator(_valid_unicode),
 TokenId = Annotated[int, Strict(), Field(ge=0)]  # strict: true and "5" are not token ids
 TokenIds = list[TokenId]
 
-StopString = Annotated[
-    str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS), AfterValidator(_valid_unicode)
-]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS),
+                       AfterValidator(_valid_unicode)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
-Stop = Annotated[
-    StopString | StopStrings | None,
-    WrapValidator(ReportOneBranch(
-        "a string or an array of strings", {"string": StopString, "array": StopStrings}
-    )),
-]
+Stop = Annotated[StopString | StopStrings | None, WrapValidator(ReportOneBranch(
+    "a string or an array of strings", {"string": StopString, "array": StopStrings}))]
 StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]
 
 # What /v1/completions takes as its prompt: one text, several, one list of token ids, several.
@@ -192,12 +184,8 @@ Prompt = Annotated[
     Text | Texts | TokenIds | TokenIdLists,
     WrapValidator(ReportOneBranch(
         "a string, an array of strings, an array of token ids or an array of token-id arrays",
-        {
-            "string": Text,
-            "array of string": Texts,
-            "array of number": TokenIds,
-            "array of array": TokenIdLists,
-        },
+        {"string": Text, "array of string": Texts, "array of number": TokenIds,
+         "array of array": TokenIdLists},
     )),
 ]
 

@@ -199,12 +199,8 @@ class ContentPart(RequestModel):
     text: Text | None = None
 
 
-Content = Annotated[
-    Text | list[ContentPart] | None,
-    WrapValidator(ReportOneBranch(
-        "a string or an array of content parts", {"string": Text, "array": list[ContentPart]}
-    )),
-]
+Content = Annotated[Text | list[ContentPart] | None, WrapValidator(ReportOneBranch(
+    "a string or an array of content parts", {"string": Text, "array": list[ContentPart]}))]
 
 
 class ChatMessage(RequestModel):
