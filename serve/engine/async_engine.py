@@ -377,8 +377,7 @@ class _WaitingCount:
     release() or the end of the `with`, whichever comes first."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._counted = False
+        self._engine, self._counted = engine, False
 
     def __enter__(self) -> "_WaitingCount":
         with self._engine._waiting_lock:

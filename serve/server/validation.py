@@ -33,7 +33,8 @@ def check_request(request: GenerationRequest, model_names: list[str]) -> Samplin
     """Refuse an unknown model, unsupported fields, or fields at odds with each other; return
     the request's SamplingParams."""
     if request.model is not None and request.model not in model_names:
-        raise APIError(f"The model `{_shorten(request.model)}` does not exist. This server "
+        shown = request.model if len(request.model) <= 100 else f"{request.model[:100]}..."
+        raise APIError(f"The model `{shown}` does not exist. This server "
                        f"serves `{model_names[0]}`.", 404, param="model", code="model_not_found")
     if unsupported := request.unsupported():
         message = "; ".join(f"{what} is not supported yet" for _, what in unsupported)
@@ -119,7 +120,3 @@ def _shown_input(value: Any) -> str | None:
         return None
     shown = json.dumps(value)  # NaN and Infinity as the client wrote them; escapes surrogates
     return shown if len(shown) <= MAX_SHOWN_INPUT_CHARS else None
-
-
-def _shorten(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}..."
