@@ -11,7 +11,7 @@ from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import InvalidRequestError, PromptTooLongError
 from serve.engine.input_processor import EngineInput, Prompt
 from serve.engine.outputs import RequestOutput
-from serve.sampling_params import SEED_MIN, SamplingParams
+from serve.sampling_params import SamplingParams
 from serve.server.errors import APIError
 from serve.server.structured import renamed, top_field
 
@@ -116,18 +116,10 @@ class Generation:
 
 
 def sequence_input(engine_input: EngineInput, index: int, per_prompt: int) -> EngineInput:
-    """Sequence `index` of a prompt's per_prompt: one sequence (n=1), its own seed (seed +
-    index, when the request gave one: the choices differ, and the same request gives the same
-    choices), and the prompt's log-probabilities only on the first, which computes it."""
-    params = engine_input.params
-    if per_prompt == 1 and params.n == 1:
+    """Sequence `index` of a prompt's per_prompt (SamplingParams.for_sequence)."""
+    if per_prompt == 1 and engine_input.params.n == 1:
         return engine_input
-    seed = params.seed
-    if seed is not None:  # (wrapped around within the 64 bits a seed has)
-        seed = (seed + index - SEED_MIN) % 2**64 + SEED_MIN
-    prompt_logprobs = params.prompt_logprobs if index == 0 else None
-    return replace(engine_input, params=replace(params, n=1, seed=seed,
-                                                prompt_logprobs=prompt_logprobs))
+    return replace(engine_input, params=engine_input.params.for_sequence(index))
 
 
 def share_prompt_logprobs(firsts: list[RequestOutput], per_prompt: int) -> None:
