@@ -245,26 +245,18 @@ class EngineCore:
         speculate = self.proposer is not None and (
             self.speculative.disable_by_batch_size is None
             or len(self.scheduler.running) <= self.speculative.disable_by_batch_size)
+        on_token, check_stop = self.stats.on_token, self._check_stop
         for (request, index), drafts in zip(in_flight.rows, drafts_of, strict=True):
             row, start = start, start + 1 + len(drafts)
             if request.status is FINISHED:
                 continue  # ended meanwhile (an abort, or one step late: see step)
-            if drafts:
-                new = accepted_tokens(drafts, token_ids[row:start])
-                self.stats.on_verify(len(drafts), len(new) - 1)
-                request.num_computed_tokens -= len(drafts) - (len(new) - 1)
+            if not drafts and request.max_tokens:  # the usual row: one token
+                new = [token_id := token_ids[row]]
+                request.output_token_ids[index] = token_id  # in place of its PENDING mark
+                on_token(request, now)
+                check_stop(request, token_id, index + 1)
             else:
-                new = [token_ids[row]]
-            if request.max_tokens == 0:  # its prompt alone (for its log-probabilities)
-                new = []
-                self._finish(request, "length")
-            request.output_token_ids[index : index + 1] = new  # in place of its PENDING mark
-            for kept, token_id in enumerate(new, 1):
-                self.stats.on_token(request, now)
-                self._check_stop(request, token_id, index + kept)
-                if request.status is FINISHED:
-                    new = new[:kept]  # the tokens after a stop are dropped, never reported
-                    break
+                new = self._accept(request, index, drafts, token_ids[row:start], now)
             if request.status is FINISHED:
                 # (a row of the step in flight, or drafts past the stop: not its tokens)
                 del request.output_token_ids[index + len(new) :]
@@ -275,28 +267,50 @@ class EngineCore:
                 self.stats.on_finish(request, now)
             elif speculate and not request.params.penalized:  # (see _propose)
                 to_propose.append(request)
-            outputs.append(self._output(request, new, logprobs, row))
+            output = CoreOutput(request.request_id, new, request.finish_reason,
+                                request.num_cached_tokens)
+            if logprobs is not None or request.prompt_logprobs is not None:
+                self._add_logprobs(output, request, logprobs, row)
+            outputs.append(output)
         if to_propose:
             self._propose(to_propose)
         return outputs
     # --8<-- [end:collect]
 
+    def _accept(self, request: Request, index: int, drafts: list[int], samples: list[int],
+                now: float) -> list[int]:
+        """The tokens a verify row keeps, or none for a request that wants its prompt alone
+        (max_tokens 0), put in place of its PENDING mark and checked one by one for a stop."""
+        if not request.max_tokens:  # (its prompt's log-probabilities, or an echo)
+            self._finish(request, "length")
+            del request.output_token_ids[index:]
+            return []
+        new = accepted_tokens(drafts, samples)
+        self.stats.on_verify(len(drafts), len(new) - 1)
+        request.num_computed_tokens -= len(drafts) - (len(new) - 1)
+        request.output_token_ids[index:] = new
+        for kept, token_id in enumerate(new, 1):
+            self.stats.on_token(request, now)
+            self._check_stop(request, token_id, index + kept)
+            if request.status is FINISHED:
+                return new[:kept]  # the tokens after a stop are dropped, never reported
+        return new
+
     # --8<-- [start:output]
-    def _output(self, request: Request, new: list[int], logprobs: LogprobsLists | None,
-                row: int) -> CoreOutput:
-        """What a request reports for its sampled row (tokens from row `row` of the step): its
-        new tokens, with their log-probabilities and, the first time, its prompt's."""
-        output = CoreOutput(request.request_id, new, request.finish_reason,
-                            request.num_cached_tokens)
+    @staticmethod
+    def _add_logprobs(output: CoreOutput, request: Request, logprobs: LogprobsLists | None,
+                      row: int) -> None:
+        """A request's output with its new tokens' log-probabilities (theirs start at row `row`
+        of the step's) and, the first time, its prompt's."""
         if logprobs is not None and request.params.logprobs is not None:
-            output.new_logprobs = logprobs.columns(row, row + len(new), request.params.logprobs)
+            output.new_logprobs = logprobs.columns(row, row + len(output.new_token_ids),
+                                                   request.params.logprobs)
         if request.prompt_logprobs is not None and request.num_prompt_logprobs >= \
                 request.num_prompt_tokens - 1:
             chunks, request.prompt_logprobs = request.prompt_logprobs, None
             output.prompt_logprobs = LogprobsColumns(
                 *([x for chunk in chunks for x in getattr(chunk, field)]
                   for field in ("token_ids", "logprobs", "top_ids", "top_logprobs")))
-        return output
     # --8<-- [end:output]
 
     @staticmethod

@@ -54,7 +54,7 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
             batch.admit(slot, request.params, request.sampling_seed)
             if request.params.penalized:
                 batch.admit_history(slot, request.prompt_token_ids, request.output_token_ids)
-        if request.wants_prompt_logprobs:  # (rare: a check per row, no work)
+        if request.prompt_logprobs is not None:  # (not yet reported: see Request)
             _prompt_logprob_rows(request, num_new, num_token_rows, prompt_rows,
                                  prompt_indices, prompt_targets)
         num_token_rows += num_new
