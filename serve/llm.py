@@ -39,17 +39,12 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     # --8<-- [start:generate]
-    def generate(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
 
@@ -62,8 +57,7 @@ class LLM:
                 for sequence in range(params.n):
                     if params.n > 1:
                         request_id = f"{first}-{sequence}"
-                        engine_input = replace(engine_input,
-                                               params=params.for_sequence(sequence))
+                        engine_input = replace(engine_input, params=params.for_sequence(sequence))
                     self.engine.add_request(request_id, engine_input,
                                             prefill_after=f"{first}-0" if sequence else None)
                     order[request_id] = (i, sequence)
@@ -83,16 +77,13 @@ class LLM:
     # --8<-- [end:generate]
 
 
-def _one_output(outputs: list[RequestOutput],
-                order: dict[str, tuple[int, int]]) -> RequestOutput:
+def _one_output(outputs: list[RequestOutput], order: dict[str, tuple[int, int]]) -> RequestOutput:
     """A prompt's n finished sequences as one RequestOutput (vLLM's shape): outputs[i] is
     sequence i; the prompt's log-probabilities come from the first."""
     if len(outputs) == 1:
         return outputs[0]
     outputs = sorted(outputs, key=lambda output: order[output.request_id][1])
-    sequences = []
-    for index, output in enumerate(outputs):
-        sequences.append(replace(output.outputs[0], index=index))
+    sequences = [replace(output.outputs[0], index=index) for index, output in enumerate(outputs)]
     first = outputs[0]
     return replace(first, request_id=first.request_id.rsplit("-", 1)[0], outputs=sequences,
                    num_cached_tokens=sum(output.num_cached_tokens for output in outputs))

@@ -44,13 +44,10 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" (EOS or a stop token), "length", "abort"
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at its first admission
     error: str | None = None  # set when the core ended the request because it failed
-    # set with error when the failure is the request's own: the field to change (a 400)
-    error_param: str | None = None
+    error_param: str | None = None  # with error, when the request is at fault: its field (a 400)
     new_logprobs: LogprobsColumns | None = None  # the new tokens', when the request asked
-    # prompt tokens' log-probabilities computed by this step, from prompt position
-    # prompt_logprobs_start on (position 0 has none: nothing predicts it)
+    # with its first token, when asked: every prompt token's but the first (nothing predicts it)
     prompt_logprobs: LogprobsColumns | None = None
-    prompt_logprobs_start: int = 0
 # --8<-- [end:core_messages]
 
 
@@ -91,25 +88,13 @@ class EngineStats(msgspec.Struct, frozen=True):
         return self.num_pages_used / self.num_pages_total if self.num_pages_total else 0.0
 
     def then(self, later: "EngineStats") -> "EngineStats":
-        """This snapshot followed by a later one, as one: the later state, both periods' counts."""
-        return EngineStats(
-            later.num_running, later.num_waiting, later.num_pages_used, later.num_pages_total,
-            later.num_cached_pages,
-            num_preemptions=self.num_preemptions + later.num_preemptions,
-            num_prompt_tokens=self.num_prompt_tokens + later.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens + later.num_generation_tokens,
-            prefix_cache_queries=self.prefix_cache_queries + later.prefix_cache_queries,
-            prefix_cache_hits=self.prefix_cache_hits + later.prefix_cache_hits,
-            time_to_first_token_s=self.time_to_first_token_s + later.time_to_first_token_s,
-            inter_token_latency_s=self.inter_token_latency_s + later.inter_token_latency_s,
-            finished=self.finished + later.finished,
-            spec_num_drafts=self.spec_num_drafts + later.spec_num_drafts,
-            spec_num_draft_tokens=self.spec_num_draft_tokens + later.spec_num_draft_tokens,
-            spec_num_accepted_tokens=self.spec_num_accepted_tokens
-            + later.spec_num_accepted_tokens,
-            spec_accepted_per_pos=_add_counts(self.spec_accepted_per_pos,
-                                              later.spec_accepted_per_pos))
-
+        """This snapshot followed by a later one, as one: the later state, both periods' counts
+        (each count added, each tuple of samples joined, the per-position counts added)."""
+        summed = {name: getattr(self, name) + getattr(later, name)
+                  for name in self.__struct_fields__ if name not in _STATE_FIELDS}
+        summed["spec_accepted_per_pos"] = _add_counts(self.spec_accepted_per_pos,
+                                                      later.spec_accepted_per_pos)
+        return msgspec.structs.replace(later, **summed)
 
     def __str__(self) -> str:
         line = (f"KV pages {self.num_pages_used}/{self.num_pages_total} used "
@@ -118,6 +103,10 @@ class EngineStats(msgspec.Struct, frozen=True):
         return line + (f", {self.num_cached_pages} pages in the prefix cache"
                        if self.num_cached_pages else "")
 # --8<-- [end:engine_stats]
+
+
+_STATE_FIELDS = ("num_running", "num_waiting", "num_pages_used", "num_pages_total",
+                 "num_cached_pages")  # as of the snapshot; every other field counts a period
 
 
 def _add_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:

@@ -39,10 +39,8 @@ class SamplingParams:
     # the output must match a JSON schema, regex, choice or grammar (vLLM's name); a dict works
     structured_outputs: StructuredOutputsParams | None = None
     n: int = 1  # sequences to generate for the prompt (LLM.generate and the server fan it out)
-    # penalties on the logits, as vLLM (and OpenAI) apply them: presence subtracts once from
-    # every token already generated, frequency once per time it was generated; repetition
-    # divides a positive logit (multiplies a negative one) of any token seen in the prompt or
-    # the output (CTRL's rule); 0, 0 and 1 are off
+    # penalties on the logits, as vLLM (and OpenAI) apply them (serve/core/penalties.py says
+    # how); 0, 0 and 1 are off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -54,9 +52,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1

@@ -92,11 +92,11 @@ class PersistentBatch:
 
     def _take_resets(self, rules: SamplingTensors) -> None:
         resets, self._resets = self._resets, []
-        rules.reset_slots = _tensor(np.array([slot for slot, _, _ in resets], np.int64))
+        slots = np.array([slot for slot, _, _ in resets], np.int64)
+        rules.reset_slots = _tensor(slots)
         for name, index in (("prompt", 1), ("output", 2)):
             ids = [np.asarray(reset[index], np.int64) for reset in resets]
-            setattr(rules, f"{name}_token_slots", _tensor(np.repeat(
-                np.array([slot for slot, _, _ in resets], np.int64), [len(i) for i in ids])))
+            setattr(rules, f"{name}_token_slots", _tensor(np.repeat(slots, [len(i) for i in ids])))
             setattr(rules, f"{name}_token_ids", _tensor(np.concatenate(ids)))
 
 

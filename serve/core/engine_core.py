@@ -1,11 +1,8 @@
 """The engine core: continuous batching over a paged KV cache, with prefix caching and chunked
-prefill, in token ids only.
-
-`step()` asks the scheduler which requests run and how many tokens each computes, runs one
-forward pass over all of them, samples the requests whose tokens reach their end, applies the
-rules that end a request at a token (EOS, a stop token, max_tokens) and reports each request's
-new tokens as a CoreOutput. Text (detokenizing, stop strings) is the server side's: a request
-that meets a stop string there is ended here with `abort_request(..., reason="stop")`.
+prefill, in token ids only. `step()` schedules, runs one forward pass, samples, ends requests at
+a token (EOS, a stop token, max_tokens) and reports each request's new tokens as a CoreOutput.
+Text (detokenizing, stop strings) is the server side's: a request that meets a stop string there
+is ended here with `abort_request(..., reason="stop")`.
 """
 
 import logging
@@ -97,8 +94,7 @@ class EngineCore:
             return None
         if spec.method == "ngram":
             return NgramProposer(spec)
-        return DraftModelProposer(spec, self.config, self.max_model_len,
-                                  self.hf_config.vocab_size)
+        return DraftModelProposer(spec, self.config, self.max_model_len, self.hf_config.vocab_size)
 
     def _context_the_pool_holds(self, asked: bool) -> int:
         """max_model_len, if the KV pool holds one sequence that long (else no request of that
@@ -123,9 +119,8 @@ class EngineCore:
         """Queue a request (whatever fits max_model_len fits the pool: see above)."""
         request = Request(message.request_id, message.prompt_token_ids, message.params,
                           message.max_tokens, message.seed, message.cache_salt,
-                          arrival_time=message.arrival_time)
-        if request.params.prompt_logprobs is not None:
-            request.prompt_logprobs = []
+                          arrival_time=message.arrival_time,
+                          prompt_logprobs=None if message.params.prompt_logprobs is None else [])
         if request.params.structured_outputs is None:
             self.scheduler.add(request)
             return
@@ -157,25 +152,19 @@ class EngineCore:
 
     def abort_request(self, request_id: str, reason: str = "abort") -> bool:
         """End a waiting or running request and free its pages; False if it is not here."""
-        compiling = next((r for r in self._compiling if r.request_id == request_id), None)
-        if compiling is not None:
-            self._compiling.remove(compiling)
-            self._finish(compiling, reason)
-            self.stats.on_finish(compiling, time.monotonic())
-            return True
-        request = self.scheduler.find(request_id)
-        if request is None:
+        request = next((r for r in self._compiling if r.request_id == request_id), None)
+        if request is not None:
+            self._compiling.remove(request)
+        elif (request := self.scheduler.find(request_id)) is not None:
+            self._release(request)
+        else:
             return False
         self._finish(request, reason)
-        self.scheduler.finish(request)
-        if self.proposer is not None:
-            self.proposer.release(request)
         self.stats.on_finish(request, time.monotonic())
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or self._in_flight is not None \
-            or bool(self._compiling)
+        return self.scheduler.has_unfinished or self._in_flight is not None or bool(self._compiling)
 
     # --8<-- [start:step]
     def step(self) -> list[CoreOutput]:
@@ -224,7 +213,6 @@ class EngineCore:
         return InFlight(launched, step.rows, step.drafts, step.prompt_rows)
     # --8<-- [end:launch]
 
-
     # --8<-- [start:collect]
     def _collect(self, in_flight: InFlight) -> list[CoreOutput]:
         """Wait for a launched step's tokens, put them in place of their PENDING marks, apply
@@ -261,9 +249,7 @@ class EngineCore:
                 # (a row of the step in flight, or drafts past the stop: not its tokens)
                 del request.output_token_ids[index + len(new) :]
                 request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
-                self.scheduler.finish(request)  # its pages are free for the next step
-                if self.proposer is not None:
-                    self.proposer.release(request)
+                self._release(request)  # its pages are free for the next step
                 self.stats.on_finish(request, now)
             elif speculate and not request.params.penalized:  # (see _propose)
                 to_propose.append(request)
@@ -370,6 +356,12 @@ class EngineCore:
     def _finish(request: Request, reason: str) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+
+    def _release(self, request: Request) -> None:
+        """A finished request gives back its pages and its proposer's state."""
+        self.scheduler.finish(request)
+        if self.proposer is not None:
+            self.proposer.release(request)
 
     def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (benchmarks, between runs). Pages that running requests hold

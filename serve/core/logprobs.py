@@ -33,12 +33,10 @@ class LogprobsTensors:
         return cls.gather(logits.log_softmax(dim=-1, dtype=torch.float32), token_ids, k)
 
     @classmethod
-    def gather(cls, logprobs: torch.Tensor, token_ids: torch.Tensor,
-               k: int) -> "LogprobsTensors":
+    def gather(cls, logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> "LogprobsTensors":
         """From log-probabilities [n, vocab] float32."""
         top = logprobs.topk(k, dim=-1)
-        return cls(token_ids, logprobs.gather(1, token_ids[:, None])[:, 0], top.indices,
-                   top.values)
+        return cls(token_ids, logprobs.gather(1, token_ids[:, None])[:, 0], top.indices, top.values)
 
     # --8<-- [end:device]
 

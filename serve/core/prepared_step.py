@@ -59,13 +59,13 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
                                  prompt_indices, prompt_targets)
         num_token_rows += num_new
         query_lens[i] = num_new
-        computed[i] = request.num_computed_tokens
+        start = computed[i] = request.num_computed_tokens
         if request.token_in_slot:  # a decode row: its token waits in its slot on the device
             read[i] = True
             host_tokens.append(0)
         else:
-            host_tokens.extend(request.token_ids_from(request.num_computed_tokens)[:num_new])
-        request.num_computed_tokens += num_new
+            host_tokens.extend(request.token_ids_between(start, start + num_new))
+        request.num_computed_tokens = start + num_new
         if item.completes:
             request.output_token_ids.append(PENDING)
             rows.append((request, len(request.output_token_ids) - 1))
@@ -91,8 +91,7 @@ def prepare_step(scheduled: list[ScheduledRequest], batch: PersistentBatch,
         allocator.block_table, slots, allocator.page_size, num_sampled,
         batch.sampling(sampled_slots, sampled_offsets(computed + query_lens, num_sampled)))
     read_rows = (np.cumsum(query_lens) - query_lens)[read]  # a read row's first token
-    inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(
-        slots[read])
+    inputs.read_rows, inputs.read_slots = torch.from_numpy(read_rows), torch.from_numpy(slots[read])
     inputs.write_slots = torch.from_numpy(sampled_slots)
     inputs.masked = bool(grammar_rows)
     if prompt_rows:

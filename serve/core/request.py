@@ -66,11 +66,7 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids_from(self, start: int) -> list[int]:
-        """(prompt + output)[start:], without building the whole list (a decode needs one)."""
-        num_prompt = len(self.prompt_token_ids)
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt :]
-        return self.prompt_token_ids[start:] + self.output_token_ids
+        return self.token_ids_between(start, self.num_tokens)
 
     def token_ids_between(self, start: int, end: int) -> list[int]:
         """(prompt + output)[start:end], copying only those tokens."""
@@ -85,7 +81,3 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """It asked for prompt log-probabilities and has not had them yet."""
         return self.params.prompt_logprobs is not None and not self.output_token_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED

@@ -121,9 +121,8 @@ class SamplingTensors:
     output_token_ids: torch.Tensor | None = None
 
     @classmethod
-    def build(
-        cls, params: list[SamplingParams], seeds: list[int], positions: list[int], vocab: int
-    ) -> "SamplingTensors":
+    def build(cls, params: list[SamplingParams], seeds: list[int], positions: list[int],
+              vocab: int) -> "SamplingTensors":
         """positions[r]: the position of the token row r samples (its sequence's length). The
         engine gathers the same columns from its persistent batch instead (PersistentBatch)."""
         from serve.core.batch import PersistentBatch
@@ -138,18 +137,12 @@ class SamplingTensors:
                     min_p: np.ndarray, greedy: np.ndarray, keys: np.ndarray,
                     vocab: int) -> "SamplingTensors":
         """One row per sampled token, each column a numpy array (shared, not copied)."""
-        return cls(
-            temperature=torch.from_numpy(temperature),
-            top_k=torch.from_numpy(top_k),
-            top_p=torch.from_numpy(top_p),
-            min_p=torch.from_numpy(min_p),
-            is_greedy=torch.from_numpy(greedy),
-            noise_keys=torch.from_numpy(keys),
-            all_greedy=bool(greedy.all()),
-            any_top_k=bool(len(top_k)) and int(top_k.min()) < vocab,
-            any_top_p=bool(len(top_p)) and float(top_p.min()) < 1.0,
-            any_min_p=bool(len(min_p)) and float(min_p.max()) > 0.0,
-        )
+        return cls(torch.from_numpy(temperature), torch.from_numpy(top_k), torch.from_numpy(top_p),
+                   torch.from_numpy(min_p), torch.from_numpy(greedy), torch.from_numpy(keys),
+                   all_greedy=bool(greedy.all()),
+                   any_top_k=bool(len(top_k)) and int(top_k.min()) < vocab,
+                   any_top_p=bool(len(top_p)) and float(top_p.min()) < 1.0,
+                   any_min_p=bool(len(min_p)) and float(min_p.max()) > 0.0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor field that is set (what moves to the device)."""

@@ -1,11 +1,9 @@
 """Iteration-level scheduling (Orca) under a per-step token budget, decodes first.
 
-Every step decides afresh which requests run and how many tokens each computes. Each running
-request that is decoding gets its one token first; the rest of the step's token budget goes to
-prompts: prefills in progress, then waiting requests, oldest first. A prompt longer than what is
-left of the budget is cut: its first chunk runs now and the rest in later steps (chunked
-prefill), so a long prompt never stalls the running requests for more than one step's worth of
-tokens, and the budget need not hold the longest prompt.
+Every step decides afresh which requests run and how many tokens each computes (see schedule).
+A prompt longer than what is left of the budget is cut: its first chunk runs now and the rest in
+later steps (chunked prefill), so a long prompt never stalls the running requests for more than
+one step's worth of tokens, and the budget need not hold the longest prompt.
 
 With a prefix cache, an admitted request starts from the longest prefix of its tokens that
 earlier requests computed, and computes only the rest; the pages it fills go into the cache after
@@ -63,10 +61,8 @@ class Scheduler:
     """Owns the waiting queue and the running batch; hands out pages to both. `cache` is None
     when prefix caching is off."""
 
-    def __init__(
-        self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-        cache: RadixCache | None = None,
-    ) -> None:
+    def __init__(self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 cache: RadixCache | None = None) -> None:
         self.allocator = allocator
         self.cache = cache
         self.max_num_seqs = max_num_seqs
@@ -150,7 +146,7 @@ class Scheduler:
         if self.cache is not None and not request.wants_prompt_logprobs:
             # The last token is always computed: its logits give the next token.
             num_cached, pages = self.cache.match(
-                request.token_ids_from(0)[: request.num_tokens - 1], request.cache_salt)
+                request.token_ids_between(0, request.num_tokens - 1), request.cache_salt)
             table.adopt(pages)  # first: pages it matched are no longer evictable
         num_new = min(request.num_tokens - num_cached, budget)
         if not self._fits(num_cached + num_new, request):
@@ -187,7 +183,7 @@ class Scheduler:
         if self.cache is None or num_full == 0:
             return
         table = request.page_table
-        token_ids = request.token_ids_from(0)[: num_full * self.allocator.page_size]
+        token_ids = request.token_ids_between(0, num_full * self.allocator.page_size)
         table.swap_prefix(self.cache.insert(token_ids, table.pages[:num_full],
                                             request.cache_salt))
 
@@ -219,10 +215,7 @@ class Scheduler:
 
     def find(self, request_id: str) -> Request | None:
         """The unfinished request with this id, waiting or running."""
-        for request in (*self.running, *self.waiting):
-            if request.request_id == request_id:
-                return request
-        return None
+        return next((r for r in (*self.running, *self.waiting) if r.request_id == request_id), None)
 
     @property
     def has_unfinished(self) -> bool:

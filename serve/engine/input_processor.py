@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -53,9 +54,8 @@ class EngineInput:
 class InputProcessor:
     """Tokenizes, renders chat templates, and checks a request against the model's limits."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, max_model_len: int
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int,
+                 max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -70,16 +70,11 @@ class InputProcessor:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none: "
                                       "use stop_token_ids", "stop")
-        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequestError(
-                f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
-        if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
-            raise InvalidRequestError(
-                f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
+        self._check_in_vocab(params.stop_token_ids, "stop_token_ids", "stop_token_ids")
+        self._check_in_vocab(params.logit_bias or (), "logit_bias token ids", "logit_bias")
         if params.top_k > self.vocab_size:
-            raise InvalidRequestError(f"top_k must be -1 (every token) or in [1, "
-                                      f"{self.vocab_size}] (the vocabulary's size), got "
-                                      f"{params.top_k}", "top_k")
+            raise InvalidRequestError(f"top_k must be -1 (every token) or in [1, {self.vocab_size}]"
+                                      f" (the vocabulary's size), got {params.top_k}", "top_k")
         if params.structured_outputs is not None:
             if self.tokenizer is None:  # (a grammar is matched against the tokens' text)
                 raise InvalidRequestError("structured output needs a tokenizer, and this model "
@@ -105,18 +100,19 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: send token ids as the "
                                           "prompt", "prompt")
-            ids = self.encode(prompt, add_special_tokens=True)
-            text = prompt
+            text, ids = prompt, self.encode(prompt, add_special_tokens=True)
         else:
             ids, text = list(prompt), None
         if not ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
         if len(ids) > self.max_model_len:  # before reading every id of a huge list
             raise prompt_too_long(len(ids), 1, self.max_model_len)
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})",
-                                      "prompt")
+        self._check_in_vocab(ids, "prompt token ids", "prompt")
         return text, ids
+
+    def _check_in_vocab(self, token_ids: Iterable[int], what: str, param: str) -> None:
+        if any(not 0 <= t < self.vocab_size for t in token_ids):
+            raise InvalidRequestError(f"{what} must be in [0, {self.vocab_size})", param)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The conversation's token ids, ending with the assistant's header. A special-token

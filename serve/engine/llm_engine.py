@@ -2,9 +2,7 @@
 
 `LLMEngine` tokenizes and checks each request (InputProcessor), hands the core token ids
 (serve/messages.py), and turns the core's new tokens back into text, applying stop strings
-(OutputProcessor). `step()` reports what each request produced since the last call. The core
-(everything in `serve/core/`) runs in this process, where `step()` runs its steps, or in a
-process of its own (CoreClient), which steps by itself.
+(OutputProcessor). `step()` reports what each request produced since the last call.
 """
 
 import logging
@@ -49,32 +47,16 @@ class LLMEngine:
         self._held: dict[str, list[CoreRequest]] = {}
 
     # The core's parts, for tests and benchmarks that look inside an in-process core.
-    @property
-    def runner(self):
-        return self.core.runner
-
-    @property
-    def scheduler(self):
-        return self.core.scheduler
-
-    @property
-    def allocator(self):
-        return self.core.allocator
-
-    @property
-    def cache(self):
-        return self.core.cache
-
-    @property
-    def hf_config(self):
-        return self.core.hf_config
+    runner = property(lambda self: self.core.runner)
+    scheduler = property(lambda self: self.core.scheduler)
+    allocator = property(lambda self: self.core.allocator)
+    cache = property(lambda self: self.core.cache)
+    hf_config = property(lambda self: self.core.hf_config)
 
     # --8<-- [start:add_request]
-    def add_request(
-        self, request_id: str, prompt: Prompt | EngineInput, params: SamplingParams | None = None,
-        arrival_time: float | None = None, cache_salt: str | None = None,
-        prefill_after: str | None = None,
-    ) -> None:
+    def add_request(self, request_id: str, prompt: Prompt | EngineInput,
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    cache_salt: str | None = None, prefill_after: str | None = None) -> None:
         """Queue a request: a prompt to process here, or an EngineInput processed already. With
         a cache_salt, it shares cached prompt prefixes only with requests of the same salt.
 
@@ -155,8 +137,7 @@ class LLMEngine:
                 logger.exception("request %s failed while processing its output", request_id)
                 if core_output.finish_reason is None:
                     self.core.abort_request(request_id)
-                output = self.output_processor.abort(request_id,
-                                                     f"{type(error).__name__}: {error}")
+                output = self.output_processor.abort(request_id, f"{type(error).__name__}: {error}")
             else:
                 if output.finished and core_output.finish_reason is None:  # a stop string
                     self.core.abort_request(request_id, reason="stop")
@@ -165,9 +146,7 @@ class LLMEngine:
     # --8<-- [end:step]
 
     def reset_prefix_cache(self) -> bool:
-        """Empty the prefix cache (benchmarks, between runs); True when it is empty after."""
         return self.core.reset_prefix_cache()
 
     def take_stats(self) -> EngineStats:
-        """The queue and pool now, and everything counted since the last call."""
         return self.core.take_stats()

@@ -63,19 +63,15 @@ class OutputProcessor:
         state.finish_reason = output.finish_reason
         new_logprobs = _token_logprobs(output.new_logprobs) if output.new_logprobs else []
         new_ids = output.new_token_ids
-        if output.finish_reason == "stop":  # EOS or a stop token: its own text is never shown
-            new_ids = new_ids[:-1]
-        for kept, token_id in enumerate(new_ids, 1):
+        stopped = output.finish_reason == "stop"  # EOS or a stop token: its text is never shown
+        for kept, token_id in enumerate(new_ids[:-1] if stopped else new_ids, 1):
             if self._append_text(state, token_id):
                 # a stop string: the tokens after the one that completed it are dropped (a
                 # verify step brings several at once)
-                num_dropped = len(output.new_token_ids) - kept
-                if num_dropped:
-                    del state.token_ids[-num_dropped:]
-                    return self._report(state, output.new_token_ids[:kept],
-                                        new_logprobs[:kept], output)
+                del state.token_ids[len(state.token_ids) - len(new_ids) + kept :]
+                new_ids, new_logprobs = new_ids[:kept], new_logprobs[:kept]
                 break
-        return self._report(state, output.new_token_ids, new_logprobs, output)
+        return self._report(state, new_ids, new_logprobs, output)
     # --8<-- [end:process]
 
     def abort(self, request_id: str, error: str | None = None,
@@ -118,18 +114,11 @@ class OutputProcessor:
                 None, *_token_logprobs(core_output.prompt_logprobs)]
         elif finished:
             prompt_logprobs = state.prompt_logprobs
-        return RequestOutput(
-            request_id=state.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=outputs,
-            finished=finished,
-            new_text=new_text,
-            new_token_ids=new_token_ids,
-            num_cached_tokens=state.num_cached_tokens,
-            new_logprobs=new_logprobs if state.logprobs is not None else [],
-            prompt_logprobs=prompt_logprobs,
-        )
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
+                             finished, new_text, new_token_ids,
+                             num_cached_tokens=state.num_cached_tokens,
+                             new_logprobs=new_logprobs if state.logprobs is not None else [],
+                             prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def _append_text(state: RequestState, token_id: int) -> bool:
