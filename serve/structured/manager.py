@@ -10,6 +10,7 @@ sends is compiled once.
 
 import concurrent.futures
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 COMPILE_THREADS = 2
 COMPILE_TIMEOUT_S = 30.0  # a grammar not compiled by then fails its request
+# A step's masks are filled on FILL_THREADS threads from PARALLEL_FILL_ROWS rows on; below that
+# starting the threads costs more than they save (~1 us a row on one thread, ~80 us to start).
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+PARALLEL_FILL_ROWS = 128
 CACHE_BYTES = 256 << 20  # compiled grammars kept for requests that send the same constraint
 
 
@@ -50,6 +55,8 @@ class GrammarManager:
                                                           thread_name_prefix="grammar")
         self.num_words = -(-vocab_size // 32)
         self._bits = np.empty((0, self.num_words), dtype=np.int32)
+        self.one_thread = xgr.BatchGrammarMatcher(max_threads=1)
+        self.threads = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
 
     def start(self, request: Request) -> None:
         params = request.params.structured_outputs
@@ -82,22 +89,33 @@ class GrammarManager:
     def fill(self, rows: list[tuple[int, Request, list[int]]]) -> TokenBitmask:
         """The bitmask of each constrained sampled row: (row, request, tokens before it) means
         the row samples the token after the request's matcher state and then `tokens` (the
-        drafts before that position in a verify row, [] otherwise). The drafts are accepted
-        into the matcher for the fill and rolled back after it."""
+        drafts before that position in a verify row, [] otherwise). Rows without drafts are
+        filled together by xgrammar in C++ (on several threads when there are many); a verify row's
+        positions, one matcher in several states, one by one (drafts accepted, then rolled
+        back)."""
         if len(self._bits) < len(rows):
             self._bits = np.empty((2 * len(rows), self.num_words), dtype=np.int32)
         bits = self._bits[: len(rows)]
         view = torch.from_numpy(bits)  # (xgrammar fills a torch int32 tensor in place)
+        matchers, indices = [], []
         for i, (_, request, drafts) in enumerate(rows):
             matcher = request.grammar.matcher
-            for token in drafts:
-                matcher.accept_token(token)
-            if matcher.is_terminated():
+            if matcher.is_terminated() and not drafts:
                 view[i] = -1  # it has ended: the row's token is dropped, any will do
+            elif not drafts:
+                matchers.append(matcher)
+                indices.append(i)
             else:
-                matcher.fill_next_token_bitmask(view, i)
-            if drafts:
+                for token in drafts:
+                    matcher.accept_token(token)
+                if matcher.is_terminated():
+                    view[i] = -1
+                else:
+                    matcher.fill_next_token_bitmask(view, i)
                 matcher.rollback(len(drafts))
+        if matchers:
+            batch = self.threads if len(matchers) >= PARALLEL_FILL_ROWS else self.one_thread
+            batch.batch_fill_next_token_bitmask(matchers, view, indices)
         return TokenBitmask(np.array([row for row, _, _ in rows], dtype=np.int64), bits.copy())
     # --8<-- [end:fill]
 
