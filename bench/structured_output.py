@@ -22,13 +22,14 @@ SCHEMAS = [
                                       "age": {"type": "integer", "minimum": 0, "maximum": 120},
                                       "email": {"type": "string", "maxLength": 24}},
      "required": ["name", "age", "email"]},
-    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2,
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9999}, "minItems": 2,
      "maxItems": 8},
     {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue", "black"]},
-                                      "shade": {"type": "number"}},
+                                      "shade": {"type": "number", "minimum": 0, "maximum": 1}},
      "required": ["color", "shade"]},
     {"type": "object", "properties": {"points": {"type": "array", "maxItems": 4, "items": {
-        "type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": -99, "maximum": 99},
+                                   "y": {"type": "integer", "minimum": -99, "maximum": 99}},
         "required": ["x", "y"]}}}, "required": ["points"]},
 ]
 PROMPTS = ["def config():\n    return ", "data = ", "# the answer\nresult = ",
