@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from serve.config import EngineConfig
-from serve.core.cuda_graph import bucket_for, graph_batch_sizes, pad_decode_inputs
+from serve.core.cuda_graph import (
+    CudaGraphRunner,
+    bucket_for,
+    graph_batch_sizes,
+    pad_decode_inputs,
+    pad_verify_inputs,
+)
 from serve.core.model_runner import ModelRunner
 from serve.core.step_inputs import build_step_inputs
 from serve.models.loader import load_config
@@ -81,8 +87,94 @@ def test_padded_step_gives_the_real_rows_the_same_logits(qwen3_dir):
         assert changed.nonzero().flatten().tolist() == sorted(slots.tolist())
 
 
+def verify_inputs(page_size: int = 4):
+    """A decode row (5 cached tokens), a verify row (its token and two drafts after 8) and a
+    2-token prompt chunk after 1 cached token, whose padding to 4 tokens crosses into a page the
+    request does not have."""
+    tables = [[7, 2], [0, 5, 3], [6]]
+    return build_step_inputs([[11], [12, 13, 14], [15, 16]], [4, 8, 1], tables, page_size,
+                             sampled=[1, 3, 1])
+
+
+def test_verify_padding_gives_every_row_the_same_number_of_tokens():
+    inputs = verify_inputs()
+    padded = pad_verify_inputs(inputs, 4, query_len=4, pad_page=9)
+    meta, pad = inputs.attention, padded.attention
+    assert padded.num_tokens == 16 and pad.num_seqs == 4 and not pad.is_decode
+    assert pad.qo_indptr.tolist() == [0, 4, 8, 12, 16]
+    moved = [0, 4, 5, 6, 8, 9]  # each real token's new row
+    assert padded.token_ids[moved].tolist() == inputs.token_ids.tolist()
+    assert padded.positions[moved].tolist() == inputs.positions.tolist()
+    assert padded.positions.tolist() == [4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert pad.slot_mapping[moved].tolist() == meta.slot_mapping.tolist()
+    assert sorted(set(range(16)) - set(moved)) == \
+        [i for i in range(16) if pad.slot_mapping[i] == 9 * 4]  # padding writes the pad page
+    # every row spans its own pages, then the pad page where they end
+    assert pad.kv_indices.tolist() == [7, 2, 0, 5, 3, 6, 9, 9]
+    assert pad.kv_indptr.tolist() == [0, 2, 5, 7, 8]
+    assert pad.kv_last_page_len.tolist() == [4, 4, 1, 4]
+    assert padded.sample_indices.tolist() == [0, 4, 5, 6, 9]
+
+
+def test_padded_verify_step_gives_the_real_rows_the_same_logits(qwen3_dir):
+    """A verify step padded to 4 rows of 4 tokens and unpadded, from the same cache: the
+    sampled rows' logits are the same, and the padding wrote no request's page."""
+    config = EngineConfig(qwen3_dir, device="cpu", dtype="float32", page_size=4, num_pages=16)
+    runner = ModelRunner(config, load_config(qwen3_dir), qwen3_dir, max_model_len=64)
+    tables = [[7, 2], [0, 5, 3], [6]]
+    runner.forward(build_step_inputs([[1, 2, 3, 4], list(range(5, 13)), [13]], [0, 0, 0],
+                                     tables, 4))
+    before = runner.kv_pool.k[:, :16].clone(), runner.kv_pool.v[:, :16].clone()
+    inputs = verify_inputs()
+    padded = runner.forward(pad_verify_inputs(inputs, 4, 4, runner.kv_pool.pad_page))
+    after_padded = runner.kv_pool.k[:, :16].clone(), runner.kv_pool.v[:, :16].clone()
+    plain = runner.forward(inputs)
+    assert padded.shape == plain.shape == (5, runner.hf_config.vocab_size)
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
+    slots = inputs.attention.slot_mapping
+    for cache_before, cache_after in zip(before, after_padded, strict=True):
+        changed = (cache_before != cache_after).flatten(3).any(-1).any(0).flatten()  # [slots]
+        assert changed.nonzero().flatten().tolist() == sorted(slots.tolist())
+
+
 def test_enforce_eager_and_cpu_capture_no_graphs(qwen3_dir):
     for enforce_eager in (False, True):
         config = EngineConfig(qwen3_dir, device="cpu", num_pages=8, enforce_eager=enforce_eager)
         runner = ModelRunner(config, load_config(qwen3_dir), qwen3_dir, max_model_len=32)
         assert runner.graphs is None
+
+
+class EagerGraphs(CudaGraphRunner):
+    """The graphs' bookkeeping (buckets, padding, the rows read back) with every replay run
+    eagerly over the padded step: what a CPU can check of the runner's graph path."""
+
+    def replay(self, inputs):
+        meta = inputs.attention
+        self.replayed.append((meta.num_seqs, inputs.num_tokens // meta.num_seqs))
+        self.backend.plan(meta)
+        return self._forward(inputs)
+
+
+def test_verify_steps_padded_for_their_graphs_give_the_tokens_of_plain_decoding():
+    """n-gram speculation with the runner padding decode and verify steps to graph shapes (3
+    drafts: rows of 4 tokens): greedy and seeded tokens equal plain decoding's."""
+    from serve import LLM, SamplingParams
+    from tests.helpers import generate_on_cpu
+    from tests.test_speculative import CODE_PROMPTS, DEMO, NGRAM
+
+    prompts = CODE_PROMPTS[:4]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=24, ignore_eos=True)] * 2
+    plain, _ = generate_on_cpu(DEMO, prompts, params, dtype="float32")
+    llm = LLM(DEMO, device="cpu", dtype="float32",
+              speculative_config=NGRAM | {"num_speculative_tokens": 3})
+    runner = llm.engine.core.runner
+    runner.graphs = EagerGraphs(runner.model, runner.backend, [1, 2, 4], runner.page_size,
+                                runner.kv_pool.pad_page, runner.device, [1, 2, 4], 4)
+    runner.graphs.replayed = []
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.shutdown()
+    assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+            for o in outputs] == plain
+    assert {shape for shape in runner.graphs.replayed if shape[1] == 4} >= {(4, 4)}
+    assert any(shape[1] == 1 for shape in runner.graphs.replayed)

@@ -12,7 +12,9 @@ mask. Both take the pool in FlashInfer's NHD layout: [num_pages, page_size, kv_h
 
 For CUDA graphs there is one more decode wrapper per captured batch size, in FlashInfer's
 CUDA-graph mode: its index arrays live in fixed buffers, which `plan` refills before each replay,
-and its kernels are launched with the same grid whatever the sequence lengths.
+and its kernels are launched with the same grid whatever the sequence lengths. With speculative
+decoding, a prefill wrapper in that mode per captured verify batch size does the same for verify
+steps (every row 1 + k query tokens, causal).
 """
 
 import torch
@@ -46,6 +48,7 @@ class FlashInferAttentionBackend:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self.graph_verify: dict[int, flashinfer.BatchPrefillWithPagedKVCacheWrapper] = {}
         self.wrapper = self.prefill  # the wrapper planned for the current step
         # A wrapper's plan writes a pinned host buffer and copies it to the device without
         # waiting; before it is planned again, the host waits for that copy to have run (with
@@ -53,13 +56,15 @@ class FlashInferAttentionBackend:
         self._planned: dict[int, torch.cuda.Event] = {}
 
     # --8<-- [start:graph_wrappers]
-    def enable_cuda_graphs(self, batch_sizes: list[int], max_kv_pages: int) -> None:
-        """One CUDA-graph decode wrapper per batch size. Their index buffers are shared (only
-        one step runs at a time) and hold up to max_kv_pages page ids."""
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_kv_pages: int,
+                           verify_sizes: list[int] = ()) -> None:
+        """One CUDA-graph decode wrapper per batch size, and a prefill wrapper per verify batch
+        size. Their index buffers are shared (the device runs one step at a time) and hold up
+        to max_kv_pages page ids."""
         import flashinfer
 
         device = self.workspace.device
-        max_size = max(batch_sizes)
+        max_size = max([*batch_sizes, *verify_sizes])
         indptr = torch.zeros(max_size + 1, dtype=torch.int32, device=device)
         indices = torch.zeros(max_kv_pages, dtype=torch.int32, device=device)
         last_page_len = torch.zeros(max_size, dtype=torch.int32, device=device)
@@ -71,6 +76,14 @@ class FlashInferAttentionBackend:
                 paged_kv_last_page_len_buffer=last_page_len[:size])
             for size in batch_sizes
         }
+        qo_indptr = torch.zeros(max_size + 1, dtype=torch.int32, device=device)
+        self.graph_verify = {
+            size: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo_indptr[: size + 1],
+                paged_kv_indptr_buf=indptr[: size + 1], paged_kv_indices_buf=indices,
+                paged_kv_last_page_len_buf=last_page_len[:size])
+            for size in verify_sizes
+        }
     # --8<-- [end:graph_wrappers]
 
     # --8<-- [start:plan]
@@ -78,9 +91,11 @@ class FlashInferAttentionBackend:
         # The planner reads meta's host arrays (see AttentionMetadata) and copies them and its
         # schedule to the GPU itself, asynchronously. sm_scale is FlashInfer's default,
         # head_dim**-0.5, as in the torch backend.
+        # with for_cuda_graph, a graph's wrapper for its batch size (the graph was captured
+        # reading its buffers)
         if not meta.is_decode:
-            self.wrapper = self.prefill
-        else:  # a graph's wrapper for its batch size (the graph was captured reading its buffers)
+            self.wrapper = self.graph_verify[meta.num_seqs] if for_cuda_graph else self.prefill
+        else:
             self.wrapper = self.graph_decode[meta.num_seqs] if for_cuda_graph else self.decode
         if (last_plan := self._planned.get(id(self.wrapper))) is not None:
             last_plan.synchronize()  # its last plan's copy has run (see __init__)

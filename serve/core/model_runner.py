@@ -18,6 +18,7 @@ from serve.core.cuda_graph import (
     bucket_for,
     graph_batch_sizes,
     pad_decode_inputs,
+    pad_verify_inputs,
 )
 from serve.core.kv.kv_pool import KVPool
 from serve.core.logprobs import LogprobsTensors, prompt_logprobs
@@ -37,6 +38,7 @@ from serve.structured.grammar import TokenBitmask, apply_bitmask
 logger = logging.getLogger(__name__)
 
 CPU_KV_POOL_BYTES = 1 << 30  # on a CPU, without --num-pages: at most 1 GiB of KV pool
+MAX_VERIFY_GRAPH_ROWS = 32  # verify steps with more rows run eagerly
 
 
 class ModelRunner:
@@ -88,10 +90,13 @@ class ModelRunner:
                               for _ in range(2)]
         self.graphs: CudaGraphRunner | None = None  # captured once the pool exists
         graph_sizes = self._graph_batch_sizes(config)
+        self.verify_sizes, self.verify_len = self._verify_shapes(config, graph_sizes)
         if graph_sizes:  # index buffers for the longest pages list a batch could ever have
             pages_per_seq = -(-max_model_len // self.page_size)
-            self.backend.enable_cuda_graphs(graph_sizes,
-                                            config.max_num_seqs * pages_per_seq + graph_sizes[-1])
+            pad_pages = 1 + self.verify_len // self.page_size  # a padded row's pad pages
+            self.backend.enable_cuda_graphs(
+                graph_sizes, (config.max_num_seqs + graph_sizes[-1]) * (pages_per_seq + pad_pages),
+                self.verify_sizes)
         num_pages = config.num_pages or self._num_pages_that_fit(config, max_model_len,
                                                                  graph_sizes)
         num_pages = tp.min(num_pages)  # every rank holds every page: the smallest pool wins
@@ -116,9 +121,20 @@ class ModelRunner:
             return []
         return graph_batch_sizes(config.max_num_seqs)
 
+    @staticmethod
+    def _verify_shapes(config: EngineConfig, graph_sizes: list[int]) -> tuple[list[int], int]:
+        """The verify steps to capture, with speculative decoding: (batch sizes, tokens a row).
+        Only the batches that still speculate (up to disable_by_batch_size rows; at most
+        MAX_VERIFY_GRAPH_ROWS when it never switches off); bigger verify steps run eagerly."""
+        spec = config.speculative_config
+        if not graph_sizes or spec is None:
+            return [], 0
+        most = min(spec.disable_by_batch_size or MAX_VERIFY_GRAPH_ROWS, config.max_num_seqs)
+        return graph_batch_sizes(most), 1 + spec.num_speculative_tokens
+
     def _graph_runner(self, batch_sizes: list[int], kv_pool: KVPool) -> CudaGraphRunner:
         return CudaGraphRunner(self.model, self.backend, batch_sizes, self.page_size,
-                               kv_pool.pad_page, self.device)
+                               kv_pool.pad_page, self.device, self.verify_sizes, self.verify_len)
 
     def _make_pool(self, num_pages: int) -> KVPool:
         shapes = self.shapes
@@ -266,6 +282,8 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is None or inputs.attention.is_decode:  # the usual step: nothing to split
             return [inputs]
+        if graphs.verify_bucket_for(inputs) is not None:  # all of it in one verify graph
+            return [inputs]
         if inputs.prompt_logprob_rows is not None:  # its rows are counted in the whole step
             return [inputs]
         query_lens = inputs.attention.qo_indptr.diff()
@@ -276,11 +294,13 @@ class ModelRunner:
         return list(split_step_inputs(inputs, num_decode))
 
     def to_device(self, inputs: StepInputs, staging: DeviceStaging | None = None) -> StepInputs:
-        """Pad a decode step to its graph's batch size, then copy it in one host-to-device
+        """Pad a decode or verify step to its graph's shape, then copy it in one host-to-device
         transfer."""
-        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
-        if bucket is not None:
+        graphs = self.graphs
+        if graphs is not None and (bucket := graphs.bucket_for(inputs)) is not None:
             inputs = pad_decode_inputs(inputs, bucket, self.kv_pool.pad_page)
+        elif graphs is not None and (bucket := graphs.verify_bucket_for(inputs)) is not None:
+            inputs = pad_verify_inputs(inputs, bucket, graphs.verify_len, self.kv_pool.pad_page)
         return (staging or self.stagings[0]).to_device(inputs)
 
     def logits(self, inputs: StepInputs) -> torch.Tensor:
@@ -291,6 +311,10 @@ class ModelRunner:
             # The graph computes every row's logits; in a decode step every real row samples,
             # and they come first: a view, not a gather of [rows, vocab].
             return graphs.replay(inputs)[: len(inputs.sample_indices)]
+        num_seqs = inputs.attention.num_seqs
+        if graphs is not None and graphs.verify_bucket_for(inputs) == num_seqs \
+                and inputs.num_tokens == graphs.verify_len * num_seqs:  # padded by to_device
+            return graphs.replay(inputs)[inputs.sample_indices]
         return self._eager(inputs)[0]
 
     def _eager(self, inputs: StepInputs) -> tuple[torch.Tensor, LogprobsTensors | None]:

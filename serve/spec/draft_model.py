@@ -7,6 +7,10 @@ what it has not seen (the whole prompt the first time, afterwards the one to k +
 last step kept), which gives the first draft; then each draft is fed back for the next. The K/V
 of a draft the target rejected is stale: the next proposal starts over from the first position
 whose fed token differs from the request's real one, and overwrites it.
+
+On a GPU the draft replays CUDA graphs as the target does: a pass that feeds each request one
+token replays a decode graph, and a catch-up of up to k + 1 tokens a request a verify-shaped
+graph (only a prompt, the first time, runs eagerly), for as many requests as still speculate.
 """
 
 from dataclasses import dataclass, replace
@@ -17,7 +21,7 @@ import torch
 from serve.config import EngineConfig
 from serve.core.kv.kv_pool import KVPool
 from serve.core.kv.page_allocator import PageAllocator, PageTable
-from serve.core.model_runner import ModelRunner
+from serve.core.model_runner import MAX_VERIFY_GRAPH_ROWS, ModelRunner
 from serve.core.request import Request
 from serve.core.step_inputs import gather_step_inputs
 from serve.models.loader import load_config, resolve_model_path
@@ -48,7 +52,10 @@ class DraftModelProposer:
                              f"{hf_config.vocab_size} tokens and the target {target_vocab_size}: "
                              "a draft must share the target's tokenizer")
         pages_per_seq = -(-max_model_len // engine.page_size)
-        draft = replace(engine, model=config.model, speculative_config=None, enforce_eager=True,
+        # graphs for the batches that speculate (its own runner's speculative shapes: k + 1)
+        speculating = min(engine.max_num_seqs,
+                          config.disable_by_batch_size or MAX_VERIFY_GRAPH_ROWS)
+        draft = replace(engine, model=config.model, max_num_seqs=speculating,
                         tensor_parallel_size=1, num_pages=self._pool_pages(
                             engine, hf_config, pages_per_seq))
         self.runner = ModelRunner(draft, hf_config, path, max_model_len)
