@@ -63,19 +63,18 @@ class EngineInput:
         return replace(self, params=self.params.for_sequence(index))
 
 
+@dataclass
 class InputProcessor:
     """Tokenizes, renders chat templates, and checks a request against the model's limits."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int,
-                 max_model_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+    tokenizer: PreTrainedTokenizerBase | None
+    vocab_size: int
+    max_model_len: int
 
     def copy(self) -> "InputProcessor":
         """The same processor with a tokenizer of its own, for another thread (a fast
         tokenizer is not meant to be called from two threads at once)."""
-        return InputProcessor(copy.deepcopy(self.tokenizer), self.vocab_size, self.max_model_len)
+        return replace(self, tokenizer=copy.deepcopy(self.tokenizer))
 
     # --8<-- [start:process]
     def process(self, prompt: Prompt, params: SamplingParams) -> EngineInput:
