@@ -7,6 +7,7 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from serve.config import EngineConfig
+from serve.engine.input_processor import prompt_list
 from serve.engine.llm_engine import LLMEngine
 from serve.engine.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
@@ -42,7 +43,7 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        prompts = _as_prompt_list(prompts)
+        prompts = prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
@@ -53,12 +54,13 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
                 # n sequences: n requests, the prompt processed once, its pages computed once
                 engine_input = self.engine.input_processor.process(prompt, params)
-                first = request_id = str(next(self._ids))
+                first = str(next(self._ids))
                 for sequence in range(params.n):
+                    request_id, sequence_input = first, engine_input
                     if params.n > 1:
                         request_id = f"{first}-{sequence}"
-                        engine_input = replace(engine_input, params=params.for_sequence(sequence))
-                    self.engine.add_request(request_id, engine_input,
+                        sequence_input = engine_input.for_sequence(sequence)
+                    self.engine.add_request(request_id, sequence_input,
                                             prefill_after=f"{first}-0" if sequence else None)
                     order[request_id] = (i, sequence)
         except Exception:  # a bad prompt: take back the ones already queued, then report it
@@ -87,13 +89,3 @@ def _one_output(outputs: list[RequestOutput], order: dict[str, tuple[int, int]])
     first = outputs[0]
     return replace(first, request_id=first.request_id.rsplit("-", 1)[0], outputs=sequences,
                    num_cached_tokens=sum(output.num_cached_tokens for output in outputs))
-
-
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text or token ids) or a list of them, as a list."""
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and isinstance(prompts[0], int):
-        return [prompts]
-    return prompts

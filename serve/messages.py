@@ -7,6 +7,8 @@ own. A message carries what changed, never a request's whole history, so that th
 on either side grows with the batch and not with the tokens generated so far.
 """
 
+from itertools import zip_longest
+
 import msgspec
 
 from serve.sampling_params import SamplingParams
@@ -92,8 +94,9 @@ class EngineStats(msgspec.Struct, frozen=True):
         (each count added, each tuple of samples joined, the per-position counts added)."""
         summed = {name: getattr(self, name) + getattr(later, name)
                   for name in self.__struct_fields__ if name not in _STATE_FIELDS}
-        summed["spec_accepted_per_pos"] = _add_counts(self.spec_accepted_per_pos,
-                                                      later.spec_accepted_per_pos)
+        summed["spec_accepted_per_pos"] = tuple(  # position by position, the shorter padded
+            a + b for a, b in zip_longest(self.spec_accepted_per_pos, later.spec_accepted_per_pos,
+                                          fillvalue=0))
         return msgspec.structs.replace(later, **summed)
 
     def __str__(self) -> str:
@@ -107,12 +110,6 @@ class EngineStats(msgspec.Struct, frozen=True):
 
 _STATE_FIELDS = ("num_running", "num_waiting", "num_pages_used", "num_pages_total",
                  "num_cached_pages")  # as of the snapshot; every other field counts a period
-
-
-def _add_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    """Two per-position counts added position by position (the shorter padded with 0)."""
-    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
-    return tuple(x + (shorter[i] if i < len(shorter) else 0) for i, x in enumerate(longer))
 
 
 # When the core runs in a process of its own (serve/core/core_process.py), these go with them:

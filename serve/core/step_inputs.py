@@ -198,29 +198,17 @@ class DeviceStaging:
         if self.device.type == "cpu":
             return inputs  # already where the model runs
         # The indptr and last-page arrays stay on the host: FlashInfer's planner reads them there.
-        moving = {"token_ids": inputs.token_ids, "positions": inputs.positions,
-                  "sample_indices": inputs.sample_indices,
-                  "slot_mapping": inputs.attention.slot_mapping,
-                  "kv_indices": inputs.attention.kv_indices}
-        for name in ("read_rows", "read_slots", "write_slots", "prompt_logprob_rows",
-                     "prompt_logprob_targets"):
-            if getattr(inputs, name) is not None:
-                moving[name] = getattr(inputs, name)
-        if inputs.sampling is not None:
-            moving |= {f"sampling.{k}": v for k, v in inputs.sampling.tensors().items()}
-        moved = self._copy(moving)
-        sampling = inputs.sampling
+        meta, sampling = inputs.attention, inputs.sampling
+        step = {f.name: value for f in fields(inputs)
+                if isinstance(value := getattr(inputs, f.name), torch.Tensor)}
+        rules = sampling.tensors() if sampling is not None else {}
+        moved = self._copy({**step, **{f"sampling.{name}": rule for name, rule in rules.items()},
+                            "slot_mapping": meta.slot_mapping, "kv_indices": meta.kv_indices})
         if sampling is not None:
-            sampling = replace(sampling, **{f.name: moved[f"sampling.{f.name}"]
-                                            for f in fields(sampling)
-                                            if f"sampling.{f.name}" in moved})
-        attention = replace(inputs.attention, slot_mapping=moved["slot_mapping"],
-                            kv_indices=moved["kv_indices"])
-        return StepInputs(moved["token_ids"], moved["positions"], attention,
-                          moved["sample_indices"], sampling, moved.get("read_rows"),
-                          moved.get("read_slots"), moved.get("write_slots"), inputs.masked,
-                          moved.get("prompt_logprob_rows"), moved.get("prompt_logprob_targets"),
-                          inputs.prompt_logprobs_k)
+            sampling = replace(sampling, **{name: moved[f"sampling.{name}"] for name in rules})
+        return replace(inputs, **{name: moved[name] for name in step}, sampling=sampling,
+                       attention=replace(meta, slot_mapping=moved["slot_mapping"],
+                                         kv_indices=moved["kv_indices"]))
 
     def _copy(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         offsets, total = {}, 0

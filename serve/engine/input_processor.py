@@ -10,8 +10,8 @@ import functools
 import json
 import re
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
@@ -41,6 +41,14 @@ class ChatPrompt:
 Prompt = str | list[int] | ChatPrompt
 
 
+def prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[str | list[int]]:
+    """One prompt (a text, or a list of token ids) or several, as a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    return [prompts] if prompts and isinstance(prompts[0], int) else prompts
+
+
 @dataclass(frozen=True)
 class EngineInput:
     """A request the engine can queue as is: token ids, and every limit resolved."""
@@ -50,20 +58,23 @@ class EngineInput:
     params: SamplingParams
     max_tokens: int  # params.max_tokens, or what is left of the context
 
+    def for_sequence(self, index: int) -> "EngineInput":
+        """Sequence `index` of the n this prompt asks for (SamplingParams.for_sequence)."""
+        return replace(self, params=self.params.for_sequence(index))
 
+
+@dataclass
 class InputProcessor:
     """Tokenizes, renders chat templates, and checks a request against the model's limits."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int,
-                 max_model_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+    tokenizer: PreTrainedTokenizerBase | None
+    vocab_size: int
+    max_model_len: int
 
     def copy(self) -> "InputProcessor":
         """The same processor with a tokenizer of its own, for another thread (a fast
         tokenizer is not meant to be called from two threads at once)."""
-        return InputProcessor(copy.deepcopy(self.tokenizer), self.vocab_size, self.max_model_len)
+        return replace(self, tokenizer=copy.deepcopy(self.tokenizer))
 
     # --8<-- [start:process]
     def process(self, prompt: Prompt, params: SamplingParams) -> EngineInput:

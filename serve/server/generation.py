@@ -2,14 +2,13 @@
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import replace
 from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
 from serve.engine.async_engine import AsyncEngine
 from serve.engine.errors import InvalidRequestError, PromptTooLongError
-from serve.engine.input_processor import EngineInput, Prompt
+from serve.engine.input_processor import Prompt
 from serve.engine.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
 from serve.server.errors import APIError
@@ -54,7 +53,7 @@ class Generation:
             for i in range(per_prompt):
                 # The first sequence computes the prompt; the others wait for it, then find
                 # its pages in the prefix cache instead of computing n copies.
-                child = sequence_input(engine_input, i, per_prompt)
+                child = engine_input.for_sequence(i) if per_prompt > 1 else engine_input
                 generators.append(engine.generate(
                     child, None, f"{request_id}-{p * per_prompt + i}", cache_salt=cache_salt,
                     prefill_after=first_id if i else None))
@@ -113,13 +112,6 @@ class Generation:
         for generator in self._generators:
             await generator.aclose()  # the ones no pump had started
 # --8<-- [end:generation]
-
-
-def sequence_input(engine_input: EngineInput, index: int, per_prompt: int) -> EngineInput:
-    """Sequence `index` of a prompt's per_prompt (SamplingParams.for_sequence)."""
-    if per_prompt == 1 and engine_input.params.n == 1:
-        return engine_input
-    return replace(engine_input, params=engine_input.params.for_sequence(index))
 
 
 def share_prompt_logprobs(firsts: list[RequestOutput], per_prompt: int) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, WrapValidator
 
 from serve.engine.errors import InvalidRequestError
+from serve.engine.input_processor import prompt_list
 from serve.sampling_params import MAX_LOGPROBS, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
 from serve.server.fields import (
     MAX_PROMPTS,
@@ -178,11 +179,7 @@ class CompletionRequest(GenerationRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: a string or a list of token ids each."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]
-        return list(self.prompt)
+        return prompt_list(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
         logprobs = self.logprobs

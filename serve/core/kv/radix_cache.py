@@ -1,14 +1,12 @@
 """Prefix caching (SGLang's RadixAttention): a radix tree over the pages of computed tokens.
 
 The K and V of a request's first n tokens depend on those n tokens alone, so requests that start
-alike can share the pages that hold them, and compute only what follows. The tree maps runs of
-tokens to the pages holding their K/V. Every edge is a run of whole pages, so each page belongs
-to one node; a node's children are keyed by the tokens of their first page.
+alike can share the pages that hold them, and compute only what follows. Every edge of the tree
+is a run of whole pages, so each page belongs to one node.
 
 Sharing is visible (a cached prompt is answered sooner, and the API reports how many of its
-tokens were cached), so a client could probe what others sent. A request may bring a cache salt
-(vLLM's `cache_salt`), part of the key of its first page: it shares pages only with requests
-that bring the same salt (or, like it, none).
+tokens were cached), so a client could probe what others sent: a request may bring a cache salt
+(vLLM's `cache_salt`), and then shares pages only with requests that bring the same salt.
 
 The tree holds no page itself: requests hold pages (reference counts in the allocator), and the
 tree marks the pages it keeps as cached. A request that holds a page of a node holds all of that
