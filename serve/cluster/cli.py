@@ -16,6 +16,7 @@ import ray.serve
 
 from serve.cluster.app import build
 from serve.cluster.router import RoutingRule
+from serve.models.loader import resolve_model_path
 from serve.server import cli as server_cli
 from serve.server.cli import api_key_of, as_flag, engine_config, number
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # what can be checked here, before a cluster starts
         api_key = api_key_of(args)
         engine_config(args)
+        resolve_model_path(args.model)  # (each replica loads it again, where it runs)
     except ValueError as error:
         parser.error(as_flag(str(error)))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

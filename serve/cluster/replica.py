@@ -9,6 +9,7 @@ what the app sends, so every endpoint, check, error and stream behaves as on one
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -45,6 +46,10 @@ class Replica:
         self.engine = make_engine(args)
         # no API key here: the ingress checks it before a request reaches any replica
         self.app = build_app(self.engine, args.served_model_name, args.max_request_bytes)
+        # A failed engine ends the process, as it ends `nanoserve`: Ray Serve replaces the
+        # replica at once (a failing health check takes three periods), and the ingress ends
+        # the replica's requests with an error.
+        self.engine.on_fatal = lambda error: os._exit(1)
         self.engine.start()
         self.name = ray.serve.get_replica_context().replica_id.unique_id
         self._reporter = asyncio.create_task(self._report(board))  # (held: tasks are weak)
