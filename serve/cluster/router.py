@@ -1,9 +1,11 @@
 """Prefix-aware routing: a request goes where its prompt's pages most likely are cached.
 
 The router cannot see the replicas' radix caches, so it keeps its own picture of them: for each
-replica, the pages of the prompts it was sent (as chained keys, see page_keys), the least recently
-sent forgotten first, as the replica's cache evicts. A new prompt goes to the replica that holds
-the longest run of its first pages, unless that replica is much busier than the least busy one.
+replica, the pages of the prompts it was sent (as chained keys, see page_keys), up to a bound
+past which the least recently sent are forgotten (the replica's own evictions are not seen: the
+picture is a guess, and a wrong guess costs what blind routing costs). A new prompt goes to the
+replica that holds the longest run of its first pages, unless that replica is much busier than
+the least busy one.
 The rule and its defaults are SGLang's cache-aware router's; it runs inside Ray Serve's public
 RequestRouter API, in the process that calls the replicas (the ingress).
 """
