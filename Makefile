@@ -39,6 +39,8 @@ help:
 # torch goes first, pinned: this exact version is on local disk as a CPU build. Left to pip, the
 # `torch>=2.4` requirement would fetch the newest release, a multi-GB CUDA build.
 # xgrammar is installed without its declared dependencies: pyproject.toml says why.
+# The ray extra (Ray Serve, for serve/cluster/) is part of the development install, so that
+# the cluster's tests run with the others.
 XGRAMMAR_VERSION := 0.2.9
 DEPS_SUM := $(shell awk '/^\[/ { skip = ($$0 ~ /^\[tool\.(ruff|pytest)/) } !skip' \
 	pyproject.toml | cksum | cut -d' ' -f1)-xgrammar-$(XGRAMMAR_VERSION)
@@ -50,7 +52,7 @@ venv: tags
 install:
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/pip install torch==2.13.0
-	.venv/bin/pip install -e '.[dev]'
+	.venv/bin/pip install -e '.[dev,ray]'
 	.venv/bin/pip install --no-deps xgrammar==$(XGRAMMAR_VERSION)
 	echo $(DEPS_SUM) > .venv/.installed
 

@@ -174,17 +174,24 @@ def as_flag(message: str) -> str:
     return message
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the flags; a ValueError names the field that is out of range."""
+    return EngineConfig(**{field.name: getattr(args, field.name)
+                           for field in dataclasses.fields(EngineConfig)})
+
+
+def make_engine(args: argparse.Namespace) -> AsyncEngine:
+    """The engine the flags ask for; a ValueError says why the flags cannot be served (a field
+    out of range, no such model, an unsupported architecture, a context too long)."""
+    return AsyncEngine(LLMEngine(engine_config(args), core_process=not args.no_core_process),
+                       max_queued_requests=args.max_queued_requests)
+
+
 def build_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AsyncEngine:
     """The engine the flags ask for, or exit 2 with one line when the flags cannot be served."""
     try:
-        config = EngineConfig(**{field.name: getattr(args, field.name)
-                                 for field in dataclasses.fields(EngineConfig)})
-    except ValueError as error:  # EngineConfig names the field that is out of range
-        parser.error(as_flag(str(error)))
-    try:
-        return AsyncEngine(LLMEngine(config, core_process=not args.no_core_process),
-                           max_queued_requests=args.max_queued_requests)
-    except ValueError as error:  # no such model, an unsupported architecture, a context too long
+        return make_engine(args)  # (EngineConfig checks its fields before anything loads)
+    except ValueError as error:
         logger.debug("the engine could not be built", exc_info=True)
         parser.error(as_flag(str(error)))
 
