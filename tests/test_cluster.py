@@ -185,12 +185,27 @@ def stream(base_url: str, prompt: str, out: dict) -> None:
         out["end"] = error
 
 
+def prefixes_on_both_replicas(base_url: str) -> list[str]:
+    """A 300-character prompt prefix cached on each replica. A new prefix goes to the replica
+    that holds the fewest pages, so long new prompts (about 600 tokens) reach the other one as
+    soon as it holds fewer (earlier tests may have left either one with more)."""
+    texts = [path.read_text() for path in sorted(Path("serve").rglob("*.py"))]
+    found: dict[str, str] = {}
+    for i, text in enumerate(text for text in texts if len(text) > 2000):
+        seed = f"# prefix {i}\n" + text[:2000]
+        served = post(base_url, {"prompt": seed, "max_tokens": 1}).headers[HEADER]
+        found.setdefault(served, seed[:300])
+        if len(found) == 2:
+            return list(found.values())
+    raise AssertionError(f"every new prefix went to {set(found)}")
+
+
 def test_a_killed_replica_fails_its_streams_only_and_comes_back(cluster):
-    """Six streams over the two replicas; the Ray actor of one replica is killed while they
-    run: its streams end with an error, the others finish, a new replica takes its place, and
-    requests keep being answered meanwhile."""
-    prompts = [f"# stream {i}\n" + path.read_text()[:300]
-               for i, path in enumerate(sorted(Path("serve/engine").glob("*.py"))[:6])]
+    """Six streams, three on each replica (they follow prefixes cached there); the Ray actor of
+    one replica is killed while they run: its streams end with an error, the others finish, a
+    new replica takes its place, and requests keep being answered meanwhile."""
+    prompts = [prefix + f"\n# stream {i}\n" for prefix in prefixes_on_both_replicas(cluster)
+               for i in range(3)]
     outs = [{} for _ in prompts]
     threads = [threading.Thread(target=stream, args=(cluster, p, o), daemon=True)
                for p, o in zip(prompts, outs, strict=True)]
