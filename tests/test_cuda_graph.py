@@ -63,36 +63,46 @@ def test_padding_rows_write_and_read_only_the_pad_page():
     assert pad_decode_inputs(inputs, 3, pad_page=9) is inputs
 
 
-def test_padded_step_gives_the_real_rows_the_same_logits(qwen3_dir):
-    """Run a decode step padded to 8 rows and unpadded, from the same cache: the real rows'
-    logits are identical and the padding touched no request's page."""
+TABLES = [[7, 2], [0, 5, 3], [6]]  # three requests' pages, of the pool's 16 (pages of 4)
+
+
+def run_padded_and_plain(qwen3_dir, prompts, inputs, pad):
+    """Prefill prompts into TABLES' pages, then run inputs padded (pad(inputs, pad_page)) and
+    unpadded from that cache: both steps' logits, and which slots of the requests' pages the
+    padded step wrote."""
     config = EngineConfig(qwen3_dir, device="cpu", dtype="float32", page_size=4, num_pages=16)
     runner = ModelRunner(config, load_config(qwen3_dir), qwen3_dir, max_model_len=64)
     assert runner.kv_pool.pad_page == 16 and runner.kv_pool.k.shape[1] == 17
-    tables = [[7, 2], [0, 5, 3], [6]]
-    prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
-    runner.forward(build_step_inputs(prompts, [0, 0, 0], tables, 4))
-    before = runner.kv_pool.k[:, :16].clone(), runner.kv_pool.v[:, :16].clone()
-    inputs = build_step_inputs([[11], [12], [13]], [4, 8, 3], tables, 4)
-    padded = runner.forward(pad_decode_inputs(inputs, 8, runner.kv_pool.pad_page))
-    after_padded = runner.kv_pool.k[:, :16].clone(), runner.kv_pool.v[:, :16].clone()
+    runner.forward(build_step_inputs(prompts, [0] * len(prompts), TABLES, 4))
+    pool = runner.kv_pool
+    before = torch.stack([pool.k[:, :16], pool.v[:, :16]])
+    padded = runner.forward(pad(inputs, pool.pad_page))
+    changed = (torch.stack([pool.k[:, :16], pool.v[:, :16]]) != before).flatten(4).any(-1)
+    written = changed.any(1).flatten(1)  # [k or v, slot]
     plain = runner.forward(inputs)
-    assert padded.shape == plain.shape == (3, runner.hf_config.vocab_size)
+    assert written[0].equal(written[1])
+    return padded, plain, written[0].nonzero().flatten().tolist()
+
+
+def test_padded_step_gives_the_real_rows_the_same_logits(qwen3_dir):
+    """Run a decode step padded to 8 rows and unpadded, from the same cache: the real rows'
+    logits are identical and the padding touched no request's page."""
+    inputs = build_step_inputs([[11], [12], [13]], [4, 8, 3], TABLES, 4)
+    padded, plain, written = run_padded_and_plain(
+        qwen3_dir, [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]], inputs,
+        lambda step, pad_page: pad_decode_inputs(step, 8, pad_page))
+    assert padded.shape == plain.shape == (3, padded.shape[1])
     # equal up to float32 rounding: a matmul over 8 rows may block its sums differently than 3
     torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
     # the padded step wrote exactly the three real slots, nothing else of the requests' pages
-    slots = inputs.attention.slot_mapping
-    for cache_before, cache_after in zip(before, after_padded, strict=True):
-        changed = (cache_before != cache_after).flatten(3).any(-1).any(0).flatten()  # [slots]
-        assert changed.nonzero().flatten().tolist() == sorted(slots.tolist())
+    assert written == sorted(inputs.attention.slot_mapping.tolist())
 
 
 def verify_inputs(page_size: int = 4):
     """A decode row (5 cached tokens), a verify row (its token and two drafts after 8) and a
     2-token prompt chunk after 1 cached token, whose padding to 4 tokens crosses into a page the
     request does not have."""
-    tables = [[7, 2], [0, 5, 3], [6]]
-    return build_step_inputs([[11], [12, 13, 14], [15, 16]], [4, 8, 1], tables, page_size,
+    return build_step_inputs([[11], [12, 13, 14], [15, 16]], [4, 8, 1], TABLES, page_size,
                              sampled=[1, 3, 1])
 
 
@@ -119,22 +129,13 @@ def test_verify_padding_gives_every_row_the_same_number_of_tokens():
 def test_padded_verify_step_gives_the_real_rows_the_same_logits(qwen3_dir):
     """A verify step padded to 4 rows of 4 tokens and unpadded, from the same cache: the
     sampled rows' logits are the same, and the padding wrote no request's page."""
-    config = EngineConfig(qwen3_dir, device="cpu", dtype="float32", page_size=4, num_pages=16)
-    runner = ModelRunner(config, load_config(qwen3_dir), qwen3_dir, max_model_len=64)
-    tables = [[7, 2], [0, 5, 3], [6]]
-    runner.forward(build_step_inputs([[1, 2, 3, 4], list(range(5, 13)), [13]], [0, 0, 0],
-                                     tables, 4))
-    before = runner.kv_pool.k[:, :16].clone(), runner.kv_pool.v[:, :16].clone()
     inputs = verify_inputs()
-    padded = runner.forward(pad_verify_inputs(inputs, 4, 4, runner.kv_pool.pad_page))
-    after_padded = runner.kv_pool.k[:, :16].clone(), runner.kv_pool.v[:, :16].clone()
-    plain = runner.forward(inputs)
-    assert padded.shape == plain.shape == (5, runner.hf_config.vocab_size)
+    padded, plain, written = run_padded_and_plain(
+        qwen3_dir, [[1, 2, 3, 4], list(range(5, 13)), [13]], inputs,
+        lambda step, pad_page: pad_verify_inputs(step, 4, 4, pad_page))
+    assert padded.shape == plain.shape == (5, padded.shape[1])
     torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
-    slots = inputs.attention.slot_mapping
-    for cache_before, cache_after in zip(before, after_padded, strict=True):
-        changed = (cache_before != cache_after).flatten(3).any(-1).any(0).flatten()  # [slots]
-        assert changed.nonzero().flatten().tolist() == sorted(slots.tolist())
+    assert written == sorted(inputs.attention.slot_mapping.tolist())
 
 
 def test_enforce_eager_and_cpu_capture_no_graphs(qwen3_dir):
